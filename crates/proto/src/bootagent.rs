@@ -1,0 +1,249 @@
+//! The BootAgent protocol: `POST /agent/register` and `POST /agent/status`, with the field
+//! names of seed 003 (including its spelling `stoped`).
+//!
+//! The host always starts the conversation; jobs travel back in status answers and their
+//! results in the next status report.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// `status` value of a successful answer.
+pub const STATUS_OK: i32 = 0;
+
+/// `POST /agent/register` body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    #[serde(default, deserialize_with = "null_default")]
+    pub hostname: String,
+    /// The serial the host holds (or proposes, on first start).
+    #[serde(default, deserialize_with = "null_default")]
+    pub agentsn: String,
+}
+
+/// `POST /agent/register` answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    #[serde(default, deserialize_with = "null_default")]
+    pub status: i32,
+    /// The serial the server accepts; the host adopts it when it differs.
+    #[serde(default, deserialize_with = "null_default")]
+    pub agentsn: String,
+    /// Comma-separated `key=value` tags, e.g. `svc=ecs,cmpt=DB`.
+    #[serde(default, deserialize_with = "null_default")]
+    pub tags: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+/// States of an agent as BootAgent reports them.
+pub const STATE_RUNNING: &str = "running";
+pub const STATE_STOPED: &str = "stoped";
+pub const STATE_FATAL: &str = "fatal";
+pub const STATE_KILLED: &str = "killed";
+
+/// One agent in a status report.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    #[serde(default, deserialize_with = "null_default")]
+    pub name: String,
+    #[serde(default, deserialize_with = "null_default")]
+    pub version: String,
+    /// One of the `STATE_*` values, or an error text.
+    #[serde(default, deserialize_with = "null_default")]
+    pub status: String,
+    /// Seconds the agent has been running.
+    #[serde(default, deserialize_with = "null_default")]
+    pub uptime: u64,
+}
+
+/// The outcome of a job, reported once after it ran.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobResult {
+    #[serde(default, deserialize_with = "null_default")]
+    pub id: String,
+    /// 0 for success.
+    #[serde(default, deserialize_with = "null_default")]
+    pub errcode: i32,
+    #[serde(default, deserialize_with = "null_default")]
+    pub message: String,
+}
+
+/// `POST /agent/status` body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusRequest {
+    #[serde(default, deserialize_with = "null_default")]
+    pub hostname: String,
+    #[serde(default, deserialize_with = "null_default")]
+    pub agentsn: String,
+    /// The host agent's own version string.
+    #[serde(default, deserialize_with = "null_default")]
+    pub version: String,
+    #[serde(default, deserialize_with = "null_default")]
+    pub uptime: u64,
+    #[serde(default, deserialize_with = "null_default")]
+    pub timestamp: i64,
+    /// Report interval in seconds.
+    #[serde(default, deserialize_with = "null_default")]
+    pub step: u64,
+    #[serde(default, deserialize_with = "null_default")]
+    pub agents: Vec<AgentStatus>,
+    #[serde(default, deserialize_with = "null_default")]
+    pub jobs: Vec<JobResult>,
+}
+
+/// `POST /agent/status` answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusResponse {
+    #[serde(default, deserialize_with = "null_default")]
+    pub status: i32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    #[serde(default, deserialize_with = "null_default")]
+    pub jobs: Vec<Job>,
+}
+
+/// What a job asks the host to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Install,
+    Upgrade,
+    Uninstall,
+    Restart,
+    Stop,
+    Config,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Install => "install",
+            Action::Upgrade => "upgrade",
+            Action::Uninstall => "uninstall",
+            Action::Restart => "restart",
+            Action::Stop => "stop",
+            Action::Config => "config",
+        }
+    }
+}
+
+/// A job handed to a host. Fields that an action does not use are left empty.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub action: Action,
+    /// Agent the job is about (all actions but `config`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// Version to install or upgrade to (extension: seed 003 carries it in the URL only).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub version: String,
+    /// Full artifact URL.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub url: String,
+    /// `SHA256:<hex>`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub checksum: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub envs: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: BTreeMap<String, String>,
+    /// `config`: extra servers, `IP:PORT,IP:PORT`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub svrlist: String,
+    /// `config`: new report step in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u64>,
+}
+
+/// Parses `SHA256:<64 hex>` (prefix case-insensitive) into lowercase hex.
+pub fn parse_checksum(s: &str) -> Option<String> {
+    let (algo, hex) = s.split_once(':')?;
+    if !algo.eq_ignore_ascii_case("sha256") {
+        return None;
+    }
+    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Some(hex.to_ascii_lowercase())
+    } else {
+        None
+    }
+}
+
+/// Formats a lowercase hex SHA-256 as `SHA256:<hex>`.
+pub fn format_checksum(hex: &str) -> String {
+    format!("SHA256:{hex}")
+}
+
+/// Splits a server list `host:port,host:port`, dropping blanks but keeping duplicates
+/// (seed 003 keeps them).
+pub fn split_svrlist(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn null_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_request_round_trips_seed_shape() {
+        let text = r#"{"hostname":"web-01","agentsn":"sn","version":"bootagent-1.2.4-x86_64",
+            "uptime":1234,"timestamp":1232,"step":600,
+            "agents":[{"name":"BasicAgent","version":"1.2.3","status":"stoped","uptime":123}],
+            "jobs":[{"id":"j1","errcode":0,"message":"success"}]}"#;
+        let r: StatusRequest = serde_json::from_str(text).unwrap();
+        assert_eq!(r.agents[0].status, STATE_STOPED);
+        assert_eq!(r.jobs[0].message, "success");
+        let back: StatusRequest =
+            serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn jobs_parse_with_actions_and_optional_fields() {
+        let text = r#"{"status":0,"jobs":[
+            {"id":"1","action":"install","name":"BasicAgent","url":"http://s/a.tar.gz",
+             "checksum":"SHA256:4a34","envs":{"PATH":"/usr/bin"},"limits":{"CPU":"10%"}},
+            {"id":"2","action":"config","svrlist":"127.0.0.1:1,127.0.0.1:2","step":1200}]}"#;
+        let r: StatusResponse = serde_json::from_str(text).unwrap();
+        assert_eq!(r.jobs[0].action, Action::Install);
+        assert_eq!(r.jobs[0].envs["PATH"], "/usr/bin");
+        assert_eq!(r.jobs[1].action, Action::Config);
+        assert_eq!(r.jobs[1].step, Some(1200));
+        assert!(serde_json::from_str::<Job>(r#"{"id":"1","action":"reboot"}"#).is_err());
+    }
+
+    #[test]
+    fn checksums() {
+        let h = "a".repeat(64);
+        assert_eq!(parse_checksum(&format!("SHA256:{h}")), Some(h.clone()));
+        assert_eq!(
+            parse_checksum(&format!("sha256:{}", h.to_uppercase())),
+            Some(h.clone())
+        );
+        assert_eq!(parse_checksum(&format!("MD5:{h}")), None);
+        assert_eq!(parse_checksum("SHA256:4a34"), None);
+        assert_eq!(parse_checksum(&h), None);
+        assert_eq!(format_checksum(&h), format!("SHA256:{h}"));
+    }
+
+    #[test]
+    fn svrlist_keeps_duplicates_and_drops_blanks() {
+        assert_eq!(
+            split_svrlist(" a:1, ,b:2,a:1,"),
+            vec!["a:1".to_string(), "b:2".into(), "a:1".into()]
+        );
+    }
+}

@@ -1,0 +1,247 @@
+//! The original ops-meta / ops-updater heartbeat: `POST /heartbeat`, its JSON shapes, the
+//! tarball and checksum URL rule, and the `.md5` file format.
+//!
+//! Parsing is as tolerant as the original Go decoder was: unknown fields are ignored, a
+//! missing or `null` field takes its zero value, so a fork that added fields still talks
+//! to us.
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// What a host reports every round.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    #[serde(default, deserialize_with = "null_default")]
+    pub hostname: String,
+    /// The agents found on the host. Absent or `null` means none.
+    #[serde(rename = "realAgents", default, deserialize_with = "null_default")]
+    pub real_agents: Vec<RealAgent>,
+}
+
+/// One agent as the host found it, read from `control status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RealAgent {
+    #[serde(default, deserialize_with = "null_default")]
+    pub name: String,
+    #[serde(default, deserialize_with = "null_default")]
+    pub version: String,
+    /// `started`, `stoped` (sic) or `stopped`, or an error text when the script failed.
+    #[serde(default, deserialize_with = "null_default")]
+    pub status: String,
+    /// Unix seconds at which the host looked.
+    #[serde(default, deserialize_with = "null_default")]
+    pub timestamp: i64,
+}
+
+/// What the server answers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    /// Non-empty means the host must do nothing this round.
+    #[serde(rename = "errorMessage", default, deserialize_with = "null_default")]
+    pub error_message: String,
+    #[serde(rename = "desiredAgents", default, deserialize_with = "null_default")]
+    pub desired_agents: Vec<DesiredAgent>,
+}
+
+/// The state the server wants for one agent on this host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredAgent {
+    #[serde(default, deserialize_with = "null_default")]
+    pub name: String,
+    #[serde(default, deserialize_with = "null_default")]
+    pub version: String,
+    /// Base URL; the tarball is at `{tarball}/{name}-{version}.tar.gz`.
+    #[serde(default, deserialize_with = "null_default")]
+    pub tarball: String,
+    /// Base URL of the `.md5` file; empty means the tarball base.
+    #[serde(default, deserialize_with = "null_default")]
+    pub md5: String,
+    /// `start` or `stop`; anything else is ignored by the host.
+    #[serde(default, deserialize_with = "null_default")]
+    pub cmd: String,
+    /// Extension: lowercase hex SHA-256 of the tarball. Original updaters ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// The commands a desired agent may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cmd {
+    Start,
+    Stop,
+}
+
+impl Cmd {
+    /// Parses a `cmd` field; `None` for anything the protocol does not know.
+    pub fn parse(s: &str) -> Option<Cmd> {
+        match s {
+            "start" => Some(Cmd::Start),
+            "stop" => Some(Cmd::Stop),
+            _ => None,
+        }
+    }
+}
+
+impl DesiredAgent {
+    /// File name of the tarball: `{name}-{version}.tar.gz`.
+    pub fn tarball_file(&self) -> String {
+        tarball_file(&self.name, &self.version)
+    }
+
+    /// Full tarball URL by the original rule.
+    pub fn tarball_url(&self) -> String {
+        join_url(&self.tarball, &self.tarball_file())
+    }
+
+    /// Full `.md5` URL: the `md5` base, or the tarball base when `md5` is empty.
+    pub fn md5_url(&self) -> String {
+        let base = if self.md5.is_empty() {
+            &self.tarball
+        } else {
+            &self.md5
+        };
+        join_url(base, &format!("{}.md5", self.tarball_file()))
+    }
+}
+
+/// `{name}-{version}.tar.gz`.
+pub fn tarball_file(name: &str, version: &str) -> String {
+    format!("{name}-{version}.tar.gz")
+}
+
+/// Joins a base URL and a file name with exactly one `/`.
+pub fn join_url(base: &str, file: &str) -> String {
+    format!("{}/{}", base.trim_end_matches('/'), file)
+}
+
+/// Status strings of the `control status` contract.
+pub const STATUS_STARTED: &str = "started";
+/// The original spelling, which we send.
+pub const STATUS_STOPED: &str = "stoped";
+/// The correct spelling, which we accept.
+pub const STATUS_STOPPED: &str = "stopped";
+
+/// True when a `control status` output means "not running".
+pub fn is_stopped_status(s: &str) -> bool {
+    s == STATUS_STOPED || s == STATUS_STOPPED
+}
+
+/// Reads the checksum out of a `.md5` file as written by `md5sum FILE`
+/// (`<32 hex>  <file>`), or a bare hex digest. Returns it lowercase.
+pub fn parse_md5_file(text: &str) -> Option<String> {
+    let first = text.split_whitespace().next()?;
+    if first.len() == 32 && first.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Some(first.to_ascii_lowercase())
+    } else {
+        None
+    }
+}
+
+/// Writes a `.md5` file body the way `md5sum` does.
+pub fn format_md5_file(hex: &str, file: &str) -> String {
+    format!("{hex}  {file}\n")
+}
+
+/// Go's decoder leaves a field at its zero value when the JSON holds `null`; so do we.
+fn null_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_tolerates_absent_null_and_unknown_fields() {
+        let r: HeartbeatRequest = serde_json::from_str(r#"{"hostname":"h1"}"#).unwrap();
+        assert!(r.real_agents.is_empty());
+        let r: HeartbeatRequest =
+            serde_json::from_str(r#"{"hostname":"h1","realAgents":null,"extra":[1]}"#).unwrap();
+        assert!(r.real_agents.is_empty());
+        let r: HeartbeatRequest = serde_json::from_str(
+            r#"{"hostname":"h1","realAgents":[{"name":"a","version":null,"status":"started","timestamp":5,"x":1}]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.real_agents[0].version, "");
+        assert_eq!(r.real_agents[0].timestamp, 5);
+    }
+
+    #[test]
+    fn request_uses_original_field_names() {
+        let r = HeartbeatRequest {
+            hostname: "h".into(),
+            real_agents: vec![RealAgent {
+                name: "a".into(),
+                version: "1".into(),
+                status: "started".into(),
+                timestamp: 7,
+            }],
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"hostname":"h","realAgents":[{"name":"a","version":"1","status":"started","timestamp":7}]})
+        );
+    }
+
+    #[test]
+    fn response_omits_sha256_when_unknown_and_accepts_null_list() {
+        let d = DesiredAgent {
+            name: "a".into(),
+            version: "1".into(),
+            tarball: "http://x/t".into(),
+            md5: "".into(),
+            cmd: "start".into(),
+            sha256: None,
+        };
+        let s = serde_json::to_string(&d).unwrap();
+        assert!(!s.contains("sha256"), "{s}");
+        let r: HeartbeatResponse =
+            serde_json::from_str(r#"{"errorMessage":"","desiredAgents":null}"#).unwrap();
+        assert!(r.desired_agents.is_empty());
+    }
+
+    #[test]
+    fn url_rule_matches_original() {
+        let mut d = DesiredAgent {
+            name: "falcon-agent".into(),
+            version: "1.0.1".into(),
+            tarball: "http://10.0.0.1:2000/falcon".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            d.tarball_url(),
+            "http://10.0.0.1:2000/falcon/falcon-agent-1.0.1.tar.gz"
+        );
+        assert_eq!(
+            d.md5_url(),
+            "http://10.0.0.1:2000/falcon/falcon-agent-1.0.1.tar.gz.md5"
+        );
+        d.md5 = "http://m/sums/".into();
+        assert_eq!(d.md5_url(), "http://m/sums/falcon-agent-1.0.1.tar.gz.md5");
+    }
+
+    #[test]
+    fn md5_file_parsing() {
+        let h = "9e107d9d372bb6826bd81d3542a419d6";
+        assert_eq!(
+            parse_md5_file(&format_md5_file(h, "a-1.tar.gz")),
+            Some(h.into())
+        );
+        assert_eq!(parse_md5_file(&h.to_uppercase()), Some(h.into()));
+        assert_eq!(parse_md5_file(""), None);
+        assert_eq!(parse_md5_file("<html>not found</html>"), None);
+        assert_eq!(parse_md5_file("9e107d9d372bb6826bd81d3542a419d"), None);
+    }
+
+    #[test]
+    fn cmd_parse() {
+        assert_eq!(Cmd::parse("start"), Some(Cmd::Start));
+        assert_eq!(Cmd::parse("stop"), Some(Cmd::Stop));
+        assert_eq!(Cmd::parse("restart"), None);
+        assert_eq!(Cmd::parse(""), None);
+    }
+}

@@ -1,0 +1,11 @@
+//! Wire types shared by `ops-meta`, `ops-updater` and the tools, and the validation both
+//! sides of the wire apply to them.
+//!
+//! This crate is the only place that knows JSON field names. It does no IO and pulls in
+//! no runtime, so every other crate can depend on it freely.
+
+pub mod bootagent;
+pub mod legacy;
+pub mod validate;
+
+pub use validate::{validate_agent_name, validate_hostname, validate_version, NameError};
