@@ -98,3 +98,69 @@ pub fn digests(data: &[u8]) -> (String, String) {
     let sha = hex::encode(sha2::Sha256::digest(data));
     (md5, sha)
 }
+
+/// Path of a workspace binary (`ops-meta`, `ops-updater`, ...), built on first use when
+/// the current test run did not build it (e.g. `cargo test -p updater` needs `ops-meta`).
+pub fn cargo_bin(name: &str) -> PathBuf {
+    // Test executables live in target/<profile>/deps; binaries one level up.
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
+        .expect("target dir")
+        .to_path_buf();
+    let path = profile_dir.join(name);
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = command(Path::new(&cargo));
+        cmd.args(["build", "--bin", name]);
+        if profile_dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().expect("run cargo build");
+        assert!(st.success(), "cargo build --bin {name} failed");
+    }
+    path
+}
+
+/// A `std::process::Command` for tests, with stdin closed. The daemons build their own
+/// children through `updater::process`; this is the test-side counterpart.
+#[allow(clippy::disallowed_methods)] // The one place tests create a Command.
+pub fn command(program: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new(program);
+    c.stdin(std::process::Stdio::null());
+    c
+}
+
+/// A child process that is killed (SIGKILL) when dropped, so a failing test never leaks a
+/// daemon.
+#[derive(Debug)]
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
