@@ -1,1 +1,7 @@
-//! placeholder until the crate lands
+//! ops-updater as a library: the host daemon that keeps each agent at its desired version.
+//! The binary (`main.rs`) only parses flags and calls into these modules.
+
+pub mod artifact;
+pub mod control;
+pub mod fsx;
+pub mod process;

@@ -1,0 +1,793 @@
+//! Downloads over HTTP(S): a tarball streamed to a `.part` file while MD5 and SHA-256 are
+//! computed, resumed with `Range` after an interruption, and the `.md5` file beside it.
+//! Every transfer has a size cap and connect, read and total timeouts.
+
+use std::path::Path;
+
+use md5::{Digest as _, Md5};
+use reqwest::header::{CONTENT_RANGE, RANGE};
+use reqwest::StatusCode;
+use sha2::Sha256;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{ArtifactError, Digests, Limits, Want};
+use crate::fsx;
+
+/// Largest `.md5` file read; `md5sum` writes 32 hex digits, two spaces and a file name.
+pub const MAX_MD5_FILE_BYTES: u64 = 4096;
+
+/// Suffix of a download in progress.
+pub(crate) const PART_SUFFIX: &str = ".part";
+
+/// Downloads files with the [`Limits`] it was built with. Cheap to clone (the client is
+/// shared).
+#[derive(Debug, Clone)]
+pub struct Fetcher {
+    client: reqwest::Client,
+    limits: Limits,
+}
+
+/// Both digests, fed as bytes stream by.
+struct Hashers {
+    md5: Md5,
+    sha256: Sha256,
+}
+
+impl Hashers {
+    fn new() -> Self {
+        Hashers {
+            md5: Md5::new(),
+            sha256: Sha256::new(),
+        }
+    }
+    fn update(&mut self, data: &[u8]) {
+        self.md5.update(data);
+        self.sha256.update(data);
+    }
+    fn finish(self, size: u64) -> Digests {
+        Digests {
+            md5: hex::encode(self.md5.finalize()),
+            sha256: hex::encode(self.sha256.finalize()),
+            size,
+        }
+    }
+}
+
+/// An error with its causes, `a: b: c`; reqwest's own Display stops at the first level,
+/// which hides "connection refused" behind "error sending request".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Checks `got` against `want` (case-insensitively) for `algo`.
+pub(crate) fn verify(file: &str, want: &Want, got: &Digests) -> Result<(), ArtifactError> {
+    let pairs = [
+        ("md5", want.md5.as_deref(), &got.md5),
+        ("sha256", want.sha256.as_deref(), &got.sha256),
+    ];
+    for (algo, want, got) in pairs {
+        if let Some(w) = want {
+            if !w.trim().eq_ignore_ascii_case(got) {
+                return Err(ArtifactError::Checksum {
+                    file: file.to_string(),
+                    algo,
+                    want: w.trim().to_ascii_lowercase(),
+                    got: got.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// MD5 and SHA-256 of a local file, read in chunks.
+pub(crate) async fn hash_file(path: &Path, max: u64) -> std::io::Result<Digests> {
+    let mut h = Hashers::new();
+    let mut f = tokio::fs::File::open(path).await?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        if size > max {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: larger than {max} bytes", path.display()),
+            ));
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finish(size))
+}
+
+/// Parses `bytes start-end/total` and returns `start`.
+fn content_range_start(v: &str) -> Option<u64> {
+    let rest = v.trim().strip_prefix("bytes ")?;
+    let (start, _) = rest.split_once('-')?;
+    start.trim().parse().ok()
+}
+
+async fn remove_quietly(path: &Path) {
+    if let Err(e) = tokio::fs::remove_file(path).await {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove partial download");
+        }
+    }
+}
+
+impl Fetcher {
+    /// A fetcher over a rustls HTTP client with `limits.connect_timeout`. Proxies set in
+    /// the environment (`http_proxy`, `no_proxy`) are honoured, as wget did for the original.
+    pub fn new(limits: Limits) -> Result<Fetcher, ArtifactError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(limits.connect_timeout)
+            .user_agent(concat!("ops-updater/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ArtifactError::Client(chain(&e)))?;
+        Ok(Fetcher { client, limits })
+    }
+
+    /// The limits this fetcher enforces.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Sends a GET (from byte `from` when given) and waits for the response headers for at
+    /// most the read timeout.
+    async fn get(&self, url: &str, from: Option<u64>) -> Result<reqwest::Response, ArtifactError> {
+        let mut req = self.client.get(url);
+        if let Some(from) = from {
+            req = req.header(RANGE, format!("bytes={from}-"));
+        }
+        match tokio::time::timeout(self.limits.read_timeout, req.send()).await {
+            Err(_) => Err(ArtifactError::Timeout {
+                url: url.to_string(),
+                what: "waiting for the response",
+                after: self.limits.read_timeout,
+            }),
+            Ok(Err(e)) => Err(ArtifactError::Http {
+                url: url.to_string(),
+                detail: chain(&e),
+            }),
+            Ok(Ok(r)) => Ok(r),
+        }
+    }
+
+    /// The next body chunk, waiting at most the read timeout for it.
+    async fn next_chunk(
+        &self,
+        url: &str,
+        resp: &mut reqwest::Response,
+    ) -> Result<Option<bytes::Bytes>, ArtifactError> {
+        match tokio::time::timeout(self.limits.read_timeout, resp.chunk()).await {
+            Err(_) => Err(ArtifactError::Timeout {
+                url: url.to_string(),
+                what: "reading the body",
+                after: self.limits.read_timeout,
+            }),
+            Ok(Err(e)) => Err(ArtifactError::Http {
+                url: url.to_string(),
+                detail: chain(&e),
+            }),
+            Ok(Ok(c)) => Ok(c),
+        }
+    }
+
+    /// GET a `.md5` file (capped at 4 KiB) and parse it with proto::legacy::parse_md5_file.
+    pub async fn fetch_md5(&self, url: &str) -> Result<String, ArtifactError> {
+        let total = self.limits.total_timeout;
+        tokio::time::timeout(total, self.fetch_md5_inner(url))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ArtifactError::Timeout {
+                    url: url.to_string(),
+                    what: "the transfer",
+                    after: total,
+                })
+            })
+    }
+
+    async fn fetch_md5_inner(&self, url: &str) -> Result<String, ArtifactError> {
+        let mut resp = self.get(url, None).await?;
+        if !resp.status().is_success() {
+            return Err(ArtifactError::Status {
+                url: url.to_string(),
+                status: resp.status().as_u16(),
+            });
+        }
+        let too_large = || ArtifactError::TooLarge {
+            url: url.to_string(),
+            limit: MAX_MD5_FILE_BYTES,
+        };
+        if resp
+            .content_length()
+            .is_some_and(|n| n > MAX_MD5_FILE_BYTES)
+        {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = self.next_chunk(url, &mut resp).await? {
+            if (body.len() + chunk.len()) as u64 > MAX_MD5_FILE_BYTES {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let text = String::from_utf8_lossy(&body);
+        proto::legacy::parse_md5_file(&text).ok_or_else(|| {
+            let shown: String = text.trim().chars().take(64).collect();
+            ArtifactError::BadMd5File {
+                url: url.to_string(),
+                detail: format!("no 32-hex-digit checksum at the start of {shown:?}"),
+            }
+        })
+    }
+
+    /// Stream `url` into `<dest_dir>/<file_name>.part` (resuming with Range from an existing .part when the
+    /// server answers 206; restarting when it answers 200), hashing MD5+SHA-256 while streaming;
+    /// verify against `want`; on success fsync + rename to `<dest_dir>/<file_name>` and return digests.
+    /// On a checksum mismatch the .part is deleted and ArtifactError::Checksum{..} returned.
+    ///
+    /// An interrupted transfer (error, read timeout) keeps the `.part` for the next call to
+    /// resume; a size-cap breach or a checksum mismatch deletes it.
+    pub async fn download(
+        &self,
+        url: &str,
+        dest_dir: &Path,
+        file_name: &str,
+        want: &Want,
+    ) -> Result<Digests, ArtifactError> {
+        let total = self.limits.total_timeout;
+        tokio::time::timeout(total, self.download_inner(url, dest_dir, file_name, want))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ArtifactError::Timeout {
+                    url: url.to_string(),
+                    what: "the transfer",
+                    after: total,
+                })
+            })
+    }
+
+    async fn download_inner(
+        &self,
+        url: &str,
+        dest_dir: &Path,
+        file_name: &str,
+        want: &Want,
+    ) -> Result<Digests, ArtifactError> {
+        let max = self.limits.max_download_bytes;
+        tokio::fs::create_dir_all(dest_dir)
+            .await
+            .map_err(ArtifactError::io(dest_dir))?;
+        let part = dest_dir.join(format!("{file_name}{PART_SUFFIX}"));
+        let final_path = dest_dir.join(file_name);
+        let too_large = || ArtifactError::TooLarge {
+            url: url.to_string(),
+            limit: max,
+        };
+
+        let mut offset = match tokio::fs::symlink_metadata(&part).await {
+            Ok(m) if m.is_file() && m.len() <= max => m.len(),
+            Ok(_) => {
+                remove_quietly(&part).await;
+                0
+            }
+            Err(_) => 0,
+        };
+
+        let mut resp = self.get(url, (offset > 0).then_some(offset)).await?;
+        if offset > 0 {
+            let resumable = resp.status() == StatusCode::PARTIAL_CONTENT
+                && resp
+                    .headers()
+                    .get(CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(content_range_start)
+                    == Some(offset);
+            if resp.status() == StatusCode::RANGE_NOT_SATISFIABLE
+                || (resp.status() == StatusCode::PARTIAL_CONTENT && !resumable)
+            {
+                // The .part is complete, longer than the file, or the server answered a
+                // range we did not ask for: nothing in it can be trusted. Start over.
+                tracing::info!(url, offset, status = %resp.status(), "cannot resume download, starting over");
+                drop(resp);
+                remove_quietly(&part).await;
+                offset = 0;
+                resp = self.get(url, None).await?;
+            } else if resumable {
+                tracing::info!(url, offset, "resuming download");
+            } else if resp.status().is_success() {
+                tracing::info!(url, offset, "server ignored the range, starting over");
+                offset = 0;
+            }
+        }
+        if !resp.status().is_success()
+            || (offset == 0 && resp.status() == StatusCode::PARTIAL_CONTENT)
+        {
+            return Err(ArtifactError::Status {
+                url: url.to_string(),
+                status: resp.status().as_u16(),
+            });
+        }
+        if resp
+            .content_length()
+            .is_some_and(|n| n.saturating_add(offset) > max)
+        {
+            remove_quietly(&part).await;
+            return Err(too_large());
+        }
+
+        // Resuming: the digests cover the whole file, so feed them what is already on disk.
+        let mut hashers = Hashers::new();
+        if offset > 0 {
+            let mut f = tokio::fs::File::open(&part)
+                .await
+                .map_err(ArtifactError::io(&part))?;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut left = offset;
+            while left > 0 {
+                let n = f.read(&mut buf).await.map_err(ArtifactError::io(&part))?;
+                if n == 0 {
+                    break;
+                }
+                let n = n.min(left as usize);
+                hashers.update(&buf[..n]);
+                left -= n as u64;
+            }
+        }
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(offset > 0)
+            .truncate(offset == 0)
+            .open(&part)
+            .await
+            .map_err(ArtifactError::io(&part))?;
+
+        let mut size = offset;
+        let streamed: Result<(), ArtifactError> = async {
+            while let Some(chunk) = self.next_chunk(url, &mut resp).await? {
+                size += chunk.len() as u64;
+                if size > max {
+                    return Err(too_large());
+                }
+                hashers.update(&chunk);
+                file.write_all(&chunk)
+                    .await
+                    .map_err(ArtifactError::io(&part))?;
+            }
+            Ok(())
+        }
+        .await;
+        // Whatever happened, what was written must reach the disk: it is what a resume
+        // continues from.
+        let flushed = async {
+            file.flush().await?;
+            file.sync_all().await
+        }
+        .await;
+        drop(file);
+        match streamed {
+            Err(e @ ArtifactError::TooLarge { .. }) => {
+                remove_quietly(&part).await;
+                return Err(e);
+            }
+            Err(e) => {
+                tracing::warn!(url, bytes = size, error = %e, "download interrupted, keeping the partial file");
+                return Err(e);
+            }
+            Ok(()) => {}
+        }
+        flushed.map_err(ArtifactError::io(&part))?;
+
+        let digests = hashers.finish(size);
+        if let Err(e) = verify(file_name, want, &digests) {
+            remove_quietly(&part).await;
+            return Err(e);
+        }
+        tokio::fs::rename(&part, &final_path)
+            .await
+            .map_err(ArtifactError::io(&final_path))?;
+        fsx::fsync_dir(dest_dir).map_err(ArtifactError::io(dest_dir))?;
+        tracing::info!(url, bytes = size, md5 = %digests.md5, "download verified");
+        Ok(digests)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_parsing() {
+        assert_eq!(content_range_start("bytes 100-199/200"), Some(100));
+        assert_eq!(content_range_start("bytes 0-0/*"), Some(0));
+        assert_eq!(content_range_start("items 1-2/3"), None);
+        assert_eq!(content_range_start("bytes x-1/2"), None);
+    }
+
+    #[test]
+    fn verify_reports_want_and_got() {
+        let got = Digests {
+            md5: "3a".repeat(16),
+            sha256: "bb".repeat(32),
+            size: 1,
+        };
+        let want = Want {
+            md5: Some("9F".repeat(16)),
+            sha256: None,
+        };
+        let e = verify("falcon-agent-1.0.1.tar.gz", &want, &got).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "md5 mismatch for falcon-agent-1.0.1.tar.gz: want {}, got {}",
+                "9f".repeat(16),
+                "3a".repeat(16)
+            )
+        );
+        let ok = Want {
+            md5: Some("3A".repeat(16)),
+            sha256: Some("bb".repeat(32)),
+        };
+        verify("f", &ok, &got).unwrap();
+        let bad_sha = Want {
+            md5: None,
+            sha256: Some("cc".repeat(32)),
+        };
+        let e = verify("f", &bad_sha, &got).unwrap_err();
+        assert!(
+            e.to_string().starts_with("sha256 mismatch for f: want cc"),
+            "{e}"
+        );
+    }
+
+    use super::super::testserver::{serve, Mode, Server};
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    const FILE: &str = "falcon-agent-1.0.1.tar.gz";
+
+    fn payload() -> Vec<u8> {
+        (0..200_000u32).map(|i| (i % 251) as u8).collect()
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            connect_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(5),
+            total_timeout: Duration::from_secs(60),
+            ..Limits::default()
+        }
+    }
+
+    fn want_of(data: &[u8]) -> Want {
+        let (md5, sha256) = test_support::digests(data);
+        Want {
+            md5: Some(md5),
+            sha256: Some(sha256),
+        }
+    }
+
+    async fn server(mode: Mode, data: &[u8]) -> Server {
+        serve(HashMap::from([(FILE.to_string(), data.to_vec())]), mode).await
+    }
+
+    #[tokio::test]
+    async fn download_verifies_and_renames() {
+        let data = payload();
+        let srv = server(Mode::Normal, &data).await;
+        let d = tempfile::tempdir().unwrap();
+        let f = Fetcher::new(limits()).unwrap();
+        let got = f
+            .download(&srv.url(FILE), d.path(), FILE, &want_of(&data))
+            .await
+            .unwrap();
+        let (md5, sha) = test_support::digests(&data);
+        assert_eq!(
+            got,
+            Digests {
+                md5,
+                sha256: sha,
+                size: data.len() as u64
+            }
+        );
+        assert_eq!(std::fs::read(d.path().join(FILE)).unwrap(), data);
+        assert_eq!(test_support::tree(d.path()), vec![FILE.to_string()]);
+    }
+
+    #[tokio::test]
+    async fn md5_mismatch_deletes_the_download_and_reports_want_and_got() {
+        let data = payload();
+        let srv = server(Mode::Normal, &data).await;
+        let d = tempfile::tempdir().unwrap();
+        let f = Fetcher::new(limits()).unwrap();
+        let (md5, _) = test_support::digests(&data);
+        let bad = "9f".repeat(16);
+        let want = Want {
+            md5: Some(bad.clone()),
+            sha256: None,
+        };
+        let e = f
+            .download(&srv.url(FILE), d.path(), FILE, &want)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("md5 mismatch for {FILE}: want {bad}, got {md5}")
+        );
+        assert!(test_support::tree(d.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn sha256_mismatch_deletes_the_download_and_reports_want_and_got() {
+        let data = payload();
+        let srv = server(Mode::Normal, &data).await;
+        let d = tempfile::tempdir().unwrap();
+        let f = Fetcher::new(limits()).unwrap();
+        let (md5, sha) = test_support::digests(&data);
+        let bad = "ab".repeat(32);
+        let want = Want {
+            md5: Some(md5),
+            sha256: Some(bad.clone()),
+        };
+        let e = f
+            .download(&srv.url(FILE), d.path(), FILE, &want)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("sha256 mismatch for {FILE}: want {bad}, got {sha}")
+        );
+        assert!(test_support::tree(d.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn interrupted_download_resumes_with_range() {
+        let data = payload();
+        let half = data.len() / 2;
+        let srv = server(Mode::CutFirstAfter(half), &data).await;
+        let d = tempfile::tempdir().unwrap();
+        let f = Fetcher::new(limits()).unwrap();
+        let url = srv.url(FILE);
+        let e = f
+            .download(&url, d.path(), FILE, &want_of(&data))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ArtifactError::Http { .. }), "{e:?}");
+        let part = d.path().join(format!("{FILE}{PART_SUFFIX}"));
+        assert_eq!(std::fs::read(&part).unwrap(), data[..half]);
+
+        let got = f
+            .download(&url, d.path(), FILE, &want_of(&data))
+            .await
+            .unwrap();
+        assert_eq!(got.size, data.len() as u64);
+        assert_eq!(got.md5, test_support::digests(&data).0);
+        let heads = srv.heads();
+        assert_eq!(heads.len(), 2, "{heads:?}");
+        assert!(!heads[0].contains("range:"), "{}", heads[0]);
+        assert!(
+            heads[1].contains(&format!("range: bytes={half}-")),
+            "{}",
+            heads[1]
+        );
+        assert_eq!(std::fs::read(d.path().join(FILE)).unwrap(), data);
+        assert!(!part.exists());
+    }
+
+    #[tokio::test]
+    async fn server_ignoring_range_restarts_from_zero() {
+        let data = payload();
+        let srv = server(Mode::IgnoreRange, &data).await;
+        let d = tempfile::tempdir().unwrap();
+        // A stale partial file that does not even match the data: it must not survive.
+        std::fs::write(d.path().join(format!("{FILE}{PART_SUFFIX}")), b"garbage").unwrap();
+        let f = Fetcher::new(limits()).unwrap();
+        f.download(&srv.url(FILE), d.path(), FILE, &want_of(&data))
+            .await
+            .unwrap();
+        assert!(srv.heads()[0].contains("range: bytes=7-"));
+        assert_eq!(std::fs::read(d.path().join(FILE)).unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn range_not_satisfiable_restarts_cleanly() {
+        let data = payload();
+        let srv = server(Mode::Normal, &data).await;
+        let d = tempfile::tempdir().unwrap();
+        // Longer than the file: the server answers 416.
+        let mut stale = data.clone();
+        stale.extend_from_slice(b"extra");
+        std::fs::write(d.path().join(format!("{FILE}{PART_SUFFIX}")), &stale).unwrap();
+        let f = Fetcher::new(limits()).unwrap();
+        let got = f
+            .download(&srv.url(FILE), d.path(), FILE, &want_of(&data))
+            .await
+            .unwrap();
+        assert_eq!(got.size, data.len() as u64);
+        let heads = srv.heads();
+        assert_eq!(heads.len(), 2, "{heads:?}");
+        assert!(!heads[1].contains("range:"));
+        assert_eq!(test_support::tree(d.path()), vec![FILE.to_string()]);
+    }
+
+    #[tokio::test]
+    async fn content_length_over_the_cap_is_refused_before_reading() {
+        let data = payload();
+        let srv = server(Mode::Normal, &data).await;
+        let d = tempfile::tempdir().unwrap();
+        let f = Fetcher::new(Limits {
+            max_download_bytes: 1000,
+            ..limits()
+        })
+        .unwrap();
+        let e = f
+            .download(&srv.url(FILE), d.path(), FILE, &want_of(&data))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, ArtifactError::TooLarge { limit: 1000, .. }),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains(&srv.url(FILE)), "{e}");
+        assert!(test_support::tree(d.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn streaming_past_the_cap_aborts_and_deletes() {
+        let data = payload();
+        let srv = server(Mode::NoLength, &data).await;
+        let d = tempfile::tempdir().unwrap();
+        let f = Fetcher::new(Limits {
+            max_download_bytes: 1000,
+            ..limits()
+        })
+        .unwrap();
+        let e = f
+            .download(&srv.url(FILE), d.path(), FILE, &want_of(&data))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ArtifactError::TooLarge { .. }), "{e:?}");
+        assert!(test_support::tree(d.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn stalled_server_hits_the_read_timeout_and_keeps_the_part() {
+        let data = payload();
+        let srv = server(Mode::Stall(1000), &data).await;
+        let d = tempfile::tempdir().unwrap();
+        let f = Fetcher::new(Limits {
+            read_timeout: Duration::from_millis(300),
+            ..limits()
+        })
+        .unwrap();
+        let e = f
+            .download(&srv.url(FILE), d.path(), FILE, &want_of(&data))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ArtifactError::Timeout {
+                    what: "reading the body",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let part = d.path().join(format!("{FILE}{PART_SUFFIX}"));
+        assert_eq!(std::fs::read(part).unwrap(), data[..1000]);
+    }
+
+    #[tokio::test]
+    async fn total_timeout_bounds_a_trickling_transfer() {
+        let data = payload();
+        let srv = server(Mode::Stall(10), &data).await;
+        let d = tempfile::tempdir().unwrap();
+        let f = Fetcher::new(Limits {
+            total_timeout: Duration::from_millis(300),
+            ..limits()
+        })
+        .unwrap();
+        let e = f
+            .download(&srv.url(FILE), d.path(), FILE, &want_of(&data))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ArtifactError::Timeout {
+                    what: "the transfer",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn http_404_names_the_url_and_status() {
+        let srv = server(Mode::Normal, b"x").await;
+        let d = tempfile::tempdir().unwrap();
+        let f = Fetcher::new(limits()).unwrap();
+        let url = srv.url("missing.tar.gz");
+        let e = f
+            .download(&url, d.path(), FILE, &Want::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.to_string(), format!("fetch {url}: http status 404"));
+        assert!(test_support::tree(d.path()).is_empty());
+        let e = f.fetch_md5(&url).await.unwrap_err();
+        assert!(
+            matches!(e, ArtifactError::Status { status: 404, .. }),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn connection_refused_names_the_url() {
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let d = tempfile::tempdir().unwrap();
+        let f = Fetcher::new(limits()).unwrap();
+        let url = format!("http://{addr}/{FILE}");
+        let e = f
+            .download(&url, d.path(), FILE, &Want::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ArtifactError::Http { .. }), "{e:?}");
+        assert!(e.to_string().starts_with(&format!("fetch {url}: ")), "{e}");
+    }
+
+    #[tokio::test]
+    async fn md5_files_good_garbage_and_huge() {
+        let md5 = "0123456789abcdef0123456789ABCDEF";
+        let srv = serve(
+            HashMap::from([
+                (
+                    "good.md5".to_string(),
+                    format!("{md5}  {FILE}\n").into_bytes(),
+                ),
+                ("garbage.md5".to_string(), b"<html>oops</html>".to_vec()),
+                ("huge.md5".to_string(), vec![b'a'; 10_000]),
+            ]),
+            Mode::Normal,
+        )
+        .await;
+        let f = Fetcher::new(limits()).unwrap();
+        assert_eq!(
+            f.fetch_md5(&srv.url("good.md5")).await.unwrap(),
+            md5.to_ascii_lowercase()
+        );
+        let e = f.fetch_md5(&srv.url("garbage.md5")).await.unwrap_err();
+        assert!(matches!(e, ArtifactError::BadMd5File { .. }), "{e:?}");
+        assert!(e.to_string().contains("garbage.md5"), "{e}");
+        let e = f.fetch_md5(&srv.url("huge.md5")).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ArtifactError::TooLarge {
+                    limit: MAX_MD5_FILE_BYTES,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
+}

@@ -1,0 +1,582 @@
+//! Making `<agent_dir>/<version>/` installed exactly once: fetch and verify the tarball,
+//! unpack it, and recognise folders that are already complete (ours, by a marker; the
+//! original updater's, by the tarball matching its `.md5`).
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use md5::{Digest as _, Md5};
+
+use super::fetch::{hash_file, verify, MAX_MD5_FILE_BYTES};
+use super::unpack::{remove_tree, unpack, UNPACK_INFIX};
+use super::{ArtifactError, Fetcher, Want};
+use crate::{control, fsx};
+
+/// Written last into a version folder we unpacked: its presence means "complete".
+pub const MARKER: &str = ".ops-updater-complete";
+
+/// Folder inside an agent's folder where downloads in progress live.
+pub const DOWNLOAD_DIR: &str = ".download";
+
+/// What was found the last time a folder of the original updater was checked, so that a
+/// large tarball is not hashed again every round while it stays unchanged.
+#[derive(Clone, PartialEq, Eq)]
+struct LegacyStamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    md5_file: String,
+}
+
+static LEGACY_CHECKED: Mutex<Option<HashMap<PathBuf, (LegacyStamp, bool)>>> = Mutex::new(None);
+
+/// True when `<agent_dir>/<version>/` is a complete install: our marker is present, or (a folder left by the
+/// original updater) `control` exists and the tarball in the folder matches its `.md5` file.
+///
+/// Blocking: a folder of the original updater is verified by hashing its tarball (once per
+/// tarball state; the answer is remembered).
+pub fn is_installed(agent_dir: &Path, version: &str) -> bool {
+    if proto::validate::validate_version(version).is_err() {
+        return false;
+    }
+    let dir = agent_dir.join(version);
+    if !std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+        return false;
+    }
+    if !control::is_executable(&dir.join(control::CONTROL)) {
+        return false;
+    }
+    if std::fs::symlink_metadata(dir.join(MARKER)).is_ok_and(|m| m.is_file()) {
+        return true;
+    }
+    legacy_complete(agent_dir, &dir, version)
+}
+
+/// The original updater's layout: `<name>-<version>.tar.gz` and its `.md5` in the folder.
+fn legacy_complete(agent_dir: &Path, dir: &Path, version: &str) -> bool {
+    let Some(name) = agent_dir.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let file = proto::legacy::tarball_file(name, version);
+    let tarball = dir.join(&file);
+    let md5_path = dir.join(format!("{file}.md5"));
+    let Some(md5_file) = read_small(&md5_path) else {
+        return false;
+    };
+    let Ok(meta) = std::fs::symlink_metadata(&tarball) else {
+        return false;
+    };
+    if !meta.is_file() {
+        return false;
+    }
+    let stamp = LegacyStamp {
+        len: meta.len(),
+        modified: meta.modified().ok(),
+        md5_file: md5_file.clone(),
+    };
+    {
+        let cache = LEGACY_CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((s, ok)) = cache.as_ref().and_then(|c| c.get(&tarball)) {
+            if *s == stamp {
+                return *ok;
+            }
+        }
+    }
+    let ok = match proto::legacy::parse_md5_file(&md5_file) {
+        Some(want) => md5_of(&tarball).is_some_and(|got| got == want),
+        None => false,
+    };
+    LEGACY_CHECKED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .insert(tarball, (stamp, ok));
+    ok
+}
+
+fn read_small(path: &Path) -> Option<String> {
+    let f = std::fs::File::open(path).ok()?;
+    let mut s = String::new();
+    f.take(MAX_MD5_FILE_BYTES).read_to_string(&mut s).ok()?;
+    Some(s)
+}
+
+fn md5_of(path: &Path) -> Option<String> {
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut h = Md5::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => h.update(&buf[..n]),
+            Err(_) => return None,
+        }
+    }
+    Some(hex::encode(h.finalize()))
+}
+
+/// Remove leftovers of interrupted work in agent_dir: `.*.unpack-*` folders; keep `*.part` downloads (for resume).
+/// Temporary files of interrupted atomic writes (`.*.tmp-*`) go too.
+pub fn clean_leftovers(agent_dir: &Path) -> std::io::Result<()> {
+    let rd = match std::fs::read_dir(agent_dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for e in rd {
+        let e = e?;
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !name.starts_with('.') {
+            continue;
+        }
+        let ft = e.file_type()?;
+        if ft.is_dir() && name.contains(UNPACK_INFIX) {
+            tracing::info!(dir = %e.path().display(), "removing an interrupted unpack");
+            remove_tree(&e.path())?;
+        } else if ft.is_file() && name.contains(fsx::TEMP_INFIX) {
+            tracing::info!(file = %e.path().display(), "removing an interrupted write");
+            std::fs::remove_file(e.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// High-level: make `<agent_dir>/<version>/` installed from `tarball_url` checked against `want`
+/// (fetching md5 from `md5_url` when want.md5 is None and md5_url is Some), using `<agent_dir>/.download/`
+/// for the partial file. No-op if already installed. Returns the version dir.
+///
+/// A version folder that exists but is not complete (torn by a crash of the original
+/// updater) is moved aside, replaced, and removed once the new one is in place; it is put
+/// back if the install fails.
+pub async fn install(
+    fetcher: &Fetcher,
+    agent_dir: &Path,
+    name: &str,
+    version: &str,
+    tarball_url: &str,
+    md5_url: Option<&str>,
+    mut want: Want,
+) -> Result<PathBuf, ArtifactError> {
+    proto::validate::validate_agent_name(name)?;
+    proto::validate::validate_version(version)?;
+    let dir = agent_dir.join(version);
+    let (a, v) = (agent_dir.to_path_buf(), version.to_string());
+    if blocking(move || Ok(is_installed(&a, &v))).await? {
+        return Ok(dir);
+    }
+
+    if want.md5.is_none() {
+        if let Some(u) = md5_url {
+            want.md5 = Some(fetcher.fetch_md5(u).await?);
+        }
+    }
+    if want.md5.is_none() && want.sha256.is_none() {
+        return Err(ArtifactError::NoChecksum {
+            file: proto::legacy::tarball_file(name, version),
+        });
+    }
+
+    let dl = agent_dir.join(DOWNLOAD_DIR);
+    let result = fetch_and_unpack(fetcher, agent_dir, name, version, tarball_url, &want, &dl).await;
+    if result.is_err() {
+        // A failed attempt leaves no trace but a resumable `.part` (remove_dir only
+        // succeeds on an empty folder).
+        let _ = std::fs::remove_dir(&dl);
+    }
+    result
+}
+
+async fn fetch_and_unpack(
+    fetcher: &Fetcher,
+    agent_dir: &Path,
+    name: &str,
+    version: &str,
+    tarball_url: &str,
+    want: &Want,
+    dl: &Path,
+) -> Result<PathBuf, ArtifactError> {
+    let file = proto::legacy::tarball_file(name, version);
+    let dir = agent_dir.join(version);
+    let tarball = dl.join(&file);
+    let digests = match reuse_download(&tarball, &file, want, fetcher).await {
+        Some(d) => d,
+        None => {
+            tracing::info!(agent = %name, version = %version, url = %tarball_url, "downloading");
+            fetcher.download(tarball_url, dl, &file, want).await?
+        }
+    };
+    let md5_path = dl.join(format!("{file}.md5"));
+    fsx::write_atomic(
+        &md5_path,
+        proto::legacy::format_md5_file(&digests.md5, &file).as_bytes(),
+    )
+    .map_err(ArtifactError::io(&md5_path))?;
+
+    let aside = if std::fs::symlink_metadata(&dir).is_ok() {
+        let aside = agent_dir.join(format!(
+            ".{version}{UNPACK_INFIX}stale-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        tracing::warn!(agent = %name, version = %version, "replacing an incomplete version folder");
+        std::fs::rename(&dir, &aside).map_err(ArtifactError::io(&dir))?;
+        Some(aside)
+    } else {
+        None
+    };
+
+    let limits = fetcher.limits().clone();
+    let (tb, md5p, a, v) = (
+        tarball.clone(),
+        md5_path.clone(),
+        agent_dir.to_path_buf(),
+        version.to_string(),
+    );
+    let unpacked =
+        blocking(move || unpack(&tb, &a, &v, &[tb.as_path(), md5p.as_path()], &limits)).await;
+    match (&unpacked, &aside) {
+        (Err(_), Some(aside)) => {
+            if let Err(e) = std::fs::rename(aside, &dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot put the old folder back");
+            }
+        }
+        (Ok(_), Some(aside)) => {
+            if let Err(e) = remove_tree(aside) {
+                tracing::warn!(dir = %aside.display(), error = %e, "cannot remove the old folder");
+            }
+        }
+        _ => {}
+    }
+    let dir = unpacked?;
+    // The version folder holds its own links or copies of both files now.
+    for p in [&tarball, &md5_path] {
+        let _ = std::fs::remove_file(p);
+    }
+    tracing::info!(agent = %name, version = %version, md5 = %digests.md5, "installed");
+    Ok(dir)
+}
+
+/// A complete download left by an install that stopped before unpacking, if it still
+/// verifies; otherwise it is removed.
+async fn reuse_download(
+    tarball: &Path,
+    file: &str,
+    want: &Want,
+    fetcher: &Fetcher,
+) -> Option<super::Digests> {
+    if !tokio::fs::symlink_metadata(tarball)
+        .await
+        .is_ok_and(|m| m.is_file())
+    {
+        return None;
+    }
+    match hash_file(tarball, fetcher.limits().max_download_bytes).await {
+        Ok(d) if verify(file, want, &d).is_ok() => Some(d),
+        _ => {
+            let _ = tokio::fs::remove_file(tarball).await;
+            None
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ArtifactError> + Send + 'static,
+) -> Result<T, ArtifactError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ArtifactError::Task(e.to_string()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testserver::{serve, Mode};
+    use super::super::Limits;
+    use super::*;
+    use std::collections::HashMap;
+    use std::time::Duration;
+    use test_support::agent::{agent_tarball, Behaviour};
+
+    const NAME: &str = "falcon-agent";
+
+    fn fetcher() -> Fetcher {
+        Fetcher::new(Limits {
+            read_timeout: Duration::from_secs(5),
+            max_unpacked_bytes: 16 << 20,
+            ..Limits::default()
+        })
+        .unwrap()
+    }
+
+    /// Publishes `name-version.tar.gz` and its `.md5` (with `md5_text` as the body).
+    fn files(version: &str, tarball: &[u8], md5_text: &str) -> HashMap<String, Vec<u8>> {
+        let file = proto::legacy::tarball_file(NAME, version);
+        HashMap::from([
+            (format!("{file}.md5"), md5_text.as_bytes().to_vec()),
+            (file, tarball.to_vec()),
+        ])
+    }
+
+    #[tokio::test]
+    async fn install_downloads_verifies_unpacks_once() {
+        let tb = agent_tarball(NAME, "1.0.1", Behaviour::Good);
+        let (md5, _) = test_support::digests(&tb);
+        let file = proto::legacy::tarball_file(NAME, "1.0.1");
+        let srv = serve(
+            files("1.0.1", &tb, &proto::legacy::format_md5_file(&md5, &file)),
+            Mode::Normal,
+        )
+        .await;
+        let root = tempfile::tempdir().unwrap();
+        let agent = root.path().join(NAME);
+        std::fs::create_dir(&agent).unwrap();
+        let (url, md5_url) = (srv.url(&file), srv.url(&format!("{file}.md5")));
+        let dir = install(
+            &fetcher(),
+            &agent,
+            NAME,
+            "1.0.1",
+            &url,
+            Some(&md5_url),
+            Want::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(dir, agent.join("1.0.1"));
+        assert!(control::is_executable(&dir.join("control")));
+        assert_eq!(std::fs::read(dir.join(&file)).unwrap(), tb);
+        assert_eq!(
+            proto::legacy::parse_md5_file(
+                &std::fs::read_to_string(dir.join(format!("{file}.md5"))).unwrap()
+            ),
+            Some(md5.clone())
+        );
+        assert!(is_installed(&agent, "1.0.1"));
+        assert!(test_support::tree(&agent.join(DOWNLOAD_DIR)).is_empty());
+        assert_eq!(srv.heads().len(), 2);
+
+        // Installed: no further request, nothing touched.
+        let before = test_support::tree(&agent);
+        install(
+            &fetcher(),
+            &agent,
+            NAME,
+            "1.0.1",
+            &url,
+            Some(&md5_url),
+            Want::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(srv.heads().len(), 2);
+        assert_eq!(test_support::tree(&agent), before);
+    }
+
+    #[tokio::test]
+    async fn md5_mismatch_changes_nothing() {
+        let tb = agent_tarball(NAME, "1.0.1", Behaviour::Good);
+        let file = proto::legacy::tarball_file(NAME, "1.0.1");
+        let wrong = "9f".repeat(16);
+        let srv = serve(
+            files("1.0.1", &tb, &proto::legacy::format_md5_file(&wrong, &file)),
+            Mode::Normal,
+        )
+        .await;
+        let root = tempfile::tempdir().unwrap();
+        let agent = root.path().join(NAME);
+        std::fs::create_dir(&agent).unwrap();
+        std::fs::write(agent.join(".version"), "1.0.0\n").unwrap();
+        let before = test_support::tree(root.path());
+        let e = install(
+            &fetcher(),
+            &agent,
+            NAME,
+            "1.0.1",
+            &srv.url(&file),
+            Some(&srv.url(&format!("{file}.md5"))),
+            Want::default(),
+        )
+        .await
+        .unwrap_err();
+        let (got, _) = test_support::digests(&tb);
+        assert_eq!(
+            e.to_string(),
+            format!("md5 mismatch for {file}: want {wrong}, got {got}")
+        );
+        assert_eq!(test_support::tree(root.path()), before);
+    }
+
+    #[tokio::test]
+    async fn hostile_tarball_with_right_checksum_changes_nothing() {
+        let (_, bomb) = test_support::tarball::hostile_archives()
+            .into_iter()
+            .find(|(n, _)| *n == "symlink then write through it")
+            .unwrap();
+        let (md5, sha) = test_support::digests(&bomb);
+        let file = proto::legacy::tarball_file(NAME, "6.6.6");
+        let srv = serve(files("6.6.6", &bomb, ""), Mode::Normal).await;
+        let root = tempfile::tempdir().unwrap();
+        let agent = root.path().join(NAME);
+        std::fs::create_dir(&agent).unwrap();
+        let e = install(
+            &fetcher(),
+            &agent,
+            NAME,
+            "6.6.6",
+            &srv.url(&file),
+            None,
+            Want {
+                md5: Some(md5),
+                sha256: Some(sha),
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, ArtifactError::Unsafe { .. }), "{e:?}");
+        assert!(!agent.join("6.6.6").exists());
+        assert!(!root.path().join("pwned").exists());
+        assert!(!is_installed(&agent, "6.6.6"));
+    }
+
+    #[tokio::test]
+    async fn no_checksum_at_all_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let e = install(
+            &fetcher(),
+            root.path(),
+            NAME,
+            "1.0",
+            "http://127.0.0.1:9/x",
+            None,
+            Want::default(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, ArtifactError::NoChecksum { .. }), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn torn_folder_is_replaced() {
+        let tb = agent_tarball(NAME, "1.0.1", Behaviour::Good);
+        let (md5, _) = test_support::digests(&tb);
+        let file = proto::legacy::tarball_file(NAME, "1.0.1");
+        let srv = serve(files("1.0.1", &tb, ""), Mode::Normal).await;
+        let root = tempfile::tempdir().unwrap();
+        let agent = root.path().join(NAME);
+        // What a crash of the original updater leaves: the folder and half a tarball.
+        std::fs::create_dir_all(agent.join("1.0.1")).unwrap();
+        std::fs::write(agent.join("1.0.1").join(&file), &tb[..10]).unwrap();
+        assert!(!is_installed(&agent, "1.0.1"));
+        let dir = install(
+            &fetcher(),
+            &agent,
+            NAME,
+            "1.0.1",
+            &srv.url(&file),
+            None,
+            Want {
+                md5: Some(md5),
+                sha256: None,
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(std::fs::read(dir.join(&file)).unwrap(), tb);
+        assert!(is_installed(&agent, "1.0.1"));
+        let tree = test_support::tree(&agent);
+        assert!(tree.iter().all(|p| !p.contains(".unpack-")), "{tree:?}");
+    }
+
+    /// Lays out a folder the way the original updater leaves it.
+    fn legacy_folder(agent: &Path, version: &str, tarball: &[u8], md5_hex: &str) -> PathBuf {
+        let dir = agent.join(version);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = proto::legacy::tarball_file(NAME, version);
+        std::fs::write(dir.join(&file), tarball).unwrap();
+        std::fs::write(
+            dir.join(format!("{file}.md5")),
+            proto::legacy::format_md5_file(md5_hex, &file),
+        )
+        .unwrap();
+        let control = dir.join("control");
+        std::fs::write(&control, "#!/bin/sh\necho started\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&control, std::fs::Permissions::from_mode(0o755)).unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn original_updater_folder_counts_as_installed_without_any_request() {
+        let root = tempfile::tempdir().unwrap();
+        let agent = root.path().join(NAME);
+        let tb = b"pretend tarball".to_vec();
+        let (md5, _) = test_support::digests(&tb);
+        legacy_folder(&agent, "0.0.9", &tb, &md5);
+        assert!(is_installed(&agent, "0.0.9"));
+        // A closed port: any request would fail the install.
+        let dir = install(
+            &fetcher(),
+            &agent,
+            NAME,
+            "0.0.9",
+            "http://127.0.0.1:9/x",
+            Some("http://127.0.0.1:9/x.md5"),
+            Want::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(dir, agent.join("0.0.9"));
+    }
+
+    #[test]
+    fn torn_or_foreign_folders_are_not_installed() {
+        let root = tempfile::tempdir().unwrap();
+        let agent = root.path().join(NAME);
+        let tb = b"pretend tarball".to_vec();
+        // md5 file disagrees with the tarball (download cut short).
+        legacy_folder(&agent, "1.0", &tb, &"0".repeat(32));
+        assert!(!is_installed(&agent, "1.0"));
+        // Control missing.
+        let (md5, _) = test_support::digests(&tb);
+        let dir = legacy_folder(&agent, "1.1", &tb, &md5);
+        std::fs::remove_file(dir.join("control")).unwrap();
+        assert!(!is_installed(&agent, "1.1"));
+        // Folder missing, or a hostile version.
+        assert!(!is_installed(&agent, "2.0"));
+        assert!(!is_installed(&agent, ".."));
+        // The answer follows the tarball when it changes.
+        let dir = legacy_folder(&agent, "1.2", &tb, &md5);
+        assert!(is_installed(&agent, "1.2"));
+        std::fs::write(
+            dir.join(proto::legacy::tarball_file(NAME, "1.2")),
+            b"changed!!!!!!!!!",
+        )
+        .unwrap();
+        assert!(!is_installed(&agent, "1.2"));
+    }
+
+    #[test]
+    fn clean_leftovers_removes_interrupted_work_only() {
+        let root = tempfile::tempdir().unwrap();
+        let agent = root.path().join(NAME);
+        std::fs::create_dir_all(agent.join(".1.0.unpack-abc").join("sub")).unwrap();
+        std::fs::write(agent.join(".1.0.unpack-abc").join("sub").join("f"), "x").unwrap();
+        std::fs::write(agent.join(".version.tmp-123"), "x").unwrap();
+        std::fs::create_dir_all(agent.join(DOWNLOAD_DIR)).unwrap();
+        std::fs::write(agent.join(DOWNLOAD_DIR).join("a-1.tar.gz.part"), "x").unwrap();
+        std::fs::create_dir_all(agent.join("1.0")).unwrap();
+        std::fs::write(agent.join(".version"), "1.0\n").unwrap();
+        clean_leftovers(&agent).unwrap();
+        assert_eq!(
+            test_support::tree(&agent),
+            vec![
+                ".download/".to_string(),
+                ".download/a-1.tar.gz.part".to_string(),
+                ".version".to_string(),
+                "1.0/".to_string(),
+            ]
+        );
+        clean_leftovers(&root.path().join("absent")).unwrap();
+    }
+}

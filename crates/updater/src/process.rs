@@ -1,0 +1,354 @@
+//! Child processes: the one place they are built ([`command`]) and the one way they are run
+//! ([`run`]): output captured with a cap, a timeout, and on timeout the whole process group
+//! is stopped with SIGTERM and then SIGKILL.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Most bytes of stdout (and, separately, of stderr) kept from one run; the rest is read and
+/// dropped so that a chatty child never blocks on a full pipe.
+pub const MAX_OUTPUT_BYTES: usize = 64 * 1024;
+
+/// How long, after the child exited, we keep reading its pipes. A script that starts a
+/// daemon in the background (`nohup agent &`) without redirecting its output hands the pipe
+/// to the daemon, so EOF may never come; what the script itself printed is already in the
+/// pipe by the time it exits, so a short drain is enough.
+pub const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(200);
+
+/// The ONE place child processes are built: explicit cwd, env (inherited PATH etc. plus `envs`),
+/// null stdin, piped stdout/stderr, kill_on_drop, own process group (`process_group(0)`).
+///
+/// The child leads its own process group so that a timeout can stop everything it started
+/// (grandchildren included) with one `killpg`, without touching the updater itself.
+#[allow(clippy::disallowed_methods)] // The one place the updater creates a child process.
+pub fn command(
+    program: &Path,
+    args: &[&str],
+    cwd: &Path,
+    envs: &BTreeMap<String, String>,
+) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(program);
+    c.args(args)
+        .current_dir(cwd)
+        .envs(envs)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .process_group(0);
+    c
+}
+
+/// What a finished child printed, and how it exited.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Output {
+    /// Exit code; `None` when the child was ended by a signal.
+    pub code: Option<i32>,
+    /// Captured stdout (lossy UTF-8, at most [`MAX_OUTPUT_BYTES`]).
+    pub stdout: String,
+    /// Captured stderr (lossy UTF-8, at most [`MAX_OUTPUT_BYTES`]).
+    pub stderr: String,
+}
+
+impl Output {
+    /// True when the child exited with code 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// stderr and stdout, trimmed and joined, for error messages: stderr first, since that
+    /// is where scripts explain a failure.
+    pub fn summary(&self) -> String {
+        let parts: Vec<&str> = [self.stderr.trim(), self.stdout.trim()]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect();
+        parts.join("; ")
+    }
+}
+
+/// Why a child could not be run to completion.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("cannot start {}: {source}", program.display())]
+    Spawn {
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("waiting for {}: {source}", program.display())]
+    Wait {
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} timed out after {timeout:?} and was killed{}", program.display(), fmt_output(output))]
+    Timeout {
+        program: PathBuf,
+        timeout: Duration,
+        /// What the child printed before it was killed.
+        output: Output,
+    },
+}
+
+fn fmt_output(o: &Output) -> String {
+    let s = o.summary();
+    if s.is_empty() {
+        String::new()
+    } else {
+        format!(" (output: {s})")
+    }
+}
+
+type Buf = Arc<Mutex<Vec<u8>>>;
+
+/// Reads `pipe` to EOF into `buf`, keeping at most [`MAX_OUTPUT_BYTES`].
+async fn collect(mut pipe: impl AsyncRead + Unpin, buf: Buf) {
+    let mut chunk = [0u8; 8192];
+    loop {
+        match pipe.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let mut b = buf.lock().unwrap_or_else(|e| e.into_inner());
+                let room = MAX_OUTPUT_BYTES.saturating_sub(b.len());
+                b.extend_from_slice(&chunk[..n.min(room)]);
+            }
+        }
+    }
+}
+
+fn take(buf: &Buf) -> String {
+    let b = buf.lock().unwrap_or_else(|e| e.into_inner());
+    String::from_utf8_lossy(&b).into_owned()
+}
+
+/// Spawn, capture output (capped at [`MAX_OUTPUT_BYTES`] each), wait up to `timeout`; on
+/// timeout SIGTERM the whole process group, then SIGKILL after `grace`, and return
+/// [`ProcessError::Timeout`] with the output so far.
+///
+/// A child that exits normally keeps whatever it left running in the background (that is
+/// what `control start` is for); only a timeout stops the group.
+pub async fn run(
+    mut cmd: tokio::process::Command,
+    timeout: Duration,
+    grace: Duration,
+) -> Result<Output, ProcessError> {
+    let program = PathBuf::from(cmd.as_std().get_program());
+    let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    // The child leads its own group (see `command`), so its pid is the group id.
+    let pgid = child.id().map(|id| Pid::from_raw(id as i32));
+
+    let out: Buf = Arc::default();
+    let err: Buf = Arc::default();
+    let mut readers = Vec::new();
+    if let Some(p) = child.stdout.take() {
+        readers.push(tokio::spawn(collect(p, out.clone())));
+    }
+    if let Some(p) = child.stderr.take() {
+        readers.push(tokio::spawn(collect(p, err.clone())));
+    }
+
+    let waited = tokio::time::timeout(timeout, child.wait()).await;
+    let code = match waited {
+        Ok(Ok(status)) => status.code(),
+        Ok(Err(source)) => {
+            abort_all(&readers);
+            return Err(ProcessError::Wait { program, source });
+        }
+        Err(_elapsed) => {
+            if let Some(pg) = pgid {
+                let _ = killpg(pg, Signal::SIGTERM);
+            }
+            let _ = tokio::time::timeout(grace, child.wait()).await;
+            // SIGKILL the group even when the leader went at SIGTERM: its children may have
+            // ignored the signal, and nothing it started may outlive a timeout.
+            if let Some(pg) = pgid {
+                let _ = killpg(pg, Signal::SIGKILL);
+            }
+            let _ = child.wait().await;
+            drain(&mut readers).await;
+            let output = Output {
+                code: None,
+                stdout: take(&out),
+                stderr: take(&err),
+            };
+            return Err(ProcessError::Timeout {
+                program,
+                timeout,
+                output,
+            });
+        }
+    };
+    drain(&mut readers).await;
+    Ok(Output {
+        code,
+        stdout: take(&out),
+        stderr: take(&err),
+    })
+}
+
+/// Gives the pipe readers [`DRAIN_AFTER_EXIT`] to reach EOF, then stops them.
+async fn drain(readers: &mut [tokio::task::JoinHandle<()>]) {
+    let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, async {
+        for r in readers.iter_mut() {
+            let _ = r.await;
+        }
+    })
+    .await;
+    abort_all(readers);
+}
+
+fn abort_all(readers: &[tokio::task::JoinHandle<()>]) {
+    for r in readers {
+        r.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn sh(script: &str, dir: &Path) -> tokio::process::Command {
+        command(
+            Path::new("/bin/sh"),
+            &["-c", script],
+            dir,
+            &BTreeMap::from([("GREETING".to_string(), "hello".to_string())]),
+        )
+    }
+
+    #[tokio::test]
+    async fn captures_output_code_cwd_and_env() {
+        let d = tempfile::tempdir().unwrap();
+        let o = run(
+            sh("echo $GREETING; pwd; echo oops >&2; exit 3", d.path()),
+            Duration::from_secs(10),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+        assert_eq!(o.code, Some(3));
+        let cwd = d.path().canonicalize().unwrap();
+        assert_eq!(o.stdout, format!("hello\n{}\n", cwd.display()));
+        assert_eq!(o.stderr, "oops\n");
+        assert_eq!(o.summary(), format!("oops; hello\n{}", cwd.display()));
+    }
+
+    #[tokio::test]
+    async fn stdin_is_null() {
+        let d = tempfile::tempdir().unwrap();
+        let o = run(
+            sh("cat; echo done", d.path()),
+            Duration::from_secs(10),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+        assert_eq!(o.stdout, "done\n");
+    }
+
+    #[tokio::test]
+    async fn output_is_capped() {
+        let d = tempfile::tempdir().unwrap();
+        let o = run(
+            sh("head -c 300000 /dev/zero | tr '\\0' a", d.path()),
+            Duration::from_secs(10),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+        assert!(o.success());
+        assert_eq!(o.stdout.len(), MAX_OUTPUT_BYTES);
+    }
+
+    /// A script that backgrounds a process which keeps the stdout pipe open must still
+    /// return once the script itself exits, and the background process must survive.
+    #[tokio::test]
+    async fn background_child_holding_the_pipe_does_not_block() {
+        let d = tempfile::tempdir().unwrap();
+        let o = run(
+            sh("sleep 30 & echo $! > bg.pid; echo started", d.path()),
+            Duration::from_secs(10),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+        assert_eq!(o.stdout, "started\n");
+        let pid: i32 = std::fs::read_to_string(d.path().join("bg.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // Still alive: a normal exit leaves what the script started running.
+        assert!(nix::sys::signal::kill(Pid::from_raw(pid), None).is_ok());
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+
+    /// A hung child is killed at the timeout together with everything it started.
+    #[tokio::test]
+    async fn timeout_kills_the_whole_process_group() {
+        let d = tempfile::tempdir().unwrap();
+        let started = Instant::now();
+        let e = run(
+            sh(
+                // The grandchild ignores SIGTERM, so only the group SIGKILL ends it.
+                "echo before; (trap '' TERM; sleep 60) & echo $! > gc.pid; wait",
+                d.path(),
+            ),
+            Duration::from_millis(500),
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(20));
+        match &e {
+            ProcessError::Timeout { output, .. } => assert_eq!(output.stdout, "before\n"),
+            other => panic!("want timeout, got {other:?}"),
+        }
+        assert!(e.to_string().contains("timed out"), "{e}");
+        let pid: i32 = std::fs::read_to_string(d.path().join("gc.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        test_support::wait_for("grandchild to die", Duration::from_secs(10), || {
+            // Zombies are reaped by init; a dead or zombie pid both mean it stopped running.
+            !is_running(pid)
+        });
+    }
+
+    fn is_running(pid: i32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(s) => {
+                let state = s.rsplit(')').next().unwrap_or("").trim_start();
+                !state.starts_with('Z') && !state.starts_with('X')
+            }
+            Err(_) => false,
+        }
+    }
+
+    #[tokio::test]
+    async fn missing_program_is_a_spawn_error() {
+        let d = tempfile::tempdir().unwrap();
+        let e = run(
+            command(&d.path().join("nope"), &[], d.path(), &BTreeMap::new()),
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, ProcessError::Spawn { .. }), "{e:?}");
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
+}
