@@ -199,12 +199,12 @@ pub async fn status(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
     use test_support::agent::{control_script, Behaviour};
 
     fn fast() -> ControlConfig {
         ControlConfig {
-            timeout: Duration::from_millis(1500),
+            // Generous: only a broken test waits this long.
+            timeout: Duration::from_secs(10),
             grace: Duration::from_millis(300),
         }
     }
@@ -284,14 +284,12 @@ mod tests {
             d.path(),
             "#!/bin/sh\nsleep 60 &\necho $! > daemon.pid\necho started\n",
         );
-        let started = Instant::now();
         let out = control(d.path(), "start", &BTreeMap::new(), &fast())
             .await
             .unwrap();
         let pid = pid_in(d.path(), "daemon.pid");
         assert_eq!(out.stdout, "started\n");
-        // Well below the daemon's lifetime and the timeout: we did not wait for EOF.
-        assert!(started.elapsed() < Duration::from_secs(30));
+        // Waiting for EOF would have run into the timeout and failed the call above.
         assert!(alive(pid), "the daemon must survive a successful start");
         kill(pid);
     }
@@ -323,12 +321,10 @@ mod tests {
             "#!/bin/sh\necho checking\n(trap '' TERM; sleep 60) &\necho $! > child.pid\nwait\n",
         );
         let cfg = ControlConfig {
-            timeout: Duration::from_millis(400),
+            timeout: Duration::from_secs(1),
             grace: Duration::from_millis(200),
         };
-        let started = Instant::now();
         let st = status(d.path(), &BTreeMap::new(), &cfg).await;
-        assert!(started.elapsed() < Duration::from_secs(20));
         match &st {
             AgentStatus::Error(text) => {
                 assert!(text.starts_with("control status: "), "{text}");

@@ -671,7 +671,7 @@ mod tests {
         let srv = server(Mode::Stall(1000), &data).await;
         let d = tempfile::tempdir().unwrap();
         let f = Fetcher::new(Limits {
-            read_timeout: Duration::from_millis(300),
+            read_timeout: Duration::from_secs(1),
             ..limits()
         })
         .unwrap();
