@@ -147,6 +147,9 @@ pub async fn run(
     })?;
     // The child leads its own group (see `command`), so its pid is the group id.
     let pgid = child.id().map(|id| Pid::from_raw(id as i32));
+    // If this future is dropped before the child exits (the caller gave up, the daemon is
+    // shutting down), the whole group goes, not only the leader that kill_on_drop reaches.
+    let mut guard = GroupGuard(pgid);
 
     let out: Buf = Arc::default();
     let err: Buf = Arc::default();
@@ -160,22 +163,15 @@ pub async fn run(
 
     let waited = tokio::time::timeout(timeout, child.wait()).await;
     let code = match waited {
-        Ok(Ok(status)) => status.code(),
-        Ok(Err(source)) => {
-            abort_all(&readers);
-            return Err(ProcessError::Wait { program, source });
+        Ok(Ok(status)) => {
+            // What a script leaves running after a normal exit is the agent itself.
+            guard.0 = None;
+            status.code()
         }
+        Ok(Err(source)) => return Err(ProcessError::Wait { program, source }),
         Err(_elapsed) => {
-            if let Some(pg) = pgid {
-                let _ = killpg(pg, Signal::SIGTERM);
-            }
-            let _ = tokio::time::timeout(grace, child.wait()).await;
-            // SIGKILL the group even when the leader went at SIGTERM: its children may have
-            // ignored the signal, and nothing it started may outlive a timeout.
-            if let Some(pg) = pgid {
-                let _ = killpg(pg, Signal::SIGKILL);
-            }
-            let _ = child.wait().await;
+            stop_group(&mut child, pgid, grace).await;
+            guard.0 = None;
             drain(&mut readers).await;
             let output = Output {
                 code: None,
@@ -197,7 +193,39 @@ pub async fn run(
     })
 }
 
-/// Gives the pipe readers [`DRAIN_AFTER_EXIT`] to reach EOF, then stops them.
+/// SIGTERM to the group; after `grace` (or as soon as the whole group is gone), SIGKILL.
+async fn stop_group(child: &mut tokio::process::Child, pgid: Option<Pid>, grace: Duration) {
+    let Some(pg) = pgid else {
+        let _ = child.kill().await;
+        return;
+    };
+    let deadline = tokio::time::Instant::now() + grace;
+    let _ = killpg(pg, Signal::SIGTERM);
+    let _ = tokio::time::timeout_at(deadline, child.wait()).await;
+    // Members other than the leader are not our children, so poll the group with signal 0
+    // (no signal, only the existence check) until it is empty or the grace period is over.
+    while tokio::time::Instant::now() < deadline && killpg(pg, None).is_ok() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Whatever ignored SIGTERM goes now: nothing a timed-out call started may outlive it.
+    let _ = killpg(pg, Signal::SIGKILL);
+    let _ = child.wait().await;
+}
+
+/// Kills the process group when dropped while armed (`Some`).
+struct GroupGuard(Option<Pid>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pg) = self.0 {
+            let _ = killpg(pg, Signal::SIGKILL);
+        }
+    }
+}
+
+/// Gives the pipe readers [`DRAIN_AFTER_EXIT`] to reach EOF. Readers still running after
+/// that (a background process holds the pipe) are left to read and discard until EOF:
+/// closing our end instead would kill that process with SIGPIPE at its next write.
 async fn drain(readers: &mut [tokio::task::JoinHandle<()>]) {
     let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, async {
         for r in readers.iter_mut() {
@@ -205,13 +233,6 @@ async fn drain(readers: &mut [tokio::task::JoinHandle<()>]) {
         }
     })
     .await;
-    abort_all(readers);
-}
-
-fn abort_all(readers: &[tokio::task::JoinHandle<()>]) {
-    for r in readers {
-        r.abort();
-    }
 }
 
 #[cfg(test)]
@@ -323,6 +344,78 @@ mod tests {
             // Zombies are reaped by init; a dead or zombie pid both mean it stopped running.
             !is_running(pid)
         });
+    }
+
+    /// Dropping `run` (a caller that gave up) takes the whole group down too.
+    #[tokio::test]
+    async fn dropping_the_run_kills_the_group() {
+        let d = tempfile::tempdir().unwrap();
+        let pid_file = d.path().join("gc.pid");
+        let run_it = run(
+            sh(
+                "(trap '' TERM; sleep 60) & echo $! > gc.pid.tmp; mv gc.pid.tmp gc.pid; wait",
+                d.path(),
+            ),
+            Duration::from_secs(60),
+            Duration::from_secs(1),
+        );
+        tokio::select! {
+            r = run_it => panic!("finished early: {r:?}"),
+            () = async {
+                while !pid_file.exists() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            } => {}
+        }
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        test_support::wait_for("grandchild to die", Duration::from_secs(10), || {
+            !is_running(pid)
+        });
+    }
+
+    /// A background process that keeps writing to the inherited stdout must not be killed
+    /// by SIGPIPE once the script has returned.
+    #[tokio::test]
+    async fn background_writer_survives_after_the_script_returns() {
+        let d = tempfile::tempdir().unwrap();
+        let o = run(
+            sh(
+                "(while :; do echo tick; date +%s%N > alive; sleep 0.05; done) & echo $! > bg.pid; echo started",
+                d.path(),
+            ),
+            Duration::from_secs(10),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+        assert!(o.stdout.contains("started"), "{o:?}");
+        let pid: i32 = std::fs::read_to_string(d.path().join("bg.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let alive = d.path().join("alive");
+        let mut seen = Vec::new();
+        test_support::wait_for(
+            "the writer to keep writing",
+            Duration::from_secs(10),
+            || {
+                if let Ok(s) = std::fs::read_to_string(&alive) {
+                    if seen.last() != Some(&s) {
+                        seen.push(s);
+                    }
+                }
+                // Several fresh writes after our drain window closed.
+                seen.len() >= 8
+            },
+        );
+        assert!(is_running(pid));
+        let pg = nix::unistd::getpgid(Some(Pid::from_raw(pid))).unwrap();
+        let _ = killpg(pg, Signal::SIGKILL);
     }
 
     fn is_running(pid: i32) -> bool {
