@@ -556,11 +556,61 @@ mod tests {
         h.set_mode(0o644);
         h.set_size(4);
         b.append_data(&mut h, &long, &b"long"[..]).unwrap();
+        // A pax record naming the next member, as GNU tar --format=pax writes it.
+        let pax_name = format!("{}/{}", "p".repeat(150), "q".repeat(50));
+        let record = pax_record("path", &pax_name);
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::XHeader);
+        h.set_mode(0o644);
+        h.set_size(record.len() as u64);
+        b.append_data(&mut h, "PaxHeaders/x", record.as_bytes())
+            .unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_size(3);
+        b.append_data(&mut h, "short", &b"pax"[..]).unwrap();
         let bytes = test_support::tarball::gzip(&b.into_inner().unwrap());
         let fx = Fixture::new();
         let tb = fx.tarball(&bytes);
         let dir = unpack(&tb, &fx.agent(), "2.0", &[], &limits()).unwrap();
         assert_eq!(std::fs::read(dir.join(&long)).unwrap(), b"long");
+        assert_eq!(std::fs::read(dir.join(&pax_name)).unwrap(), b"pax");
+        assert!(!dir.join("short").exists());
+    }
+
+    /// `"<len> <key>=<value>\n"`, where `len` counts the whole record including itself.
+    fn pax_record(key: &str, value: &str) -> String {
+        let body = format!(" {key}={value}\n");
+        let mut len = body.len() + 1;
+        while format!("{len}{body}").len() != len {
+            len += 1;
+        }
+        format!("{len}{body}")
+    }
+
+    #[test]
+    fn pax_path_with_dot_dot_is_refused() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o755);
+        h.set_size(3);
+        b.append_data(&mut h, "control", &b"#!\n"[..]).unwrap();
+        let record = pax_record("path", "../../pwned");
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::XHeader);
+        h.set_size(record.len() as u64);
+        b.append_data(&mut h, "PaxHeaders/x", record.as_bytes())
+            .unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_size(1);
+        b.append_data(&mut h, "innocent", &b"x"[..]).unwrap();
+        let e = refused(
+            "pax dot-dot",
+            &test_support::tarball::gzip(&b.into_inner().unwrap()),
+            &limits(),
+        );
+        assert!(matches!(e, ArtifactError::Unsafe { .. }), "{e:?}");
     }
 
     #[test]
