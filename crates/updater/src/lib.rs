@@ -5,3 +5,11 @@ pub mod artifact;
 pub mod control;
 pub mod fsx;
 pub mod process;
+
+// The daemon: config, main loop, per-agent workers, heartbeat client, local endpoint.
+pub mod agent;
+pub mod config;
+pub mod daemon;
+pub mod heartbeat;
+pub mod http;
+pub mod state;

@@ -1,2 +1,139 @@
-//! placeholder
-fn main() {}
+//! `ops-updater`: flags, logging and signals; everything else is in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use updater::config::{Config, Severity, EXIT_BAD_CONFIG};
+use updater::daemon::Daemon;
+use updater::state::Shared;
+
+/// Keeps every agent on this host at the version ops-meta wants.
+#[derive(Debug, Parser)]
+#[command(name = "ops-updater", disable_version_flag = true)]
+struct Args {
+    /// Config file.
+    #[arg(short = 'c', default_value = "cfg.json")]
+    config: PathBuf,
+    /// Print the version and exit.
+    #[arg(short = 'v')]
+    version: bool,
+    /// Check the config, print every problem, and exit (78 when it is not usable).
+    #[arg(short = 'T')]
+    test: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.version {
+        println!("{}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    let parsed = Config::load(&args.config).and_then(|p| {
+        // Resolving (OS hostname, workdir) can fail too; -T checks it as well.
+        let resolved = p.config.resolve()?;
+        Ok((p, resolved))
+    });
+    let (parsed, resolved) = match parsed {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("ops-updater: bad config {}", args.config.display());
+            for p in &e.problems {
+                eprintln!("  {p}");
+            }
+            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+        }
+    };
+    if args.test {
+        for w in &parsed.warnings {
+            println!("  {w}");
+        }
+        println!("config {} is ok", args.config.display());
+        return ExitCode::SUCCESS;
+    }
+    init_logging(parsed.config.debug);
+    for w in parsed
+        .warnings
+        .iter()
+        .filter(|w| w.severity == Severity::Warning)
+    {
+        tracing::warn!(field = %w.field, "config: {}", w.message);
+    }
+    match run(resolved) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("ops-updater: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(debug: bool) {
+    let default = if debug { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(cfg: updater::config::Resolved) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let shared = Shared::new(&cfg.hostname, &cfg.heartbeat_url);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let http = if cfg.config.http_enabled {
+            let addr = cfg.config.http_listen;
+            let listener = updater::http::bind(addr)
+                .await
+                .with_context(|| format!("http.listen {addr}"))?;
+            tracing::info!(listen = %listener.local_addr()?, "local endpoint up");
+            let state = updater::http::AppState {
+                shared: shared.clone(),
+            };
+            let mut rx = stop_rx.clone();
+            Some(tokio::spawn(updater::http::serve(
+                listener,
+                state,
+                async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                },
+            )))
+        } else {
+            None
+        };
+        let daemon = Daemon::new(cfg, shared).context("starting the daemon")?;
+        daemon.run(shutdown_signal()).await;
+        let _ = stop_tx.send(true);
+        if let Some(h) = http {
+            h.await
+                .context("local endpoint task")?
+                .context("local endpoint")?;
+        }
+        Ok(())
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => tracing::info!("SIGTERM"),
+                _ = i.recv() => tracing::info!("SIGINT"),
+            }
+        }
+        // Without signal handlers the process still dies by the default action.
+        _ => std::future::pending::<()>().await,
+    }
+}

@@ -1,0 +1,425 @@
+//! The main loop: one heartbeat round every interval. A round reads the real state of every
+//! agent, sends it to the server, and hands each agent's desired state to that agent's
+//! worker ([`crate::agent`]); it never waits for a worker's action to finish.
+//!
+//! Timing: the first round waits a random time in `[0, interval)` (capped by
+//! `firstDelayMaxMs`) so a fleet started together does not hit the server at once; then one
+//! round per interval, spread by `jitterPercent`; after a failed heartbeat, exponential
+//! back-off with jitter, capped at the interval.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::legacy::{HeartbeatRequest, HeartbeatResponse, RealAgent};
+use rand::Rng;
+use tokio::time::Instant;
+
+use crate::agent::{self, Ctx, Desired, DesiredError, Handle, RetryPolicy};
+use crate::artifact::{Fetcher, Limits};
+use crate::config::Resolved;
+use crate::control::ControlConfig;
+use crate::heartbeat::{self, HeartbeatError};
+use crate::state::{now_unix, Shared};
+
+/// Most agents handled on one host; more folders or desired entries are ignored and logged.
+pub const MAX_AGENTS: usize = 256;
+/// First delay after a failed heartbeat; doubled per failure up to the interval.
+pub const HEARTBEAT_RETRY_BASE: Duration = Duration::from_secs(1);
+/// Most time a SIGTERM'd control script gets before SIGKILL.
+pub const CONTROL_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Heartbeat(#[from] HeartbeatError),
+    #[error("download client: {0}")]
+    Artifact(#[from] crate::artifact::ArtifactError),
+    #[error("workdir {path}: {source}")]
+    Workdir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The events of the main loop.
+enum Event {
+    Round,
+    Shutdown,
+}
+
+/// What the round decided to do with the server's answer.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Dispatch {
+    /// Desired states to hand to workers, one per agent.
+    pub desired: Vec<Desired>,
+    /// Entries skipped, with why (logged).
+    pub skipped: Vec<String>,
+    /// The server's `errorMessage`, when non-empty (then `desired` is empty).
+    pub server_error: Option<String>,
+}
+
+/// Turns a heartbeat answer into work: a non-empty `errorMessage` means nothing this round;
+/// entries with bad names, URLs or cmds are skipped; with `filter` set only that agent is
+/// kept; a name listed twice keeps its first entry. Pure, for unit tests.
+pub fn dispatch(resp: &HeartbeatResponse, filter: &str) -> Dispatch {
+    let mut out = Dispatch::default();
+    if !resp.error_message.is_empty() {
+        out.server_error = Some(resp.error_message.chars().take(500).collect());
+        return out;
+    }
+    for d in &resp.desired_agents {
+        if !filter.is_empty() && d.name != filter {
+            continue;
+        }
+        match Desired::from_wire(d) {
+            Ok(d) => {
+                if out.desired.iter().any(|x| x.name == d.name) {
+                    out.skipped.push(format!(
+                        "agent {:?}: listed twice, later entry ignored",
+                        d.name
+                    ));
+                } else if out.desired.len() >= MAX_AGENTS {
+                    out.skipped.push(format!(
+                        "agent {:?}: more than {MAX_AGENTS} agents, ignored",
+                        d.name
+                    ));
+                } else {
+                    out.desired.push(d);
+                }
+            }
+            Err(e @ DesiredError::UnknownCmd { .. }) => out.skipped.push(e.to_string()),
+            Err(e) => out.skipped.push(format!("skipping desired agent: {e}")),
+        }
+    }
+    out
+}
+
+/// The wait after a good round: `interval` spread by ± `jitter_percent`, `r` in [0, 1).
+pub fn next_interval(interval: Duration, jitter_percent: u64, r: f64) -> Duration {
+    let j = (jitter_percent.min(50) as f64) / 100.0;
+    interval.mul_f64(1.0 + j * (2.0 * r.clamp(0.0, 1.0) - 1.0))
+}
+
+/// The wait after `failures` failed heartbeats in a row: exponential from 1 s with jitter,
+/// never more than the interval.
+pub fn heartbeat_backoff(failures: u32, interval: Duration, r: f64) -> Duration {
+    agent::backoff_delay(failures, HEARTBEAT_RETRY_BASE.min(interval), interval, r)
+}
+
+/// The daemon: config, shared state, HTTP clients and one worker per agent.
+pub struct Daemon {
+    cfg: Resolved,
+    shared: Shared,
+    client: heartbeat::Client,
+    ctx: Arc<Ctx>,
+    workers: BTreeMap<String, Handle>,
+}
+
+impl Daemon {
+    pub fn new(cfg: Resolved, shared: Shared) -> Result<Daemon, DaemonError> {
+        let c = &cfg.config;
+        std::fs::create_dir_all(&cfg.workdir).map_err(|source| DaemonError::Workdir {
+            path: cfg.workdir.display().to_string(),
+            source,
+        })?;
+        let client = heartbeat::Client::new(
+            &cfg.heartbeat_url,
+            Duration::from_secs(c.heartbeat_timeout_secs),
+            c.max_response_bytes,
+            c.tls_insecure,
+        )?;
+        let limits = Limits {
+            max_download_bytes: c.max_download_bytes,
+            max_unpacked_bytes: c.max_unpacked_bytes,
+            ..Limits::default()
+        };
+        let fetcher = Fetcher::new(limits)?;
+        let control_timeout = Duration::from_secs(c.control_timeout_secs);
+        let status_timeout = Duration::from_secs(c.status_timeout_secs);
+        let ctx = Ctx {
+            workdir: cfg.workdir.clone(),
+            fetcher,
+            control: ControlConfig {
+                timeout: control_timeout,
+                grace: CONTROL_GRACE.min(control_timeout),
+            },
+            status: ControlConfig {
+                timeout: status_timeout,
+                grace: CONTROL_GRACE.min(status_timeout),
+            },
+            start_timeout: Duration::from_secs(c.start_timeout_secs),
+            keep_versions: c.keep_versions.max(1) as usize,
+            retry: RetryPolicy {
+                base: Duration::from_secs(c.retry_base_secs),
+                max: Duration::from_secs(c.retry_max_secs),
+                failed_start: Duration::from_secs(c.failed_start_retry_secs),
+            },
+            shared: shared.clone(),
+            envs: BTreeMap::new(),
+        };
+        Ok(Daemon {
+            cfg,
+            shared,
+            client,
+            ctx: Arc::new(ctx),
+            workers: BTreeMap::new(),
+        })
+    }
+
+    /// Runs rounds until `shutdown` resolves. Workers are stopped on the way out (a control
+    /// script in flight is killed; agents themselves keep running).
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        let c = &self.cfg.config;
+        let interval = c.interval();
+        let first_cap = match c.first_delay_max_ms {
+            Some(ms) => Duration::from_millis(ms).min(interval),
+            None => interval,
+        };
+        let first = first_cap.mul_f64(rand::thread_rng().gen_range(0.0..1.0));
+        tracing::info!(
+            host = %self.cfg.hostname, server = %self.cfg.heartbeat_url,
+            workdir = %self.cfg.workdir.display(), first_in = ?first, "ops-updater running"
+        );
+        // Existing agents get their workers (and their leftovers cleaned) before any round.
+        self.scan_agents();
+        let mut next = Instant::now() + first;
+        let mut failures: u32 = 0;
+        tokio::pin!(shutdown);
+        loop {
+            let ev = tokio::select! {
+                _ = &mut shutdown => Event::Shutdown,
+                _ = tokio::time::sleep_until(next) => Event::Round,
+            };
+            match ev {
+                Event::Shutdown => break,
+                Event::Round => {
+                    let r: f64 = rand::thread_rng().gen_range(0.0..1.0);
+                    let wait = if self.round().await {
+                        failures = 0;
+                        next_interval(interval, self.cfg.config.jitter_percent, r)
+                    } else {
+                        failures = failures.saturating_add(1);
+                        heartbeat_backoff(failures, interval, r)
+                    };
+                    next = Instant::now() + wait;
+                }
+            }
+        }
+        tracing::info!("ops-updater stopping");
+        self.workers.clear();
+    }
+
+    /// The agent names under the workdir (folders with a `.version`), filtered.
+    fn scan_agents(&mut self) -> Vec<String> {
+        let mut names = Vec::new();
+        let rd = match std::fs::read_dir(&self.cfg.workdir) {
+            Ok(rd) => rd,
+            Err(e) => {
+                tracing::warn!(workdir = %self.cfg.workdir.display(), error = %e, "cannot list workdir");
+                return names;
+            }
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if proto::validate_agent_name(&name).is_err() {
+                continue;
+            }
+            let filter = &self.cfg.config.desired_agent;
+            if !filter.is_empty() && &name != filter {
+                continue;
+            }
+            // A folder without `.version` is not an agent (the original's rule).
+            if !e.path().join(crate::fsx::VERSION_FILE).is_file() {
+                continue;
+            }
+            names.push(name);
+        }
+        names.sort();
+        if names.len() > MAX_AGENTS {
+            tracing::warn!(
+                found = names.len(),
+                max = MAX_AGENTS,
+                "too many agent folders; ignoring the rest"
+            );
+            names.truncate(MAX_AGENTS);
+        }
+        for n in &names {
+            self.worker(n);
+        }
+        names
+    }
+
+    fn worker(&mut self, name: &str) -> &Handle {
+        if !self.workers.contains_key(name) {
+            let h = Handle::spawn(self.ctx.clone(), name);
+            self.workers.insert(name.to_string(), h);
+        }
+        &self.workers[name]
+    }
+
+    /// Reads every agent's status at once, each bounded by the status timeout (plus the
+    /// kill grace and a margin), so one hung script costs the round at most that.
+    async fn collect(&mut self, names: &[String]) -> Vec<RealAgent> {
+        let budget = self.ctx.status.timeout + self.ctx.status.grace + Duration::from_secs(1);
+        let futs = names.iter().map(|n| {
+            let ctx = self.ctx.clone();
+            let lock = self.workers[n].lock();
+            let n = n.clone();
+            async move {
+                match tokio::time::timeout(budget, agent::collect(&ctx, &n, &lock)).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        let v = crate::fsx::read_version_file(&ctx.agent_dir(&n))
+                            .ok()
+                            .flatten()?;
+                        Some(RealAgent {
+                            name: n.clone(),
+                            version: v,
+                            status: format!("control status: no answer within {budget:?}"),
+                            timestamp: now_unix(),
+                        })
+                    }
+                }
+            }
+        });
+        futures_util::future::join_all(futs)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// One round; false when the heartbeat failed.
+    async fn round(&mut self) -> bool {
+        let names = self.scan_agents();
+        let real = self.collect(&names).await;
+        let req = HeartbeatRequest {
+            hostname: self.cfg.hostname.clone(),
+            real_agents: real,
+        };
+        if self.cfg.config.debug {
+            tracing::debug!(request = %serde_json::to_string(&req).unwrap_or_default(), "heartbeat request");
+        }
+        let resp = match self.client.send(&req).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat failed");
+                self.shared.daemon(|d| {
+                    d.heartbeats_failed += 1;
+                    d.last_heartbeat_error = Some(e.to_string());
+                });
+                return false;
+            }
+        };
+        if self.cfg.config.debug {
+            tracing::debug!(response = %serde_json::to_string(&resp).unwrap_or_default(), "heartbeat response");
+        }
+        let plan = dispatch(&resp, &self.cfg.config.desired_agent);
+        self.shared.daemon(|d| {
+            d.heartbeats_ok += 1;
+            d.last_heartbeat_at = Some(now_unix());
+            d.last_heartbeat_error = None;
+            d.server_error = plan.server_error.clone();
+        });
+        if let Some(e) = &plan.server_error {
+            tracing::warn!(error = %e, "server returned an error; doing nothing this round");
+            return true;
+        }
+        for s in &plan.skipped {
+            tracing::warn!("{s}");
+        }
+        for d in plan.desired {
+            tracing::debug!(agent = %d.name, version = %d.version, cmd = ?d.cmd, "desired");
+            let name = d.name.clone();
+            self.worker(&name).desire(d);
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::legacy::DesiredAgent;
+
+    fn da(name: &str, version: &str, cmd: &str) -> DesiredAgent {
+        DesiredAgent {
+            name: name.into(),
+            version: version.into(),
+            tarball: "http://m:1/t".into(),
+            md5: String::new(),
+            cmd: cmd.into(),
+            sha256: None,
+        }
+    }
+
+    fn names(d: &Dispatch) -> Vec<&str> {
+        d.desired.iter().map(|x| x.name.as_str()).collect()
+    }
+
+    #[test]
+    fn error_message_means_nothing_this_round() {
+        let r = HeartbeatResponse {
+            error_message: "host blocked".into(),
+            desired_agents: vec![da("a", "1", "start")],
+        };
+        let d = dispatch(&r, "");
+        assert!(d.desired.is_empty());
+        assert_eq!(d.server_error.as_deref(), Some("host blocked"));
+    }
+
+    #[test]
+    fn bad_entries_are_skipped_and_the_rest_kept() {
+        let r = HeartbeatResponse {
+            error_message: String::new(),
+            desired_agents: vec![
+                da("../evil", "1", "start"),
+                da("a", "../../1", "start"),
+                da("b", "1", "restart"),
+                da("c", "1", "start"),
+                da("d", "2", "stop"),
+                da("c", "9", "start"),
+            ],
+        };
+        let d = dispatch(&r, "");
+        assert_eq!(names(&d), ["c", "d"]);
+        assert_eq!(d.desired[0].version, "1");
+        assert_eq!(d.skipped.len(), 4, "{:?}", d.skipped);
+        assert!(d.skipped.iter().any(|s| s.contains("unknown cmd")));
+    }
+
+    #[test]
+    fn filter_keeps_one_agent() {
+        let r = HeartbeatResponse {
+            error_message: String::new(),
+            desired_agents: vec![da("a", "1", "start"), da("b", "1", "start")],
+        };
+        assert_eq!(names(&dispatch(&r, "b")), ["b"]);
+        assert_eq!(names(&dispatch(&r, "zzz")), Vec::<&str>::new());
+        assert_eq!(
+            names(&dispatch(&HeartbeatResponse::default(), "")),
+            Vec::<&str>::new()
+        );
+    }
+
+    #[test]
+    fn intervals_and_backoff_stay_in_bounds() {
+        let i = Duration::from_secs(100);
+        assert_eq!(next_interval(i, 10, 0.0), Duration::from_secs(90));
+        assert_eq!(next_interval(i, 10, 0.5), Duration::from_secs(100));
+        assert!(next_interval(i, 10, 0.999) < Duration::from_secs(110));
+        assert_eq!(next_interval(i, 0, 0.9), i);
+        assert_eq!(heartbeat_backoff(1, i, 0.0), Duration::from_millis(500));
+        assert_eq!(heartbeat_backoff(3, i, 0.0), Duration::from_secs(2));
+        for f in 1..100 {
+            assert!(heartbeat_backoff(f, i, 0.999) <= i);
+        }
+        // An interval below a second caps the back-off too.
+        let short = Duration::from_millis(300);
+        assert!(heartbeat_backoff(5, short, 0.999) <= short);
+    }
+}

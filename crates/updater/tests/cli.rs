@@ -1,0 +1,119 @@
+//! The command line: `-v`, `-T` on good and bad configs (exit 78 and every problem listed),
+//! the original `cfg.json` accepted unchanged, and a busy `http.listen` reported at start-up.
+
+use std::path::Path;
+use std::process::Output;
+
+use test_support::{command, tempdir, write_file};
+
+fn updater(args: &[&str], cwd: &Path) -> Output {
+    command(Path::new(env!("CARGO_BIN_EXE_ops-updater")))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn dash_v_prints_the_version() {
+    let d = tempdir().unwrap();
+    let o = updater(&["-v"], d.path());
+    assert!(o.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        env!("CARGO_PKG_VERSION")
+    );
+}
+
+#[test]
+fn original_cfg_json_passes_the_check_from_the_default_path() {
+    let d = tempdir().unwrap();
+    write_file(
+        d.path(),
+        "cfg.json",
+        r#"{"debug": true, "hostname": "", "desiredAgent": "", "server": "127.0.0.1:2000",
+            "interval": 300, "http": {"enabled": true, "listen": "0.0.0.0:2001"}}"#,
+    );
+    let o = updater(&["-T"], d.path());
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("is ok"), "{}", text(&o));
+}
+
+#[test]
+fn unknown_keys_are_warnings_not_errors() {
+    let d = tempdir().unwrap();
+    write_file(
+        d.path(),
+        "my.json",
+        r#"{"server": "127.0.0.1:2000", "forkOption": 1, "http": {"enabled": false, "tls": true}}"#,
+    );
+    let o = updater(&["-T", "-c", "my.json"], d.path());
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("warning: forkOption: unknown key"), "{t}");
+    assert!(t.contains("warning: http.tls: unknown key"), "{t}");
+}
+
+#[test]
+fn bad_config_lists_every_problem_and_exits_78() {
+    let d = tempdir().unwrap();
+    write_file(
+        d.path(),
+        "cfg.json",
+        r#"{"server": "nowhere", "interval": "300", "desiredAgent": "../x",
+            "keepVersions": 0, "http": {"enabled": true, "listen": "2001"}}"#,
+    );
+    for args in [&["-T"][..], &[][..]] {
+        let o = updater(args, d.path());
+        assert_eq!(o.status.code(), Some(78), "{args:?}: {}", text(&o));
+        let t = text(&o);
+        for field in [
+            "server:",
+            "interval:",
+            "desiredAgent:",
+            "keepVersions:",
+            "http.listen:",
+        ] {
+            assert!(t.contains(field), "{args:?}: no {field} in {t}");
+        }
+    }
+}
+
+#[test]
+fn missing_or_broken_file_exits_78() {
+    let d = tempdir().unwrap();
+    let o = updater(&["-c", "absent.json"], d.path());
+    assert_eq!(o.status.code(), Some(78), "{}", text(&o));
+    assert!(text(&o).contains("absent.json"), "{}", text(&o));
+    write_file(d.path(), "cfg.json", "{\"server\": ");
+    let o = updater(&["-T"], d.path());
+    assert_eq!(o.status.code(), Some(78), "{}", text(&o));
+    assert!(text(&o).contains("not valid JSON"), "{}", text(&o));
+}
+
+#[test]
+fn busy_listen_address_fails_at_start_up() {
+    let d = tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    write_file(
+        d.path(),
+        "cfg.json",
+        format!(
+            r#"{{"server": "127.0.0.1:1", "hostname": "h", "workdir": "{}",
+                "http": {{"enabled": true, "listen": "{addr}"}}}}"#,
+            d.path().join("work").display()
+        ),
+    );
+    let o = updater(&[], d.path());
+    assert!(!o.status.success());
+    assert!(text(&o).contains(&addr.to_string()), "{}", text(&o));
+}
