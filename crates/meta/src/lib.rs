@@ -1,1 +1,22 @@
-//! placeholder until the crate lands
+//! ops-meta: the server every host talks to. It holds the desired state (`cfg.json`),
+//! answers the original heartbeat protocol, records what every host reports, and serves
+//! the agent tarballs.
+//!
+//! Entry points: [`run`] for the binary; [`Server::start_local`] (or [`Server::start`]
+//! with an [`AppState`]) to serve in-process; [`app`] for `oneshot` tests.
+
+pub mod config;
+pub mod desired;
+pub mod http;
+pub mod server;
+pub mod sha;
+pub mod state;
+pub mod store;
+
+pub use http::{app, AppError};
+pub use server::{run, RunError, Server};
+pub use state::AppState;
+pub use store::{FleetStore, MemStore};
+
+/// The version string `-v` and `GET /version` print.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

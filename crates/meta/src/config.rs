@@ -1,0 +1,815 @@
+//! `cfg.json` of ops-meta: the original keys, read the way the original Go program read
+//! them, plus our optional keys; parsed without syscalls and validated with every problem
+//! reported at once.
+//!
+//! The file is read through `serde_json::Value` rather than derived structs so that each
+//! problem can name its field (`agents[1].others[0].prefix`) and so that unknown keys,
+//! which forks of the original may have added, become warnings instead of errors. Like Go's
+//! decoder, key matching falls back to a case-insensitive match and `null` means "absent".
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+/// Default age after which a host that stopped reporting is forgotten: 3 days, as the original.
+pub const fn default_stale_host_secs() -> u64 {
+    3 * 24 * 3600
+}
+/// Default time between two sweeps of stale hosts.
+pub const fn default_sweep_interval_secs() -> u64 {
+    3600
+}
+/// Default largest heartbeat body: 1 MiB.
+pub const fn default_max_body_bytes() -> u64 {
+    1024 * 1024
+}
+/// Default largest number of agents one heartbeat may report.
+pub const fn default_max_agents_per_heartbeat() -> u64 {
+    64
+}
+/// Default time a request may take from its headers to its response headers.
+pub const fn default_request_timeout_secs() -> u64 {
+    30
+}
+/// Default time a client has to send the request headers.
+pub const fn default_header_read_timeout_secs() -> u64 {
+    10
+}
+/// Default time between two checks of the tarballs ops-meta hashes itself.
+pub const fn default_sha_recheck_secs() -> u64 {
+    10
+}
+/// Default time in-flight requests get to finish after SIGTERM.
+pub const fn default_shutdown_grace_secs() -> u64 {
+    30
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// `debug`: log every heartbeat request and response at info level.
+    pub debug: bool,
+    /// `tarballDir`: the folder served at `/<path>`. A relative path is relative to the
+    /// process working directory, as in the original (not to the config file). Empty means
+    /// no files are served.
+    pub tarball_dir: PathBuf,
+    /// `http`.
+    pub http: HttpConfig,
+    /// `agents`.
+    pub agents: Vec<AgentConfig>,
+    /// `staleHostSecs` (ours): hosts not seen for this long are dropped.
+    pub stale_host_secs: u64,
+    /// `sweepIntervalSecs` (ours): how often stale hosts are looked for.
+    pub sweep_interval_secs: u64,
+    /// `maxBodyBytes` (ours): largest heartbeat body; larger ones get 413.
+    pub max_body_bytes: u64,
+    /// `maxAgentsPerHeartbeat` (ours): more agents in one heartbeat get 400.
+    pub max_agents_per_heartbeat: u64,
+    /// `requestTimeoutSecs` (ours): a request not answered in this time gets 408.
+    pub request_timeout_secs: u64,
+    /// `headerReadTimeoutSecs` (ours): a connection that does not send its request
+    /// headers in this time is closed. Read at start-up only.
+    pub header_read_timeout_secs: u64,
+    /// `shaRecheckSecs` (ours): how often local tarballs are checked for change to
+    /// recompute their SHA-256; 0 turns computing SHA-256 off.
+    pub sha_recheck_secs: u64,
+    /// `shutdownGraceSecs` (ours): how long in-flight requests may take after SIGTERM.
+    pub shutdown_grace_secs: u64,
+}
+
+/// `http`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// `http.enabled`: when false the original serves nothing; so do we.
+    pub enabled: bool,
+    /// `http.listen`: `IP:PORT`, `:PORT` (all interfaces) or `localhost:PORT`.
+    pub listen: String,
+}
+
+/// One element of `agents`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// `default`: the state every host gets. An entry without it is skipped.
+    pub default: Option<AgentDefault>,
+    /// `others`: prefix overrides, applied in order.
+    pub others: Vec<AgentOverride>,
+}
+
+/// `agents[].default`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentDefault {
+    pub name: String,
+    pub version: String,
+    /// Base URL of the tarball.
+    pub tarball: String,
+    /// Base URL of the `.md5` file; empty means the tarball base.
+    pub md5: String,
+    /// `start`, `stop` or empty.
+    pub cmd: String,
+    /// `sha256` (ours): lowercase hex SHA-256 of `{name}-{version}.tar.gz`.
+    pub sha256: Option<String>,
+}
+
+/// `agents[].others[]`: every non-empty field overrides the default for hosts whose name
+/// starts with `prefix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentOverride {
+    pub prefix: String,
+    pub version: String,
+    pub tarball: String,
+    pub md5: String,
+    pub cmd: String,
+    /// `sha256` (ours): SHA-256 of the tarball of this entry's `version`.
+    pub sha256: Option<String>,
+}
+
+/// One problem found in a config, naming its field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.field, self.message)
+        }
+    }
+}
+
+/// A config that parsed and validated, with the warnings found on the way.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub warnings: Vec<Problem>,
+}
+
+/// Why a config could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {} error(s):\n{}", errors.len(), list(errors))]
+    Invalid {
+        path: PathBuf,
+        errors: Vec<Problem>,
+        warnings: Vec<Problem>,
+    },
+}
+
+fn list(ps: &[Problem]) -> String {
+    ps.iter()
+        .map(|p| format!("  {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl ConfigError {
+    /// Every error, one per line, for an HTTP body or a log.
+    pub fn errors(&self) -> Vec<String> {
+        match self {
+            ConfigError::Read { .. } => vec![self.to_string()],
+            ConfigError::Invalid { errors, .. } => errors.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+}
+
+/// Reads and validates the config at `path`.
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut loaded = parse(&text).map_err(|(errors, warnings)| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        errors,
+        warnings,
+    })?;
+    loaded.warnings.extend(resolve(&loaded.config));
+    Ok(loaded)
+}
+
+/// Checks what parsing cannot: that `tarballDir` exists. Only warnings, since the original
+/// started without it too (and answered 404).
+pub fn resolve(cfg: &Config) -> Vec<Problem> {
+    let mut w = Vec::new();
+    if !cfg.tarball_dir.as_os_str().is_empty() && !cfg.tarball_dir.is_dir() {
+        w.push(Problem {
+            field: "tarballDir".into(),
+            message: format!(
+                "{} is not a folder (relative to the working directory); no files will be served",
+                cfg.tarball_dir.display()
+            ),
+        });
+    }
+    w
+}
+
+/// Parses `http.listen` into an address to bind.
+pub fn listen_addr(listen: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = listen.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let bad = || format!("{listen:?} is not IP:PORT, :PORT or localhost:PORT");
+    let (host, port) = listen.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let ip = match host {
+        "" => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        "localhost" => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        _ => return Err(bad()),
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// Parses and validates a config text. On failure, returns (errors, warnings).
+pub fn parse(text: &str) -> Result<Loaded, (Vec<Problem>, Vec<Problem>)> {
+    let mut p = Parser::default();
+    let root: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            p.error("", format!("not valid JSON: {e}"));
+            return Err((p.errors, p.warnings));
+        }
+    };
+    let config = p.config(&root);
+    if p.errors.is_empty() {
+        Ok(Loaded {
+            config,
+            warnings: p.warnings,
+        })
+    } else {
+        Err((p.errors, p.warnings))
+    }
+}
+
+#[derive(Default)]
+struct Parser {
+    errors: Vec<Problem>,
+    warnings: Vec<Problem>,
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// Go's decoder: an exact key wins, else the first case-insensitive match.
+fn lookup<'a>(m: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    let v = m.get(key).or_else(|| {
+        m.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| v)
+    })?;
+    if v.is_null() {
+        None
+    } else {
+        Some(v)
+    }
+}
+
+fn is_hex64(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+impl Parser {
+    fn error(&mut self, field: &str, message: impl Into<String>) {
+        self.errors.push(Problem {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    fn warn(&mut self, field: &str, message: impl Into<String>) {
+        self.warnings.push(Problem {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    /// The object at `v`, or an error. Unknown keys become warnings.
+    fn object<'a>(
+        &mut self,
+        v: &'a Value,
+        path: &str,
+        known: &[&str],
+    ) -> Option<&'a Map<String, Value>> {
+        let Some(m) = v.as_object() else {
+            self.error(path, format!("want an object, got {}", kind(v)));
+            return None;
+        };
+        for k in m.keys() {
+            if !known.iter().any(|n| n.eq_ignore_ascii_case(k)) {
+                self.warn(&join(path, k), "unknown key, ignored");
+            }
+        }
+        Some(m)
+    }
+
+    fn bool(&mut self, m: &Map<String, Value>, path: &str, key: &str, default: bool) -> bool {
+        match lookup(m, key) {
+            None => default,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => {
+                self.error(
+                    &join(path, key),
+                    format!("want true or false, got {}", kind(v)),
+                );
+                default
+            }
+        }
+    }
+
+    fn string(&mut self, m: &Map<String, Value>, path: &str, key: &str) -> String {
+        match lookup(m, key) {
+            None => String::new(),
+            Some(Value::String(s)) => s.clone(),
+            Some(v) => {
+                self.error(&join(path, key), format!("want a string, got {}", kind(v)));
+                String::new()
+            }
+        }
+    }
+
+    fn number(
+        &mut self,
+        m: &Map<String, Value>,
+        key: &str,
+        default: u64,
+        min: u64,
+        max: u64,
+    ) -> u64 {
+        match lookup(m, key) {
+            None => default,
+            Some(v) => match v.as_u64() {
+                Some(n) if (min..=max).contains(&n) => n,
+                _ => {
+                    self.error(
+                        key,
+                        format!("want a whole number from {min} to {max}, got {v}"),
+                    );
+                    default
+                }
+            },
+        }
+    }
+
+    fn url(&mut self, field: &str, s: &str) {
+        if !(s.is_empty() || s.starts_with("http://") || s.starts_with("https://")) {
+            self.error(field, format!("{s:?} is not an http:// or https:// URL"));
+        }
+    }
+
+    fn cmd(&mut self, field: &str, s: &str) {
+        if !matches!(s, "" | "start" | "stop") {
+            self.error(field, format!("{s:?} is not \"start\", \"stop\" or empty"));
+        }
+    }
+
+    fn sha256(&mut self, m: &Map<String, Value>, path: &str) -> Option<String> {
+        let s = self.string(m, path, "sha256");
+        if s.is_empty() {
+            return None;
+        }
+        if !is_hex64(&s) {
+            self.error(
+                &join(path, "sha256"),
+                format!("{s:?} is not 64 hexadecimal digits"),
+            );
+            return None;
+        }
+        Some(s.to_ascii_lowercase())
+    }
+
+    fn config(&mut self, root: &Value) -> Config {
+        const KNOWN: &[&str] = &[
+            "debug",
+            "tarballDir",
+            "http",
+            "agents",
+            "staleHostSecs",
+            "sweepIntervalSecs",
+            "maxBodyBytes",
+            "maxAgentsPerHeartbeat",
+            "requestTimeoutSecs",
+            "headerReadTimeoutSecs",
+            "shaRecheckSecs",
+            "shutdownGraceSecs",
+        ];
+        let empty = Map::new();
+        let m = self.object(root, "", KNOWN).unwrap_or(&empty);
+        let debug = self.bool(m, "", "debug", false);
+        let tarball_dir = self.string(m, "", "tarballDir");
+        if tarball_dir.is_empty() {
+            self.warn("tarballDir", "is empty; no files will be served");
+        }
+        if tarball_dir.contains('\0') {
+            self.error("tarballDir", "holds a NUL byte");
+        }
+        let http = self.http(m);
+        let agents = self.agents(m);
+        const DAY: u64 = 24 * 3600;
+        Config {
+            debug,
+            tarball_dir: PathBuf::from(tarball_dir),
+            http,
+            agents,
+            stale_host_secs: self.number(
+                m,
+                "staleHostSecs",
+                default_stale_host_secs(),
+                1,
+                365 * DAY,
+            ),
+            sweep_interval_secs: self.number(
+                m,
+                "sweepIntervalSecs",
+                default_sweep_interval_secs(),
+                1,
+                7 * DAY,
+            ),
+            max_body_bytes: self.number(m, "maxBodyBytes", default_max_body_bytes(), 64, 1 << 30),
+            max_agents_per_heartbeat: self.number(
+                m,
+                "maxAgentsPerHeartbeat",
+                default_max_agents_per_heartbeat(),
+                1,
+                100_000,
+            ),
+            request_timeout_secs: self.number(
+                m,
+                "requestTimeoutSecs",
+                default_request_timeout_secs(),
+                1,
+                3600,
+            ),
+            header_read_timeout_secs: self.number(
+                m,
+                "headerReadTimeoutSecs",
+                default_header_read_timeout_secs(),
+                1,
+                3600,
+            ),
+            sha_recheck_secs: self.number(m, "shaRecheckSecs", default_sha_recheck_secs(), 0, DAY),
+            shutdown_grace_secs: self.number(
+                m,
+                "shutdownGraceSecs",
+                default_shutdown_grace_secs(),
+                0,
+                3600,
+            ),
+        }
+    }
+
+    fn http(&mut self, m: &Map<String, Value>) -> HttpConfig {
+        let Some(v) = lookup(m, "http") else {
+            self.warn(
+                "http",
+                "absent; nothing will listen (http.enabled is false)",
+            );
+            return HttpConfig {
+                enabled: false,
+                listen: String::new(),
+            };
+        };
+        let empty = Map::new();
+        let h = self
+            .object(v, "http", &["enabled", "listen"])
+            .unwrap_or(&empty);
+        let enabled = self.bool(h, "http", "enabled", false);
+        let listen = self.string(h, "http", "listen");
+        if enabled {
+            if let Err(e) = listen_addr(&listen) {
+                self.error("http.listen", e);
+            }
+        } else {
+            self.warn("http.enabled", "is false; nothing will listen");
+        }
+        HttpConfig { enabled, listen }
+    }
+
+    fn agents(&mut self, m: &Map<String, Value>) -> Vec<AgentConfig> {
+        let Some(v) = lookup(m, "agents") else {
+            return Vec::new();
+        };
+        let Some(items) = v.as_array() else {
+            self.error("agents", format!("want a list, got {}", kind(v)));
+            return Vec::new();
+        };
+        let mut out = Vec::with_capacity(items.len());
+        let mut seen: Vec<(String, String)> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("agents[{i}]");
+            let Some(a) = self.object(item, &path, &["default", "others"]) else {
+                continue;
+            };
+            let default = match lookup(a, "default") {
+                None => {
+                    self.warn(&path, "has no default; skipped, as the original does");
+                    None
+                }
+                Some(d) => self.agent_default(d, &join(&path, "default")),
+            };
+            if let Some(d) = &default {
+                if let Some((_, first)) = seen.iter().find(|(n, _)| *n == d.name) {
+                    self.error(
+                        &join(&path, "default.name"),
+                        format!("agent {:?} is already configured at {first}", d.name),
+                    );
+                } else {
+                    seen.push((d.name.clone(), path.clone()));
+                }
+            }
+            let others = self.others(a, &path);
+            out.push(AgentConfig { default, others });
+        }
+        out
+    }
+
+    fn agent_default(&mut self, v: &Value, path: &str) -> Option<AgentDefault> {
+        let d = self.object(
+            v,
+            path,
+            &["name", "version", "tarball", "md5", "cmd", "sha256"],
+        )?;
+        let name = self.string(d, path, "name");
+        if let Err(e) = proto::validate_agent_name(&name) {
+            self.error(&join(path, "name"), e.to_string());
+        }
+        let version = self.string(d, path, "version");
+        if let Err(e) = proto::validate_version(&version) {
+            self.error(&join(path, "version"), e.to_string());
+        }
+        let tarball = self.string(d, path, "tarball");
+        self.url(&join(path, "tarball"), &tarball);
+        let md5 = self.string(d, path, "md5");
+        self.url(&join(path, "md5"), &md5);
+        let cmd = self.string(d, path, "cmd");
+        self.cmd(&join(path, "cmd"), &cmd);
+        if tarball.is_empty() && cmd == "start" {
+            self.error(
+                &join(path, "tarball"),
+                "is empty but cmd is \"start\": hosts could not download the agent",
+            );
+        }
+        let sha256 = self.sha256(d, path);
+        Some(AgentDefault {
+            name,
+            version,
+            tarball,
+            md5,
+            cmd,
+            sha256,
+        })
+    }
+
+    fn others(&mut self, a: &Map<String, Value>, path: &str) -> Vec<AgentOverride> {
+        let Some(v) = lookup(a, "others") else {
+            return Vec::new();
+        };
+        let Some(items) = v.as_array() else {
+            self.error(
+                &join(path, "others"),
+                format!("want a list, got {}", kind(v)),
+            );
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (j, item) in items.iter().enumerate() {
+            let p = format!("{path}.others[{j}]");
+            let Some(o) = self.object(
+                item,
+                &p,
+                &["prefix", "version", "tarball", "md5", "cmd", "sha256"],
+            ) else {
+                continue;
+            };
+            let prefix = self.string(o, &p, "prefix");
+            if prefix.is_empty() {
+                self.error(&join(&p, "prefix"), "is empty: it would match every host");
+            }
+            let version = self.string(o, &p, "version");
+            if !version.is_empty() {
+                if let Err(e) = proto::validate_version(&version) {
+                    self.error(&join(&p, "version"), e.to_string());
+                }
+            }
+            let tarball = self.string(o, &p, "tarball");
+            self.url(&join(&p, "tarball"), &tarball);
+            let md5 = self.string(o, &p, "md5");
+            self.url(&join(&p, "md5"), &md5);
+            let cmd = self.string(o, &p, "cmd");
+            self.cmd(&join(&p, "cmd"), &cmd);
+            let sha256 = self.sha256(o, &p);
+            if sha256.is_some() && version.is_empty() {
+                self.error(
+                    &join(&p, "sha256"),
+                    "is set but version is not: a sha256 belongs to the version in the same entry",
+                );
+            }
+            out.push(AgentOverride {
+                prefix,
+                version,
+                tarball,
+                md5,
+                cmd,
+                sha256,
+            });
+        }
+        out
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORIGINAL: &str = r#"{
+        "debug": true,
+        "tarballDir": "./tarball",
+        "http": {"enabled": true, "listen": "0.0.0.0:2000"},
+        "agents": [
+            {
+                "default": {"name": "falcon-agent", "version": "0.0.1",
+                            "tarball": "http://11.11.11.11:8888/falcon", "md5": "", "cmd": "start"},
+                "others": [
+                    {"prefix": "lg-falcon", "version": "1.0.0", "tarball": "", "md5": "", "cmd": ""}
+                ]
+            }
+        ]
+    }"#;
+
+    #[test]
+    fn reads_the_original_format_unchanged() {
+        let l = parse(ORIGINAL).unwrap();
+        let c = &l.config;
+        assert!(c.debug);
+        assert_eq!(c.tarball_dir, PathBuf::from("./tarball"));
+        assert!(c.http.enabled);
+        assert_eq!(c.http.listen, "0.0.0.0:2000");
+        assert_eq!(c.agents.len(), 1);
+        let d = c.agents[0].default.as_ref().unwrap();
+        assert_eq!(d.name, "falcon-agent");
+        assert_eq!(d.cmd, "start");
+        assert_eq!(c.agents[0].others[0].prefix, "lg-falcon");
+        assert_eq!(c.stale_host_secs, default_stale_host_secs());
+        assert_eq!(c.max_body_bytes, default_max_body_bytes());
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+    }
+
+    #[test]
+    fn unknown_keys_are_warnings_and_keys_match_case_insensitively() {
+        let text = r#"{"TarballDir": "/t", "http": {"enabled": true, "listen": ":2000", "tls": 1},
+            "agents": [], "fork": {"x": 1}}"#;
+        let l = parse(text).unwrap();
+        assert_eq!(l.config.tarball_dir, PathBuf::from("/t"));
+        let w: Vec<String> = l.warnings.iter().map(|p| p.to_string()).collect();
+        assert!(
+            w.contains(&"http.tls: unknown key, ignored".to_string()),
+            "{w:?}"
+        );
+        assert!(
+            w.contains(&"fork: unknown key, ignored".to_string()),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"{
+            "debug": "yes",
+            "tarballDir": "./t",
+            "http": {"enabled": true, "listen": "nowhere"},
+            "maxBodyBytes": 0,
+            "agents": [
+                {"default": {"name": "../evil", "version": "1.0", "tarball": "ftp://x", "cmd": "restart"}},
+                {"default": {"name": "a", "version": "", "tarball": "http://x/", "cmd": "start",
+                             "sha256": "abc"},
+                 "others": [{"prefix": "", "version": "../2", "cmd": "go", "sha256": "00"}]},
+                {"default": {"name": "a", "version": "2", "tarball": "http://x/", "cmd": "start"}},
+                {"others": []},
+                7
+            ]
+        }"#;
+        let (errors, warnings) = parse(text).unwrap_err();
+        let e: Vec<String> = errors.iter().map(|p| p.to_string()).collect();
+        let want_fields = [
+            "debug",
+            "http.listen",
+            "maxBodyBytes",
+            "agents[0].default.name",
+            "agents[0].default.tarball",
+            "agents[0].default.cmd",
+            "agents[1].default.version",
+            "agents[1].default.sha256",
+            "agents[1].others[0].prefix",
+            "agents[1].others[0].version",
+            "agents[1].others[0].cmd",
+            "agents[1].others[0].sha256",
+            "agents[2].default.name",
+            "agents[4]",
+        ];
+        for f in want_fields {
+            assert!(
+                errors.iter().any(|p| p.field == f),
+                "no error for {f}; got {e:#?}"
+            );
+        }
+        assert!(
+            e.iter()
+                .any(|s| s.contains("already configured at agents[1]")),
+            "{e:#?}"
+        );
+        assert!(
+            e.iter()
+                .any(|s| s.starts_with("agents[0].default.name: invalid agent name")),
+            "{e:#?}"
+        );
+        assert!(
+            warnings.iter().any(|p| p.field == "agents[3]"),
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn not_json_is_one_clear_error() {
+        let (errors, _) = parse("{ nope").unwrap_err();
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].message.starts_with("not valid JSON"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn our_keys_are_read_and_sha256_lowercased() {
+        let sha = "AB".repeat(32);
+        let text = format!(
+            r#"{{"tarballDir": "t", "http": {{"enabled": false}}, "staleHostSecs": 5,
+            "sweepIntervalSecs": 1, "maxBodyBytes": 100, "maxAgentsPerHeartbeat": 2,
+            "requestTimeoutSecs": 3, "headerReadTimeoutSecs": 4, "shaRecheckSecs": 0,
+            "shutdownGraceSecs": 6,
+            "agents": [{{"default": {{"name": "a", "version": "1", "tarball": "http://x",
+                "cmd": "start", "sha256": "{sha}"}}}}]}}"#
+        );
+        let c = parse(&text).unwrap().config;
+        assert_eq!(
+            (
+                c.stale_host_secs,
+                c.sweep_interval_secs,
+                c.max_body_bytes,
+                c.max_agents_per_heartbeat,
+                c.request_timeout_secs,
+                c.header_read_timeout_secs,
+                c.sha_recheck_secs,
+                c.shutdown_grace_secs
+            ),
+            (5, 1, 100, 2, 3, 4, 0, 6)
+        );
+        assert_eq!(
+            c.agents[0].default.as_ref().unwrap().sha256.as_deref(),
+            Some(sha.to_lowercase().as_str())
+        );
+    }
+
+    #[test]
+    fn listen_forms() {
+        assert_eq!(
+            listen_addr("0.0.0.0:2000").unwrap(),
+            "0.0.0.0:2000".parse().unwrap()
+        );
+        assert_eq!(
+            listen_addr(":2000").unwrap(),
+            "0.0.0.0:2000".parse().unwrap()
+        );
+        assert_eq!(
+            listen_addr("localhost:9").unwrap(),
+            "127.0.0.1:9".parse().unwrap()
+        );
+        assert_eq!(listen_addr("[::1]:9").unwrap(), "[::1]:9".parse().unwrap());
+        assert!(listen_addr("2000").is_err());
+        assert!(listen_addr("example:2000").is_err());
+        assert!(listen_addr(":99999").is_err());
+    }
+}

@@ -1,0 +1,277 @@
+//! Desired state per host: the config compiled into a form the heartbeat hot path can
+//! answer from without locking or allocating much.
+//!
+//! For each agent the answer for hosts that match no override is serialized once, at
+//! compile time, through `proto::legacy::DesiredAgent`; hosts that match an override (a
+//! canary, a small share of the fleet) get their entry merged and serialized per request.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use proto::legacy::{DesiredAgent, HeartbeatResponse};
+
+use crate::config::{AgentDefault, AgentOverride, Config};
+
+/// Computed SHA-256 of local tarballs, by file name (`{name}-{version}.tar.gz`).
+pub type Shas = HashMap<String, String>;
+
+/// A config ready to answer heartbeats.
+#[derive(Debug)]
+pub struct Desired {
+    pub config: Arc<Config>,
+    agents: Vec<CompiledAgent>,
+    /// The SHA-256 values this snapshot was compiled with (config ones aside).
+    pub shas: Shas,
+}
+
+#[derive(Debug)]
+struct CompiledAgent {
+    default: AgentDefault,
+    others: Vec<AgentOverride>,
+    /// JSON of the answer for hosts that match no override.
+    default_json: Box<[u8]>,
+}
+
+/// Start of every answer: the original's envelope with an empty error.
+const HEAD: &[u8] = br#"{"errorMessage":"","desiredAgents":["#;
+const TAIL: &[u8] = b"]}";
+
+impl Desired {
+    /// Compiles `config`; `shas` are SHA-256 values ops-meta computed for local tarballs.
+    pub fn compile(config: Arc<Config>, shas: Shas) -> Desired {
+        let mut agents = Vec::new();
+        for a in &config.agents {
+            // An entry without default is skipped, as in the original.
+            let Some(d) = &a.default else { continue };
+            let mut c = CompiledAgent {
+                default: d.clone(),
+                others: a.others.clone(),
+                default_json: Box::new([]),
+            };
+            let da = c.merge("", &shas, false);
+            c.default_json = serde_json::to_vec(&da)
+                .expect("serializing strings cannot fail")
+                .into_boxed_slice();
+            agents.push(c);
+        }
+        Desired {
+            config,
+            agents,
+            shas,
+        }
+    }
+
+    /// Every tarball file name the config refers to, for hashing.
+    pub fn tarball_files(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for a in &self.agents {
+            out.push(proto::legacy::tarball_file(
+                &a.default.name,
+                &a.default.version,
+            ));
+            for o in &a.others {
+                if !o.version.is_empty() {
+                    out.push(proto::legacy::tarball_file(&a.default.name, &o.version));
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The desired agents for `hostname`, as proto types.
+    pub fn for_host(&self, hostname: &str) -> Vec<DesiredAgent> {
+        self.agents
+            .iter()
+            .map(|a| a.merge(hostname, &self.shas, true))
+            .collect()
+    }
+
+    /// Appends the whole heartbeat answer for `hostname` to `out`: the same bytes as
+    /// `serde_json::to_vec(&HeartbeatResponse{..})`, mostly copied from pre-serialized parts.
+    pub fn write_response(&self, hostname: &str, out: &mut Vec<u8>) {
+        out.extend_from_slice(HEAD);
+        for (i, a) in self.agents.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            if a.others.iter().any(|o| hostname.starts_with(&o.prefix)) {
+                let da = a.merge(hostname, &self.shas, true);
+                serde_json::to_writer(&mut *out, &da).expect("writing to a Vec cannot fail");
+            } else {
+                out.extend_from_slice(&a.default_json);
+            }
+        }
+        out.extend_from_slice(TAIL);
+    }
+
+    /// The answer for `hostname` as a proto value (tests and debug logs).
+    pub fn response(&self, hostname: &str) -> HeartbeatResponse {
+        HeartbeatResponse {
+            error_message: String::new(),
+            desired_agents: self.for_host(hostname),
+        }
+    }
+}
+
+impl CompiledAgent {
+    /// Default, then every override whose prefix starts `hostname`, in order; each
+    /// non-empty field wins. With `overrides` false, the default alone.
+    fn merge(&self, hostname: &str, shas: &Shas, overrides: bool) -> DesiredAgent {
+        let d = &self.default;
+        let mut version = d.version.as_str();
+        // A configured sha256 belongs to the version written in the same entry; track the
+        // one of the entry that set the final version.
+        let mut sha = d.sha256.as_deref();
+        let (mut tarball, mut md5, mut cmd) = (d.tarball.as_str(), d.md5.as_str(), d.cmd.as_str());
+        if overrides {
+            for o in self
+                .others
+                .iter()
+                .filter(|o| hostname.starts_with(&o.prefix))
+            {
+                if !o.version.is_empty() {
+                    version = &o.version;
+                    sha = o.sha256.as_deref();
+                }
+                if !o.tarball.is_empty() {
+                    tarball = &o.tarball;
+                }
+                if !o.md5.is_empty() {
+                    md5 = &o.md5;
+                }
+                if !o.cmd.is_empty() {
+                    cmd = &o.cmd;
+                }
+            }
+        }
+        let sha256 = sha.map(str::to_string).or_else(|| {
+            shas.get(&proto::legacy::tarball_file(&d.name, version))
+                .cloned()
+        });
+        DesiredAgent {
+            name: d.name.clone(),
+            version: version.to_string(),
+            tarball: tarball.to_string(),
+            md5: md5.to_string(),
+            cmd: cmd.to_string(),
+            sha256,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(text: &str) -> Arc<Config> {
+        Arc::new(crate::config::parse(text).unwrap().config)
+    }
+
+    const TWO: &str = r#"{"tarballDir": "t", "http": {"enabled": true, "listen": ":1"},
+      "agents": [
+        {"default": {"name": "falcon", "version": "1.0", "tarball": "http://d/t", "md5": "http://d/m", "cmd": "start"},
+         "others": [
+           {"prefix": "lg-", "version": "2.0", "tarball": "", "md5": "", "cmd": ""},
+           {"prefix": "lg-falcon", "version": "", "tarball": "http://canary/t", "md5": "", "cmd": ""},
+           {"prefix": "lg-falcon-9", "version": "3.0", "tarball": "", "md5": "", "cmd": "stop"},
+           {"prefix": "db", "version": "", "tarball": "", "md5": "http://dbm/", "cmd": ""}
+         ]},
+        {"others": [{"prefix": "x", "version": "9"}]},
+        {"default": {"name": "logger", "version": "0.1", "tarball": "http://d/t", "md5": "", "cmd": "stop"}}
+      ]}"#;
+
+    #[test]
+    fn prefix_overrides_apply_in_order_and_later_wins() {
+        let d = Desired::compile(cfg(TWO), Shas::new());
+        // (hostname, version, tarball, md5, cmd) of falcon.
+        let table = [
+            ("web-1", "1.0", "http://d/t", "http://d/m", "start"),
+            ("lg-1", "2.0", "http://d/t", "http://d/m", "start"),
+            (
+                "lg-falcon-1",
+                "2.0",
+                "http://canary/t",
+                "http://d/m",
+                "start",
+            ),
+            (
+                "lg-falcon-99",
+                "3.0",
+                "http://canary/t",
+                "http://d/m",
+                "stop",
+            ),
+            ("db-1", "1.0", "http://d/t", "http://dbm/", "start"),
+            ("LG-1", "1.0", "http://d/t", "http://d/m", "start"),
+            ("xlg-1", "1.0", "http://d/t", "http://d/m", "start"),
+        ];
+        for (host, v, t, m, c) in table {
+            let got = d.for_host(host);
+            assert_eq!(got.len(), 2, "agent entry without default is skipped");
+            let f = &got[0];
+            assert_eq!(
+                (
+                    f.version.as_str(),
+                    f.tarball.as_str(),
+                    f.md5.as_str(),
+                    f.cmd.as_str()
+                ),
+                (v, t, m, c),
+                "host {host}"
+            );
+            assert_eq!(got[1].name, "logger");
+        }
+    }
+
+    #[test]
+    fn fast_writer_matches_proto_serialization() {
+        let mut shas = Shas::new();
+        shas.insert("falcon-2.0.tar.gz".into(), "ab".repeat(32));
+        let d = Desired::compile(cfg(TWO), shas);
+        for host in ["web-1", "lg-1", "lg-falcon-99", "db-1", "\"quote"] {
+            let mut out = Vec::new();
+            d.write_response(host, &mut out);
+            let want = serde_json::to_vec(&d.response(host)).unwrap();
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                String::from_utf8(want).unwrap()
+            );
+        }
+        let empty = Desired::compile(cfg(r#"{"agents": []}"#), Shas::new());
+        let mut out = Vec::new();
+        empty.write_response("h", &mut out);
+        assert_eq!(out, br#"{"errorMessage":"","desiredAgents":[]}"#);
+    }
+
+    #[test]
+    fn sha256_belongs_to_its_version() {
+        let a = "aa".repeat(32);
+        let b = "bb".repeat(32);
+        let c = "cc".repeat(32);
+        let text = format!(
+            r#"{{"agents": [{{"default": {{"name": "f", "version": "1", "tarball": "http://d", "cmd": "start", "sha256": "{a}"}},
+              "others": [{{"prefix": "canary", "version": "2"}},
+                         {{"prefix": "canary-b", "version": "3", "sha256": "{b}"}},
+                         {{"prefix": "canary-bt", "tarball": "http://other"}}]}}]}}"#
+        );
+        let mut shas = Shas::new();
+        shas.insert("f-2.tar.gz".into(), c.clone());
+        shas.insert("f-1.tar.gz".into(), "dd".repeat(32));
+        let d = Desired::compile(cfg(&text), shas);
+        let sha = |h: &str| d.for_host(h)[0].sha256.clone();
+        // Configured values win over computed ones.
+        assert_eq!(sha("web"), Some(a.clone()));
+        // The default's sha does not follow a version change; the computed one is used.
+        assert_eq!(sha("canary-1"), Some(c));
+        assert_eq!(sha("canary-b1"), Some(b.clone()));
+        assert_eq!(sha("canary-bt"), Some(b));
+        let none = Desired::compile(cfg(&text), Shas::new());
+        assert_eq!(none.for_host("canary-1")[0].sha256, None);
+        assert_eq!(
+            none.tarball_files(),
+            vec!["f-1.tar.gz", "f-2.tar.gz", "f-3.tar.gz"]
+        );
+    }
+}

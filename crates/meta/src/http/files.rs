@@ -1,0 +1,362 @@
+//! Static files from `tarballDir` (tarballs and their `.md5`), for GET and HEAD at any
+//! path no other route takes.
+//!
+//! Nothing outside `tarballDir` can be reached: encoded slashes, backslashes and NUL are
+//! refused before decoding; `.` and `..` segments, empty segments (`//abs`) and hidden
+//! names are refused after; and the canonical path (symlinks resolved) must still lie
+//! inside the canonical `tarballDir`. Files are streamed, with ranges, validators and
+//! conditional requests; folders are never listed.
+
+use std::path::{Component, Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::Response;
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use super::{AppError, AppState};
+
+/// Size of one chunk read from disk and sent.
+const CHUNK: usize = 128 * 1024;
+
+pub(super) async fn serve(State(st): State<AppState>, req: Request) -> Result<Response, AppError> {
+    let method = req.method().clone();
+    if method != Method::GET && method != Method::HEAD {
+        return Err(AppError::MethodNotAllowed);
+    }
+    let dir = st.current.load().config.tarball_dir.clone();
+    if dir.as_os_str().is_empty() {
+        return Err(AppError::NotFound);
+    }
+    let rel = safe_relative(req.uri().path())?;
+    let root = tokio::fs::canonicalize(&dir)
+        .await
+        .map_err(|_| AppError::NotFound)?;
+    let full = tokio::fs::canonicalize(root.join(&rel))
+        .await
+        .map_err(|_| AppError::NotFound)?;
+    match full.strip_prefix(&root) {
+        Ok(inside) if !has_hidden(inside) => {}
+        _ => {
+            tracing::warn!(path = %req.uri().path(), "refused: resolves outside tarballDir or to a hidden file");
+            return Err(AppError::NotFound);
+        }
+    }
+    let mut file = tokio::fs::File::open(&full)
+        .await
+        .map_err(|_| AppError::NotFound)?;
+    let md = file.metadata().await.map_err(|_| AppError::NotFound)?;
+    if !md.is_file() {
+        return Err(AppError::NotFound);
+    }
+    let len = md.len();
+    let mtime = md.modified().unwrap_or(UNIX_EPOCH);
+    let etag = etag(len, mtime);
+    let last_modified = httpdate::fmt_http_date(mtime);
+    let headers = req.headers();
+
+    let mut builder = Response::builder()
+        .header(header::ETAG, &etag)
+        .header(header::LAST_MODIFIED, &last_modified)
+        .header(header::ACCEPT_RANGES, "bytes");
+    if not_modified(headers, &etag, mtime) {
+        return builder
+            .status(StatusCode::NOT_MODIFIED)
+            .body(Body::empty())
+            .map_err(|e| AppError::Internal(e.to_string()));
+    }
+
+    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        Some(r) if if_range_holds(headers, &etag, mtime) => parse_range(r, len),
+        _ => RangeReq::Full,
+    };
+    let (status, start, count) = match range {
+        RangeReq::Full => (StatusCode::OK, 0, len),
+        RangeReq::One(s, e) => {
+            builder = builder.header(header::CONTENT_RANGE, format!("bytes {s}-{e}/{len}"));
+            (StatusCode::PARTIAL_CONTENT, s, e - s + 1)
+        }
+        RangeReq::Unsatisfiable => return Err(AppError::RangeNotSatisfiable { len }),
+    };
+    builder = builder
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type(&full))
+        .header(header::CONTENT_LENGTH, count);
+    let body = if method == Method::HEAD {
+        Body::empty()
+    } else {
+        if start > 0 {
+            file.seek(std::io::SeekFrom::Start(start))
+                .await
+                .map_err(|e| AppError::Internal(format!("seek {}: {e}", full.display())))?;
+        }
+        Body::from_stream(stream_file(file, count))
+    };
+    builder
+        .body(body)
+        .map_err(|e| AppError::Internal(e.to_string()))
+}
+
+/// Streams `count` bytes of `file` from its current position, one chunk at a time.
+fn stream_file(
+    file: tokio::fs::File,
+    count: u64,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send {
+    futures_util::stream::try_unfold((file, count), |(mut f, left)| async move {
+        if left == 0 {
+            return Ok(None);
+        }
+        let n = left.min(CHUNK as u64) as usize;
+        let mut buf = BytesMut::zeroed(n);
+        let got = f.read(&mut buf).await?;
+        if got == 0 {
+            // The file shrank while we sent it: end the response short rather than pad.
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "file shrank while being sent",
+            ));
+        }
+        buf.truncate(got);
+        Ok(Some((buf.freeze(), (f, left - got as u64))))
+    })
+}
+
+/// The request path as a safe relative path below `tarballDir`.
+pub(crate) fn safe_relative(raw: &str) -> Result<PathBuf, AppError> {
+    let lower = raw.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || lower.contains("%00") {
+        return Err(AppError::BadPath("encoded '/', '\\' or NUL"));
+    }
+    let Some(rest) = raw.strip_prefix('/') else {
+        return Err(AppError::BadPath("not absolute"));
+    };
+    let decoded = percent_decode(rest).ok_or(AppError::BadPath("bad percent-encoding"))?;
+    if decoded.contains('\\') || decoded.contains('\0') {
+        return Err(AppError::BadPath("'\\' or NUL"));
+    }
+    if decoded.is_empty() {
+        // The root: no listings.
+        return Err(AppError::NotFound);
+    }
+    let mut out = PathBuf::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" => return Err(AppError::BadPath("empty segment")),
+            "." | ".." => return Err(AppError::BadPath("dot segment")),
+            s if s.starts_with('.') => return Err(AppError::NotFound),
+            s => out.push(s),
+        }
+    }
+    // Belt and braces: what we built must be plain names only.
+    if !out.components().all(|c| matches!(c, Component::Normal(_))) {
+        return Err(AppError::BadPath("not a plain relative path"));
+    }
+    Ok(out)
+}
+
+fn has_hidden(p: &Path) -> bool {
+    p.components().any(|c| match c {
+        Component::Normal(s) => s.to_string_lossy().starts_with('.'),
+        _ => true,
+    })
+}
+
+/// Decodes `%XX`; `None` for a malformed escape or a result that is not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn content_type(p: &Path) -> &'static str {
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    if name.ends_with(".md5") || name.ends_with(".txt") {
+        "text/plain; charset=utf-8"
+    } else if name.ends_with(".gz") || name.ends_with(".tgz") {
+        "application/gzip"
+    } else {
+        "application/octet-stream"
+    }
+}
+
+/// A strong validator from size and modification time.
+fn etag(len: u64, mtime: SystemTime) -> String {
+    let nanos = mtime
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("\"{len:x}-{nanos:x}\"")
+}
+
+fn secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `If-None-Match` (when present, it alone decides), else `If-Modified-Since`.
+fn not_modified(h: &HeaderMap, etag: &str, mtime: SystemTime) -> bool {
+    if let Some(inm) = h.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
+        let bare = etag.trim_start_matches("W/");
+        return inm
+            .split(',')
+            .map(str::trim)
+            .any(|t| t == "*" || t.trim_start_matches("W/") == bare);
+    }
+    if let Some(ims) = h
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok())
+    {
+        return secs(mtime) <= secs(ims);
+    }
+    false
+}
+
+/// `If-Range`: the range applies only when the validator still matches (strong ETag
+/// comparison, or the exact `Last-Modified` date).
+fn if_range_holds(h: &HeaderMap, etag: &str, mtime: SystemTime) -> bool {
+    let Some(v) = h.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let v = v.trim();
+    if v.starts_with('"') || v.starts_with("W/") {
+        return v == etag;
+    }
+    httpdate::parse_http_date(v).is_ok_and(|d| secs(d) == secs(mtime))
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum RangeReq {
+    Full,
+    /// First and last byte, inclusive.
+    One(u64, u64),
+    Unsatisfiable,
+}
+
+/// One `bytes=` range; several ranges or a malformed header get the whole file, as RFC
+/// 9110 allows.
+fn parse_range(h: &str, len: u64) -> RangeReq {
+    let Some(spec) = h.trim().strip_prefix("bytes=") else {
+        return RangeReq::Full;
+    };
+    if spec.contains(',') {
+        return RangeReq::Full;
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return RangeReq::Full;
+    };
+    let num = |s: &str| -> Option<u64> {
+        if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
+            None
+        } else {
+            s.parse().ok()
+        }
+    };
+    match (a.is_empty(), num(a), num(b)) {
+        // bytes=-N: the last N bytes.
+        (true, _, Some(n)) => {
+            if n == 0 || len == 0 {
+                RangeReq::Unsatisfiable
+            } else {
+                RangeReq::One(len.saturating_sub(n), len - 1)
+            }
+        }
+        (false, Some(s), None) if b.is_empty() => {
+            if s >= len {
+                RangeReq::Unsatisfiable
+            } else {
+                RangeReq::One(s, len - 1)
+            }
+        }
+        (false, Some(s), Some(e)) if s <= e => {
+            if s >= len {
+                RangeReq::Unsatisfiable
+            } else {
+                RangeReq::One(s, e.min(len - 1))
+            }
+        }
+        _ => RangeReq::Full,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        let cases = [
+            ("bytes=0-9", 100, RangeReq::One(0, 9)),
+            ("bytes=90-", 100, RangeReq::One(90, 99)),
+            ("bytes=-10", 100, RangeReq::One(90, 99)),
+            ("bytes=-1000", 100, RangeReq::One(0, 99)),
+            ("bytes=50-1000", 100, RangeReq::One(50, 99)),
+            ("bytes=100-", 100, RangeReq::Unsatisfiable),
+            ("bytes=100-200", 100, RangeReq::Unsatisfiable),
+            ("bytes=-0", 100, RangeReq::Unsatisfiable),
+            ("bytes=0-", 0, RangeReq::Unsatisfiable),
+            ("bytes=9-0", 100, RangeReq::Full),
+            ("bytes=0-1,5-6", 100, RangeReq::Full),
+            ("items=0-1", 100, RangeReq::Full),
+            ("bytes=a-b", 100, RangeReq::Full),
+            ("bytes=+1-2", 100, RangeReq::Full),
+        ];
+        for (h, len, want) in cases {
+            assert_eq!(parse_range(h, len), want, "{h} of {len}");
+        }
+    }
+
+    #[test]
+    fn hostile_paths_are_refused() {
+        let bad = [
+            "/../etc/passwd",
+            "/a/../../x",
+            "/%2e%2e/etc/passwd",
+            "/%2E%2E/%2e%2e/x",
+            "/a%2f..%2f..%2fx",
+            "/..%5cx",
+            "/a\\..\\x",
+            "/x%00.tar.gz",
+            "//etc/passwd",
+            "/./x",
+            "/%zz",
+            "/%c3",
+            "relative",
+        ];
+        for p in bad {
+            assert!(safe_relative(p).is_err(), "{p} accepted");
+        }
+        for hidden in ["/.env", "/a/.git/config", "/%2egit"] {
+            assert!(
+                matches!(safe_relative(hidden), Err(AppError::NotFound)),
+                "{hidden}"
+            );
+        }
+        assert_eq!(
+            safe_relative("/falcon/a-1.0.tar.gz").unwrap(),
+            PathBuf::from("falcon/a-1.0.tar.gz")
+        );
+        assert_eq!(
+            safe_relative("/a%20b.tar.gz").unwrap(),
+            PathBuf::from("a b.tar.gz")
+        );
+    }
+}

@@ -1,0 +1,144 @@
+//! The HTTP surface: one router made of sub-routers per area (legacy heartbeat, status,
+//! admin, files), one error type, and the request-timeout layer.
+
+mod admin;
+mod files;
+mod heartbeat;
+mod status;
+
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+
+pub use crate::state::AppState;
+
+/// The whole application. Later areas (BootAgent registration, operator endpoints) merge
+/// their own `Router<AppState>` here.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .merge(heartbeat::router())
+        .merge(status::router())
+        .merge(admin::router())
+        .fallback(files::serve)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            request_timeout,
+        ))
+        .with_state(state)
+}
+
+/// Answers 408 when a handler (reading the body included) takes longer than
+/// `requestTimeoutSecs` of the current config. Streaming a file body after the headers is
+/// not counted.
+async fn request_timeout(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let secs = st.current.load().config.request_timeout_secs;
+    match tokio::time::timeout(Duration::from_secs(secs), next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => AppError::Timeout { secs }.into_response(),
+    }
+}
+
+/// Every error a handler can return. The status and the text sent are chosen here; the
+/// legacy texts are exactly the original's.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("body is blank")]
+    BodyBlank,
+    #[error("body format error")]
+    BodyFormat,
+    #[error("hostname is blank")]
+    HostnameBlank,
+    #[error("{0}")]
+    InvalidName(#[from] proto::NameError),
+    #[error("too many agents in one heartbeat: {got}, the limit is {max} (maxAgentsPerHeartbeat)")]
+    TooManyAgents { got: usize, max: u64 },
+    #[error("request body is larger than {max} bytes (maxBodyBytes)")]
+    BodyTooLarge { max: u64 },
+    #[error("cannot read request body")]
+    BodyRead,
+    #[error("request took longer than {secs} s (requestTimeoutSecs)")]
+    Timeout { secs: u64 },
+    #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("not found")]
+    NotFound,
+    #[error("bad path: {0}")]
+    BadPath(&'static str),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("range not satisfiable")]
+    RangeNotSatisfiable { len: u64 },
+    #[error("config reload refused, the running config stays:\n{}", .0.join("\n"))]
+    ReloadRefused(Vec<String>),
+    /// Detail is logged, never sent.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl AppError {
+    fn status(&self) -> StatusCode {
+        match self {
+            AppError::BodyBlank
+            | AppError::BodyFormat
+            | AppError::HostnameBlank
+            | AppError::InvalidName(_)
+            | AppError::TooManyAgents { .. }
+            | AppError::BodyRead
+            | AppError::BadPath(_) => StatusCode::BAD_REQUEST,
+            AppError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::Timeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            AppError::Forbidden(_) => StatusCode::FORBIDDEN,
+            AppError::NotFound => StatusCode::NOT_FOUND,
+            AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            AppError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+            AppError::ReloadRefused(_) => StatusCode::BAD_REQUEST,
+            AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        if let AppError::Internal(detail) = &self {
+            tracing::error!(error = %detail, "internal error");
+        }
+        // Like Go's http.Error, which the original used: the text, a newline, plain text.
+        let mut r = (self.status(), format!("{self}\n")).into_response();
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        h.insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
+        match &self {
+            AppError::RangeNotSatisfiable { len } => {
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                    h.insert(header::CONTENT_RANGE, v);
+                }
+            }
+            AppError::MethodNotAllowed => {
+                h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            }
+            AppError::Timeout { .. } => {
+                h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
+        }
+        r
+    }
+}
+
+/// Current Unix time in seconds.
+pub(crate) fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,276 @@
+//! Running the server: the accept loop (hyper, with a header-read timeout and graceful
+//! shutdown), the background tasks (stale-host sweep, tarball checksums), and the signal
+//! loop of the binary (SIGHUP reloads, SIGTERM/SIGINT shut down).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tower::ServiceExt;
+
+use crate::config::{self, ConfigError};
+use crate::http::{app, unix_now, AppState};
+
+/// Why the server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("config: http.listen: {0}")]
+    Listen(String),
+    #[error("listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("install signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+impl RunError {
+    /// True when the cause is the config file (the binary exits with EX_CONFIG then).
+    pub fn is_config(&self) -> bool {
+        matches!(self, RunError::Config(_) | RunError::Listen(_))
+    }
+}
+
+/// A running server: the listener's accept loop and the background tasks. Dropping it
+/// does not stop it; call [`Server::stop`].
+pub struct Server {
+    addr: Option<SocketAddr>,
+    state: AppState,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Starts serving `app(state)` on `listener` (nothing listens when `None`, as with
+    /// `http.enabled: false`), and the background tasks. Needs a tokio runtime.
+    pub fn start(state: AppState, listener: Option<TcpListener>) -> Server {
+        let (shutdown, rx) = watch::channel(false);
+        let cfg = state.current.load().config.clone();
+        let mut tasks = vec![
+            tokio::spawn(sweeper(state.clone(), rx.clone())),
+            tokio::spawn(checksums(state.clone(), rx.clone())),
+        ];
+        let addr = listener.as_ref().and_then(|l| l.local_addr().ok());
+        if let Some(l) = listener {
+            tasks.push(tokio::spawn(accept_loop(
+                l,
+                state.clone(),
+                rx,
+                Duration::from_secs(cfg.header_read_timeout_secs),
+            )));
+        }
+        Server {
+            addr,
+            state,
+            shutdown,
+            tasks,
+        }
+    }
+
+    /// Loads the config at `path` and serves it on 127.0.0.1 with an ephemeral port,
+    /// whatever `http.listen` says: the entry point for in-process tests.
+    pub async fn start_local(path: &Path) -> Result<Server, RunError> {
+        let (state, _warnings) = AppState::load(path)?;
+        let addr: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| RunError::Bind { addr, source })?;
+        Ok(Server::start(state, Some(l)))
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.addr
+    }
+
+    /// The shared state (store, current config, reloader).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to `shutdownGraceSecs`), and
+    /// stops the background tasks.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Accepts connections until shutdown, then waits for open connections to finish their
+/// current request (bounded by `shutdownGraceSecs`).
+async fn accept_loop(
+    listener: TcpListener,
+    state: AppState,
+    mut shutdown: watch::Receiver<bool>,
+    header_timeout: Duration,
+) {
+    let router = app(state.clone());
+    // Every connection task holds a clone of `alive`; `recv` yields `None` once all are gone.
+    let (alive, mut all_done) = mpsc::channel::<()>(1);
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let router = router.clone();
+                    let shutdown = shutdown.clone();
+                    let alive = alive.clone();
+                    tokio::spawn(async move {
+                        serve_connection(stream, peer, router, shutdown, header_timeout).await;
+                        drop(alive);
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stopped(&mut shutdown) => break,
+        }
+    }
+    drop(listener);
+    drop(alive);
+    let grace = Duration::from_secs(state.current.load().config.shutdown_grace_secs);
+    if tokio::time::timeout(grace, all_done.recv()).await.is_err() {
+        tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "connections still open after the grace period; closing them"
+        );
+    }
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    router: axum::Router,
+    mut shutdown: watch::Receiver<bool>,
+    header_timeout: Duration,
+) {
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        router.clone().oneshot(req)
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }
+        _ = stopped(&mut shutdown) => {
+            // Finish the request in flight, then close; idle connections close at once.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// Drops hosts not seen for `staleHostSecs`, every `sweepIntervalSecs` (both read from
+/// the current config each round, so a reload changes them).
+async fn sweeper(state: AppState, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let cfg = state.current.load().config.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(cfg.sweep_interval_secs)) => {}
+            _ = stopped(&mut shutdown) => return,
+        }
+        let cutoff = unix_now() - cfg.stale_host_secs as i64;
+        let dropped = state.store.sweep(cutoff);
+        if dropped > 0 {
+            tracing::info!(
+                dropped,
+                hosts = state.store.host_count(),
+                "dropped stale hosts"
+            );
+        }
+    }
+}
+
+/// Keeps the checksums of local tarballs current: at start, after every reload, and
+/// every `shaRecheckSecs`.
+async fn checksums(state: AppState, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = state.reloader.refresh_shas() => {}
+            _ = stopped(&mut shutdown) => return,
+        }
+        let secs = state.current.load().config.sha_recheck_secs;
+        // 0 turns rechecking off; a reload still wakes us.
+        let wait = Duration::from_secs(if secs == 0 { 24 * 3600 } else { secs });
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = state.reloader.sha_wanted.notified() => {}
+            _ = stopped(&mut shutdown) => return,
+        }
+    }
+}
+
+/// Resolves once shutdown was asked for (at once if it already was). The guard
+/// `wait_for` returns is dropped here, so callers' futures stay `Send`.
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// The binary: loads `path`, listens on `http.listen`, reloads on SIGHUP and shuts down
+/// gracefully on SIGTERM or SIGINT.
+pub async fn run(path: &Path) -> Result<(), RunError> {
+    let (state, warnings) = AppState::load(path)?;
+    for w in &warnings {
+        tracing::warn!(config = %path.display(), problem = %w, "config warning");
+    }
+    let cfg = state.current.load().config.clone();
+    let listener = if cfg.http.enabled {
+        let addr = config::listen_addr(&cfg.http.listen).map_err(RunError::Listen)?;
+        Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Bind { addr, source })?,
+        )
+    } else {
+        tracing::warn!("http.enabled is false: not listening");
+        None
+    };
+    let mut hup = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
+    let mut term = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
+    let server = Server::start(state.clone(), listener);
+    tracing::info!(
+        addr = ?server.local_addr(),
+        version = crate::VERSION,
+        config = %path.display(),
+        agents = cfg.agents.len(),
+        "ops-meta started"
+    );
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading config");
+                // Errors are logged by the reloader; the running config stays.
+                let _ = state.reloader.reload().await;
+            }
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+        }
+    }
+    server.stop().await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! Shared server state: the current desired-state snapshot, the fleet store, and the
+//! reloader that swaps in a new config (from `GET /config/reload`, SIGHUP or a test).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+use crate::config::{self, ConfigError, Problem};
+use crate::desired::{Desired, Shas};
+use crate::sha::ShaCache;
+use crate::store::{FleetStore, MemStore};
+
+/// The snapshot heartbeats answer from. Readers clone the `Arc` under a read lock held for
+/// a few nanoseconds, so a reload never blocks heartbeats for longer than a pointer swap.
+#[derive(Debug)]
+pub struct Current(RwLock<Arc<Desired>>);
+
+impl Current {
+    pub fn new(d: Desired) -> Current {
+        Current(RwLock::new(Arc::new(d)))
+    }
+    pub fn load(&self) -> Arc<Desired> {
+        self.0.read().clone()
+    }
+    fn store(&self, d: Desired) {
+        *self.0.write() = Arc::new(d);
+    }
+}
+
+/// What a successful reload reports.
+#[derive(Debug, Clone)]
+pub struct Reloaded {
+    pub agents: usize,
+    pub warnings: Vec<Problem>,
+}
+
+/// Reloads the config file and recomputes tarball checksums; one reload or checksum
+/// update at a time.
+#[derive(Debug)]
+pub struct Reloader {
+    path: PathBuf,
+    current: Arc<Current>,
+    sha: Arc<ShaCache>,
+    lock: tokio::sync::Mutex<()>,
+    /// Wakes the checksum task after a reload.
+    pub sha_wanted: tokio::sync::Notify,
+}
+
+impl Reloader {
+    /// The config file this server reads.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the config file again. A config with any error is refused and the running
+    /// one stays.
+    pub async fn reload(&self) -> Result<Reloaded, ConfigError> {
+        let _g = self.lock.lock().await;
+        let path = self.path.clone();
+        let loaded = tokio::task::spawn_blocking(move || config::load(&path))
+            .await
+            .expect("config load does not panic");
+        let loaded = match loaded {
+            Ok(l) => l,
+            Err(e) => {
+                for line in e.errors() {
+                    tracing::error!(config = %self.path.display(), problem = %line, "config reload refused");
+                }
+                return Err(e);
+            }
+        };
+        for w in &loaded.warnings {
+            tracing::warn!(config = %self.path.display(), problem = %w, "config warning");
+        }
+        let old = self.current.load();
+        if old.config.http != loaded.config.http
+            || old.config.header_read_timeout_secs != loaded.config.header_read_timeout_secs
+        {
+            tracing::warn!(
+                "http settings and headerReadTimeoutSecs changed: they take effect at the next restart"
+            );
+        }
+        let agents = loaded
+            .config
+            .agents
+            .iter()
+            .filter(|a| a.default.is_some())
+            .count();
+        // Keep the checksums known so far; the checksum task fills in new files.
+        self.current
+            .store(Desired::compile(Arc::new(loaded.config), old.shas.clone()));
+        self.sha_wanted.notify_one();
+        tracing::info!(config = %self.path.display(), agents, "config reloaded");
+        Ok(Reloaded {
+            agents,
+            warnings: loaded.warnings,
+        })
+    }
+
+    /// Hashes the local tarballs the config names (on the blocking pool) and, when any
+    /// checksum changed, swaps in a snapshot that carries them.
+    pub async fn refresh_shas(&self) {
+        let d = self.current.load();
+        let shas = if d.config.sha_recheck_secs == 0 {
+            Shas::new()
+        } else {
+            let files = d.tarball_files();
+            let dir = d.config.tarball_dir.clone();
+            let cache = self.sha.clone();
+            tokio::task::spawn_blocking(move || cache.refresh_blocking(&dir, &files))
+                .await
+                .expect("hashing does not panic")
+        };
+        let _g = self.lock.lock().await;
+        let now = self.current.load();
+        // A reload in the meantime already asked for another round.
+        if Arc::ptr_eq(&now.config, &d.config) && now.shas != shas {
+            self.current
+                .store(Desired::compile(now.config.clone(), shas));
+        }
+    }
+}
+
+/// Everything request handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub current: Arc<Current>,
+    pub store: Arc<dyn FleetStore>,
+    pub reloader: Arc<Reloader>,
+}
+
+impl AppState {
+    /// Loads the config at `path` with an empty in-memory store.
+    pub fn load(path: &Path) -> Result<(AppState, Vec<Problem>), ConfigError> {
+        let loaded = config::load(path)?;
+        Ok((
+            AppState::new(path, loaded.config, Arc::new(MemStore::new())),
+            loaded.warnings,
+        ))
+    }
+
+    /// State for an already loaded config and a given store.
+    pub fn new(path: &Path, config: config::Config, store: Arc<dyn FleetStore>) -> AppState {
+        let current = Arc::new(Current::new(Desired::compile(
+            Arc::new(config),
+            Shas::new(),
+        )));
+        let reloader = Arc::new(Reloader {
+            path: path.to_path_buf(),
+            current: current.clone(),
+            sha: Arc::new(ShaCache::default()),
+            lock: tokio::sync::Mutex::new(()),
+            sha_wanted: tokio::sync::Notify::new(),
+        });
+        AppState {
+            current,
+            store,
+            reloader,
+        }
+    }
+}
