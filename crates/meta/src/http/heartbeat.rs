@@ -46,6 +46,15 @@ async fn heartbeat(
     if bytes.is_empty() {
         return Err(AppError::BodyBlank);
     }
+    // serde would read a JSON list positionally into the struct; Go's decoder refuses a
+    // list, and reads `null` as the zero value (so: hostname is blank).
+    let trimmed = bytes.trim_ascii();
+    if trimmed == b"null" {
+        return Err(AppError::HostnameBlank);
+    }
+    if trimmed.first() != Some(&b'{') {
+        return Err(AppError::BodyFormat);
+    }
     let req: HeartbeatRequest = serde_json::from_slice(&bytes).map_err(|_| AppError::BodyFormat)?;
     if req.hostname.is_empty() {
         return Err(AppError::HostnameBlank);

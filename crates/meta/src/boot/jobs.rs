@@ -1,0 +1,589 @@
+//! One BootAgent host's jobs: the queue of jobs handed out and not yet answered, the last
+//! results, and the memory of failed or held agents that keeps derivation from looping.
+//!
+//! Invariants: a job stays in `pending` (and goes out with every status answer, same id)
+//! until its result comes back; once its result is in, the id is never handed out again.
+//! At most one job per agent is pending, so derivation and operator jobs never race on one
+//! agent. Everything is bounded per host.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use proto::bootagent::{Action, AgentStatus, Job, JobResult, STATE_FATAL, STATE_KILLED};
+use proto::bootagent::{STATE_RUNNING, STATE_STOPED};
+use proto::legacy::Cmd;
+
+/// Most jobs one host may have pending; more are refused (operator) or wait (derived).
+pub const MAX_PENDING_JOBS: usize = 32;
+/// Job results kept per host, the oldest dropped first.
+pub const MAX_RESULTS_KEPT: usize = 50;
+/// Longest result message kept, in bytes (cut at a character boundary).
+pub const MAX_MESSAGE_LEN: usize = 1024;
+/// Most failed/held agents remembered per host. A host has one entry per configured
+/// agent at most, so this is only reached with a config of that many agents.
+pub const MAX_MEMOS: usize = 256;
+
+/// What the desired state asks of one agent on one host, in BootAgent terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Want {
+    pub name: String,
+    pub version: String,
+    /// `None` for an empty or unknown `cmd`: nothing is derived.
+    pub cmd: Option<Cmd>,
+    /// Full artifact URL.
+    pub url: String,
+    /// `SHA256:<hex>`, when known.
+    pub checksum: Option<String>,
+    pub envs: BTreeMap<String, String>,
+    pub limits: BTreeMap<String, String>,
+}
+
+impl Want {
+    /// A digest of everything a derived job is made from: when it changes, the desired
+    /// state for this agent changed and an earlier failure no longer blocks derivation.
+    pub fn fingerprint(&self) -> u64 {
+        let mut h = DefaultHasher::new();
+        (
+            &self.version,
+            self.cmd.map(|c| c == Cmd::Start),
+            &self.url,
+            &self.checksum,
+            &self.envs,
+            &self.limits,
+        )
+            .hash(&mut h);
+        h.finish()
+    }
+}
+
+/// Where a pending job came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// Derived from the desired state with this [`Want::fingerprint`].
+    Derived { fingerprint: u64 },
+    /// Queued by an operator in this batch.
+    Operator { batch: Arc<str> },
+}
+
+/// A job handed out and not yet answered.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub job: Job,
+    pub origin: Origin,
+    /// Unix seconds.
+    pub created: i64,
+    /// Status answers that carried it.
+    pub sent: u32,
+}
+
+/// A job result as kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub id: String,
+    pub action: Action,
+    pub name: String,
+    pub version: String,
+    pub errcode: i32,
+    pub message: String,
+    pub finished: i64,
+}
+
+/// Why derivation left an agent alone this time (for the log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Skip {
+    /// Install or upgrade wanted but the artifact's SHA-256 is not known yet.
+    NoChecksum { name: String, version: String },
+    /// The host's queue is full.
+    QueueFull { name: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MemoKind {
+    /// A derived job for this desired state failed.
+    Failed,
+    /// An operator stopped or uninstalled the agent; derivation keeps off it.
+    Held,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Memo {
+    fingerprint: u64,
+    kind: MemoKind,
+}
+
+/// Where one job id stands on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobState<'a> {
+    Pending,
+    Finished(&'a Outcome),
+    Unknown,
+}
+
+/// One host's jobs.
+#[derive(Debug, Default)]
+pub struct HostJobs {
+    pending: Vec<Pending>,
+    results: VecDeque<Outcome>,
+    memos: HashMap<String, Memo>,
+}
+
+/// Cuts `s` to `max` bytes at a character boundary, replacing control characters.
+pub(crate) fn clean_text(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end]
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+/// A fresh job id.
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+impl HostJobs {
+    /// Applies results the host reported. Results for ids not pending (already answered,
+    /// or unknown) are ignored; returns how many were applied.
+    pub fn apply_results(&mut self, results: &[JobResult], now: i64) -> usize {
+        let mut applied = 0;
+        for r in results {
+            let Some(i) = self.pending.iter().position(|p| p.job.id == r.id) else {
+                continue;
+            };
+            let p = self.pending.remove(i);
+            if r.errcode != 0 {
+                if let Origin::Derived { fingerprint } = p.origin {
+                    self.remember(&p.job.name, fingerprint, MemoKind::Failed);
+                }
+            }
+            self.push_outcome(Outcome {
+                id: p.job.id,
+                action: p.job.action,
+                name: p.job.name,
+                version: p.job.version,
+                errcode: r.errcode,
+                message: clean_text(&r.message, MAX_MESSAGE_LEN),
+                finished: now,
+            });
+            applied += 1;
+        }
+        applied
+    }
+
+    fn push_outcome(&mut self, o: Outcome) {
+        if self.results.len() >= MAX_RESULTS_KEPT {
+            self.results.pop_front();
+        }
+        self.results.push_back(o);
+    }
+
+    fn remember(&mut self, name: &str, fingerprint: u64, kind: MemoKind) {
+        if self.memos.len() >= MAX_MEMOS && !self.memos.contains_key(name) {
+            // Keep the bound; losing a memo only means one more attempt.
+            if let Some(k) = self.memos.keys().next().cloned() {
+                self.memos.remove(&k);
+            }
+        }
+        self.memos
+            .insert(name.to_string(), Memo { fingerprint, kind });
+    }
+
+    /// Derives jobs from what the desired state wants and what the host reported, and
+    /// queues them. Pending derived jobs made from an outdated desired state are dropped
+    /// (recorded as superseded), since the host would otherwise act on a stale order.
+    pub fn derive(&mut self, wants: &[Want], reported: &[AgentStatus], now: i64) -> Vec<Skip> {
+        let mut skips = Vec::new();
+        self.drop_superseded(wants, now);
+        for w in wants {
+            if self.pending.iter().any(|p| p.job.name == w.name) {
+                continue;
+            }
+            let fp = w.fingerprint();
+            if let Some(m) = self.memos.get(&w.name) {
+                if m.fingerprint == fp {
+                    continue;
+                }
+                // The desired state changed since the failure or hold: derive again.
+                self.memos.remove(&w.name);
+            }
+            let Some(action) = wanted_action(w, reported.iter().find(|a| a.name == w.name))
+            else {
+                continue;
+            };
+            let artifact = matches!(action, Action::Install | Action::Upgrade);
+            if artifact && w.checksum.is_none() {
+                skips.push(Skip::NoChecksum {
+                    name: w.name.clone(),
+                    version: w.version.clone(),
+                });
+                continue;
+            }
+            if self.pending.len() >= MAX_PENDING_JOBS {
+                skips.push(Skip::QueueFull {
+                    name: w.name.clone(),
+                });
+                continue;
+            }
+            let mut job = Job {
+                id: new_id(),
+                action,
+                name: w.name.clone(),
+                version: String::new(),
+                url: String::new(),
+                checksum: String::new(),
+                envs: BTreeMap::new(),
+                limits: BTreeMap::new(),
+                svrlist: String::new(),
+                step: None,
+            };
+            if artifact {
+                job.version = w.version.clone();
+                job.url = w.url.clone();
+                job.checksum = w.checksum.clone().unwrap_or_default();
+            }
+            if action != Action::Stop {
+                // Env vars and limits are set at install and refreshed by later jobs.
+                job.envs = w.envs.clone();
+                job.limits = w.limits.clone();
+            }
+            self.pending.push(Pending {
+                job,
+                origin: Origin::Derived { fingerprint: fp },
+                created: now,
+                sent: 0,
+            });
+        }
+        skips
+    }
+
+    fn drop_superseded(&mut self, wants: &[Want], now: i64) {
+        let mut i = 0;
+        while i < self.pending.len() {
+            let stale = match self.pending[i].origin {
+                Origin::Derived { fingerprint } => !wants
+                    .iter()
+                    .any(|w| w.name == self.pending[i].job.name && w.fingerprint() == fingerprint),
+                Origin::Operator { .. } => false,
+            };
+            if stale {
+                let p = self.pending.remove(i);
+                self.push_outcome(Outcome {
+                    id: p.job.id,
+                    action: p.job.action,
+                    name: p.job.name,
+                    version: p.job.version,
+                    errcode: -1,
+                    message: "superseded: the desired state changed before a result came back"
+                        .into(),
+                    finished: now,
+                });
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Queues an operator job. A job about an agent replaces a pending derived job for the
+    /// same agent (the operator's word wins); it is refused when another operator job for
+    /// that agent is pending or the queue is full. `hold` (the agent's current desired
+    /// fingerprint) keeps derivation off the agent until the desired state changes.
+    pub fn push_operator(
+        &mut self,
+        job: Job,
+        batch: Arc<str>,
+        now: i64,
+        hold: Option<u64>,
+    ) -> Result<(), &'static str> {
+        if !job.name.is_empty() {
+            if let Some(i) = self.pending.iter().position(|p| p.job.name == job.name) {
+                if matches!(self.pending[i].origin, Origin::Operator { .. }) {
+                    return Err("another operator job for this agent is pending");
+                }
+                self.pending.remove(i);
+            }
+        }
+        if self.pending.len() >= MAX_PENDING_JOBS {
+            return Err("the host's job queue is full");
+        }
+        if let Some(fp) = hold {
+            self.remember(&job.name, fp, MemoKind::Held);
+        }
+        self.pending.push(Pending {
+            job,
+            origin: Origin::Operator { batch },
+            created: now,
+            sent: 0,
+        });
+        Ok(())
+    }
+
+    /// The jobs to put in this status answer: every pending job, each counted as sent.
+    pub fn to_send(&mut self) -> Vec<Job> {
+        self.pending
+            .iter_mut()
+            .map(|p| {
+                p.sent = p.sent.saturating_add(1);
+                p.job.clone()
+            })
+            .collect()
+    }
+
+    /// Forgets failures and holds (of agent `name`, or all); returns how many.
+    pub fn clear_memos(&mut self, name: Option<&str>) -> usize {
+        match name {
+            Some(n) => usize::from(self.memos.remove(n).is_some()),
+            None => {
+                let n = self.memos.len();
+                self.memos.clear();
+                n
+            }
+        }
+    }
+
+    pub fn state_of(&self, id: &str) -> JobState<'_> {
+        if self.pending.iter().any(|p| p.job.id == id) {
+            return JobState::Pending;
+        }
+        match self.results.iter().rev().find(|o| o.id == id) {
+            Some(o) => JobState::Finished(o),
+            None => JobState::Unknown,
+        }
+    }
+
+    pub fn pending(&self) -> &[Pending] {
+        &self.pending
+    }
+
+    pub fn results(&self) -> impl Iterator<Item = &Outcome> {
+        self.results.iter()
+    }
+}
+
+/// The job one agent needs, if any:
+/// - `cmd: start`, not reported → `install`;
+/// - `cmd: start`, another version reported → `upgrade`;
+/// - `cmd: start`, same version, `stoped`, `fatal` or `killed` → `restart`;
+/// - `cmd: stop`, reported `running` → `stop`.
+///
+/// A free-text status (an error) derives nothing: the host reports it, people look.
+fn wanted_action(w: &Want, reported: Option<&AgentStatus>) -> Option<Action> {
+    match (w.cmd?, reported) {
+        (Cmd::Start, None) => Some(Action::Install),
+        (Cmd::Start, Some(a)) if a.version != w.version => Some(Action::Upgrade),
+        (Cmd::Start, Some(a))
+            if matches!(a.status.as_str(), STATE_STOPED | STATE_FATAL | STATE_KILLED) =>
+        {
+            Some(Action::Restart)
+        }
+        (Cmd::Stop, Some(a)) if a.status == STATE_RUNNING => Some(Action::Stop),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn want(version: &str, cmd: Option<Cmd>, sha: bool) -> Want {
+        Want {
+            name: "basic".into(),
+            version: version.into(),
+            cmd,
+            url: format!("http://d/basic-{version}.tar.gz"),
+            checksum: sha.then(|| format!("SHA256:{}", "a".repeat(64))),
+            envs: [("PATH".to_string(), "/usr/bin".to_string())].into(),
+            limits: [("CPU".to_string(), "10%".to_string())].into(),
+        }
+    }
+
+    fn rep(version: &str, status: &str) -> AgentStatus {
+        AgentStatus {
+            name: "basic".into(),
+            version: version.into(),
+            status: status.into(),
+            uptime: 1,
+        }
+    }
+
+    fn result(id: &str, errcode: i32) -> JobResult {
+        JobResult {
+            id: id.into(),
+            errcode,
+            message: if errcode == 0 { "success" } else { "boom" }.into(),
+        }
+    }
+
+    #[test]
+    fn derivation_table() {
+        let start = Some(Cmd::Start);
+        let stop = Some(Cmd::Stop);
+        // (want version, cmd, reported, expected action)
+        let cases: Vec<(&str, Option<Cmd>, Option<AgentStatus>, Option<Action>)> = vec![
+            ("1", start, None, Some(Action::Install)),
+            ("2", start, Some(rep("1", STATE_RUNNING)), Some(Action::Upgrade)),
+            ("1", start, Some(rep("1", STATE_RUNNING)), None),
+            ("1", start, Some(rep("1", STATE_STOPED)), Some(Action::Restart)),
+            ("1", start, Some(rep("1", STATE_FATAL)), Some(Action::Restart)),
+            ("1", start, Some(rep("1", STATE_KILLED)), Some(Action::Restart)),
+            ("1", start, Some(rep("1", "control: no such file")), None),
+            ("1", stop, Some(rep("1", STATE_RUNNING)), Some(Action::Stop)),
+            ("1", stop, Some(rep("0", STATE_RUNNING)), Some(Action::Stop)),
+            ("1", stop, Some(rep("1", STATE_STOPED)), None),
+            ("1", stop, None, None),
+            ("1", None, None, None),
+        ];
+        for (v, cmd, reported, expected) in cases {
+            let got = wanted_action(&want(v, cmd, true), reported.as_ref());
+            assert_eq!(got, expected, "want {v} {cmd:?}, reported {reported:?}");
+        }
+    }
+
+    #[test]
+    fn install_carries_everything_and_is_resent_until_answered_then_never() {
+        let mut h = HostJobs::default();
+        let w = [want("1", Some(Cmd::Start), true)];
+        assert!(h.derive(&w, &[], 10).is_empty());
+        let first = h.to_send();
+        assert_eq!(first.len(), 1);
+        let j = &first[0];
+        assert_eq!(j.action, Action::Install);
+        assert_eq!(j.version, "1");
+        assert_eq!(j.url, "http://d/basic-1.tar.gz");
+        assert!(proto::bootagent::parse_checksum(&j.checksum).is_some());
+        assert_eq!(j.envs["PATH"], "/usr/bin");
+        assert_eq!(j.limits["CPU"], "10%");
+        // Not answered: the same job again, not a second one.
+        h.derive(&w, &[], 20);
+        assert_eq!(h.to_send(), first);
+        assert_eq!(h.pending()[0].sent, 2);
+        // Answered with success; the host now runs it: nothing more.
+        assert_eq!(h.apply_results(&[result(&j.id, 0)], 30), 1);
+        h.derive(&w, &[rep("1", STATE_RUNNING)], 30);
+        assert!(h.to_send().is_empty());
+        assert!(matches!(h.state_of(&j.id), JobState::Finished(o) if o.errcode == 0));
+        // A repeated result for the same id changes nothing.
+        assert_eq!(h.apply_results(&[result(&j.id, 1)], 40), 0);
+        assert_eq!(h.results().count(), 1);
+    }
+
+    #[test]
+    fn failed_job_is_not_derived_again_until_the_desired_state_changes() {
+        let mut h = HostJobs::default();
+        let w1 = [want("1", Some(Cmd::Start), true)];
+        h.derive(&w1, &[], 0);
+        let id = h.to_send()[0].id.clone();
+        h.apply_results(&[result(&id, 3)], 1);
+        for t in 2..5 {
+            h.derive(&w1, &[], t);
+            assert!(h.to_send().is_empty(), "round {t}");
+        }
+        let w2 = [want("2", Some(Cmd::Start), true)];
+        h.derive(&w2, &[], 6);
+        let again = h.to_send();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].version, "2");
+        assert_ne!(again[0].id, id);
+        // The operator can also clear it.
+        h.apply_results(&[result(&again[0].id, 3)], 7);
+        h.derive(&w2, &[], 8);
+        assert!(h.to_send().is_empty());
+        assert_eq!(h.clear_memos(Some("basic")), 1);
+        h.derive(&w2, &[], 9);
+        assert_eq!(h.to_send().len(), 1);
+    }
+
+    #[test]
+    fn no_checksum_no_artifact_job() {
+        let mut h = HostJobs::default();
+        let skips = h.derive(&[want("1", Some(Cmd::Start), false)], &[], 0);
+        assert_eq!(
+            skips,
+            vec![Skip::NoChecksum {
+                name: "basic".into(),
+                version: "1".into()
+            }]
+        );
+        assert!(h.to_send().is_empty());
+        // A restart needs no artifact.
+        h.derive(
+            &[want("1", Some(Cmd::Start), false)],
+            &[rep("1", STATE_STOPED)],
+            0,
+        );
+        assert_eq!(h.to_send()[0].action, Action::Restart);
+    }
+
+    #[test]
+    fn stale_derived_job_is_superseded_when_the_config_changes() {
+        let mut h = HostJobs::default();
+        h.derive(&[want("1", Some(Cmd::Start), true)], &[], 0);
+        let old = h.to_send()[0].id.clone();
+        h.derive(&[want("2", Some(Cmd::Start), true)], &[], 1);
+        let now = h.to_send();
+        assert_eq!(now.len(), 1);
+        assert_eq!(now[0].version, "2");
+        assert!(matches!(h.state_of(&old), JobState::Finished(o) if o.errcode == -1));
+        // An agent removed from the config: its pending job goes too.
+        h.derive(&[], &[], 2);
+        assert!(h.to_send().is_empty());
+    }
+
+    #[test]
+    fn operator_stop_holds_the_agent_and_queues_are_bounded() {
+        let mut h = HostJobs::default();
+        let w = [want("1", Some(Cmd::Start), true)];
+        h.derive(&w, &[rep("1", STATE_STOPED)], 0);
+        assert_eq!(h.to_send()[0].action, Action::Restart);
+        let stop = Job {
+            id: new_id(),
+            action: Action::Stop,
+            name: "basic".into(),
+            version: String::new(),
+            url: String::new(),
+            checksum: String::new(),
+            envs: BTreeMap::new(),
+            limits: BTreeMap::new(),
+            svrlist: String::new(),
+            step: None,
+        };
+        h.push_operator(stop.clone(), "b".into(), 1, Some(w[0].fingerprint()))
+            .unwrap();
+        // The derived restart was replaced by the operator's stop.
+        assert_eq!(h.to_send(), vec![stop.clone()]);
+        assert!(h
+            .push_operator(stop.clone(), "b".into(), 1, None)
+            .is_err());
+        h.apply_results(&[result(&stop.id, 0)], 2);
+        h.derive(&w, &[rep("1", STATE_STOPED)], 3);
+        assert!(h.to_send().is_empty(), "held after an operator stop");
+        for i in 0..MAX_PENDING_JOBS {
+            let mut j = stop.clone();
+            j.id = new_id();
+            j.name = format!("a{i}");
+            h.push_operator(j, "b".into(), 4, None).unwrap();
+        }
+        let mut j = stop.clone();
+        j.name = "one-more".into();
+        assert_eq!(
+            h.push_operator(j, "b".into(), 4, None),
+            Err("the host's job queue is full")
+        );
+        for i in 0..MAX_PENDING_JOBS {
+            let id = h.pending()[0].job.id.clone();
+            h.apply_results(&[result(&id, i as i32)], 5);
+        }
+        assert_eq!(h.results().count(), MAX_RESULTS_KEPT.min(MAX_PENDING_JOBS + 1));
+    }
+
+    #[test]
+    fn messages_are_cut_and_cleaned() {
+        assert_eq!(clean_text("a\nb", 10), "a b");
+        assert_eq!(clean_text("ééé", 3), "é");
+        assert_eq!(clean_text(&"x".repeat(5000), MAX_MESSAGE_LEN).len(), MAX_MESSAGE_LEN);
+    }
+}
