@@ -1,5 +1,6 @@
 //! `ops-meta`: flags, logging, then the library does the work.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -32,7 +33,10 @@ fn main() -> ExitCode {
     if args.test {
         return check(&args.config);
     }
+    // Colours only on a terminal: log files and journald get plain text.
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
