@@ -30,7 +30,9 @@ pub fn control_script(name: &str, version: &str, behaviour: Behaviour) -> String
     };
     let status = match behaviour {
         Behaviour::StatusHangs => "while :; do sleep 1; done",
-        _ => "if [ -f app.pid ] && kill -0 \"$(cat app.pid)\" 2>/dev/null; then echo started; else echo stoped; fi",
+        // A zombie counts as dead: in containers whose PID 1 does not reap orphans, a
+        // process that exited at once lingers as a zombie that `kill -0` still finds.
+        _ => "if [ -f app.pid ] && kill -0 \"$(cat app.pid)\" 2>/dev/null && [ \"$(cut -d' ' -f3 /proc/$(cat app.pid)/stat 2>/dev/null)\" != Z ]; then echo started; else echo stoped; fi",
     };
     format!(
         r#"#!/bin/sh

@@ -149,6 +149,17 @@ impl Meta {
         assert_eq!(code, 200, "reload failed: {body}");
     }
 
+    /// Sets one default entry per `(name, version, cmd)`, served from meta itself, and
+    /// reloads.
+    pub fn desire(&mut self, list: &[(&str, &str, &str)]) {
+        let base = self.base();
+        let agents: Vec<Value> = list
+            .iter()
+            .map(|(n, v, c)| agent_entry(n, v, &base, c))
+            .collect();
+        self.set_agents(Value::Array(agents));
+    }
+
     /// What meta knows of `agent` on `host` (`status/json`), if reported.
     pub fn reported(&self, agent: &str, host: &str) -> Option<Value> {
         let v = get_json(self.addr, &format!("/status/json/{agent}"))?;

@@ -1,0 +1,176 @@
+//! End to end against the real `ops-meta`: checksum mismatches (held back, not retried
+//! every round), versions that do not start (rolled back), and a hung `control status`.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use test_support::agent::Behaviour;
+use test_support::{wait_for, wait_for_some};
+
+/// Waits until the local /status shows a back-off for `version` and returns it.
+fn wait_backoff(u: &Updater, agent: &str, version: &str) -> serde_json::Value {
+    wait_for_some(
+        &format!("a back-off for {agent} {version}"),
+        CONVERGE,
+        || {
+            let s = u.agent_status(agent)?;
+            (s["backoff"]["version"] == version).then_some(s)
+        },
+    )
+}
+
+#[test]
+fn md5_mismatch_installs_nothing_and_is_not_retried_every_round() {
+    let mut meta = Meta::start(json!([]));
+    publish(&meta, "falcon", "1.0.0", Behaviour::Good);
+    // Tamper the .md5: a digest of something else.
+    std::fs::write(
+        meta.tarball_dir().join("falcon-1.0.0.tar.gz.md5"),
+        proto::legacy::format_md5_file(&"0".repeat(32), "falcon-1.0.0.tar.gz"),
+    )
+    .unwrap();
+    meta.desire(&[("falcon", "1.0.0", "start")]);
+    let u = Updater::start(&meta.addr.to_string(), "host-01", |_| {});
+
+    let s = wait_backoff(&u, "falcon", "1.0.0");
+    assert_eq!(s["lastResult"], "failed", "{s}");
+    let err = s["lastError"].as_str().unwrap();
+    assert!(err.contains("md5 mismatch"), "{err}");
+    assert_eq!(s["backoff"]["failures"], 1);
+    assert!(s["backoff"]["nextRetryAt"].as_i64().unwrap() > chrono_now() + 10);
+    // Several more rounds: still one failure, so no new download was tried.
+    u.wait_heartbeats(3);
+    let s = u.agent_status("falcon").unwrap();
+    assert_eq!(s["backoff"]["failures"], 1, "{s}");
+    assert!(!u.work().join("falcon/1.0.0").exists());
+    assert_eq!(u.version_of("falcon"), None);
+}
+
+#[test]
+fn md5_fixed_on_the_server_is_picked_up_when_the_desired_state_changes() {
+    let mut meta = Meta::start(json!([]));
+    publish(&meta, "falcon", "1.0.0", Behaviour::Good);
+    publish(&meta, "falcon", "1.0.1", Behaviour::Good);
+    std::fs::write(
+        meta.tarball_dir().join("falcon-1.0.0.tar.gz.md5"),
+        proto::legacy::format_md5_file(&"0".repeat(32), "falcon-1.0.0.tar.gz"),
+    )
+    .unwrap();
+    meta.desire(&[("falcon", "1.0.0", "start")]);
+    let u = Updater::start(&meta.addr.to_string(), "host-01", |_| {});
+    wait_backoff(&u, "falcon", "1.0.0");
+    // A new desired version clears the back-off at once.
+    meta.desire(&[("falcon", "1.0.1", "start")]);
+    u.wait_running("falcon", "1.0.1");
+    assert!(u.agent_status("falcon").unwrap()["backoff"].is_null());
+}
+
+#[test]
+fn sha256_mismatch_from_meta_config_installs_nothing() {
+    let mut meta = Meta::start(json!([]));
+    publish(&meta, "falcon", "1.0.0", Behaviour::Good);
+    let mut entry = agent_entry("falcon", "1.0.0", &meta.base(), "start");
+    entry["default"]["sha256"] = json!("ab".repeat(32));
+    meta.set_agents(json!([entry]));
+    let u = Updater::start(&meta.addr.to_string(), "host-01", |_| {});
+    let s = wait_backoff(&u, "falcon", "1.0.0");
+    let err = s["lastError"].as_str().unwrap();
+    assert!(err.contains("sha256"), "{err}");
+    assert!(!u.work().join("falcon/1.0.0").exists());
+    assert_eq!(u.version_of("falcon"), None);
+}
+
+fn rollback_case(bad: Behaviour) {
+    let mut meta = Meta::start(json!([]));
+    publish(&meta, "falcon", "1.0.0", Behaviour::Good);
+    publish(&meta, "falcon", "1.1.0", bad);
+    meta.desire(&[("falcon", "1.0.0", "start")]);
+    let u = Updater::start(&meta.addr.to_string(), "host-01", |c| {
+        c["startTimeoutSecs"] = json!(2)
+    });
+    u.wait_running("falcon", "1.0.0");
+
+    meta.desire(&[("falcon", "1.1.0", "start")]);
+    let s = wait_backoff(&u, "falcon", "1.1.0");
+    assert_eq!(s["lastResult"], "rolledback", "{s}");
+    assert!(s["lastError"].is_string(), "{s}");
+    let old = u.work().join("falcon/1.0.0");
+    assert_eq!(u.version_of("falcon").as_deref(), Some("1.0.0"));
+    assert_eq!(status_of(&old), "started", "previous version running again");
+    assert_eq!(
+        control_actions(&old),
+        ["start 1.0.0", "stop 1.0.0", "start 1.0.0"]
+    );
+    let new = u.work().join("falcon/1.1.0");
+    assert_eq!(status_of(&new), "stoped");
+    // Not retried in a loop: a few more rounds, the new version saw one start only.
+    u.wait_heartbeats(3);
+    assert_eq!(
+        control_actions(&new)
+            .iter()
+            .filter(|l| l.starts_with("start"))
+            .count(),
+        1
+    );
+    assert_eq!(u.version_of("falcon").as_deref(), Some("1.0.0"));
+    wait_for("meta to see 1.0.0 started", CONVERGE, || {
+        meta.reported("falcon", "host-01")
+            .is_some_and(|r| r["version"] == "1.0.0" && r["status"] == "started")
+    });
+}
+
+#[test]
+fn start_fails_rolls_back_to_the_previous_version() {
+    rollback_case(Behaviour::StartFails);
+}
+
+#[test]
+fn dies_at_once_rolls_back_to_the_previous_version() {
+    rollback_case(Behaviour::DiesAtOnce);
+}
+
+#[test]
+fn hung_status_does_not_hold_up_the_heartbeat_or_other_agents() {
+    let mut meta = Meta::start(json!([]));
+    publish(&meta, "good", "1.0.0", Behaviour::Good);
+    let u = Updater::start(&meta.addr.to_string(), "host-01", |c| {
+        c["statusTimeoutSecs"] = json!(1);
+        // "stuck" was installed earlier; its status script now hangs.
+        let w = std::path::PathBuf::from(c["workdir"].as_str().unwrap());
+        let v = w.join("stuck/1.0.0");
+        test_support::write_file(
+            &v,
+            "control",
+            test_support::agent::control_script("stuck", "1.0.0", Behaviour::StatusHangs),
+        );
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(v.join("control"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        test_support::write_file(&w.join("stuck"), ".version", "1.0.0\n");
+    });
+    meta.set_agents(json!([
+        agent_entry("stuck", "1.0.0", &meta.base(), "start"),
+        agent_entry("good", "1.0.0", &meta.base(), "start"),
+    ]));
+    u.wait_running("good", "1.0.0");
+    wait_for("meta to see stuck with an error status", CONVERGE, || {
+        meta.reported("stuck", "host-01").is_some_and(|r| {
+            r["version"] == "1.0.0"
+                && r["status"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("control status"))
+        })
+    });
+    u.wait_heartbeats(2);
+    // Left alone: with its state unknown, the updater never ran start on it.
+    let log = std::fs::read_to_string(u.work().join("stuck/1.0.0/control.log")).unwrap();
+    assert!(!log.lines().any(|l| l.starts_with("start")), "{log}");
+}
+
+fn chrono_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
