@@ -76,8 +76,9 @@ async fn heartbeat(
     if cfg.debug {
         tracing::info!(
             host = %req.hostname,
-            request = %String::from_utf8_lossy(&bytes),
-            response = %String::from_utf8_lossy(&out),
+            // Debug formatting escapes newlines, so a body cannot forge log lines.
+            request = ?String::from_utf8_lossy(&bytes),
+            response = ?String::from_utf8_lossy(&out),
             "heartbeat"
         );
     }
