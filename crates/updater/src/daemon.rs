@@ -305,7 +305,12 @@ impl Daemon {
             tracing::debug!(request = %serde_json::to_string(&req).unwrap_or_default(), "heartbeat request");
         }
         let resp = match self.client.send(&req).await {
-            Ok(r) => r,
+            Ok(a) => {
+                for s in &a.skipped {
+                    tracing::warn!("skipping desired agent: {s}");
+                }
+                a.response
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "heartbeat failed");
                 self.shared.daemon(|d| {

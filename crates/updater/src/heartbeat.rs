@@ -34,6 +34,57 @@ pub enum HeartbeatError {
     Client(#[source] reqwest::Error),
 }
 
+/// A decoded heartbeat answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Answer {
+    pub response: HeartbeatResponse,
+    /// Entries of `desiredAgents` that were not agent objects, with why.
+    pub skipped: Vec<String>,
+}
+
+/// Decodes an answer. A well-formed one decodes in one go; otherwise the entries of
+/// `desiredAgents` are decoded one by one, so that one malformed entry (a number for a
+/// name, say) costs only that agent, not the whole round.
+pub fn decode(body: &[u8]) -> Result<Answer, serde_json::Error> {
+    if let Ok(response) = serde_json::from_slice::<HeartbeatResponse>(body) {
+        return Ok(Answer {
+            response,
+            skipped: Vec::new(),
+        });
+    }
+    let v: serde_json::Value = serde_json::from_slice(body)?;
+    let serde_json::Value::Object(mut obj) = v else {
+        // Not an object: let the typed decoder produce its own message.
+        return serde_json::from_slice::<HeartbeatResponse>(body).map(|response| Answer {
+            response,
+            skipped: Vec::new(),
+        });
+    };
+    let list = obj.remove("desiredAgents");
+    // With the list out of the way, the rest must decode as usual.
+    let mut response: HeartbeatResponse = serde_json::from_value(serde_json::Value::Object(obj))?;
+    let mut skipped = Vec::new();
+    match list {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::Array(items)) => {
+            for (i, item) in items.into_iter().enumerate() {
+                match serde_json::from_value(item) {
+                    Ok(d) => response.desired_agents.push(d),
+                    Err(e) => skipped.push(format!("desiredAgents[{i}]: {e}")),
+                }
+            }
+        }
+        Some(other) => {
+            // Re-decode to get serde's own description of the type error.
+            let e = serde_json::from_value::<Vec<proto::legacy::DesiredAgent>>(other)
+                .err()
+                .map_or_else(|| "not a list".to_string(), |e| e.to_string());
+            skipped.push(format!("desiredAgents: {e}"));
+        }
+    }
+    Ok(Answer { response, skipped })
+}
+
 /// Sends heartbeats to one URL.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -70,8 +121,9 @@ impl Client {
         &self.url
     }
 
-    /// One heartbeat.
-    pub async fn send(&self, req: &HeartbeatRequest) -> Result<HeartbeatResponse, HeartbeatError> {
+    /// One heartbeat. Entries of `desiredAgents` that do not decode are left out and
+    /// described in [`Answer::skipped`]; the rest of the answer is still used.
+    pub async fn send(&self, req: &HeartbeatRequest) -> Result<Answer, HeartbeatError> {
         let transport = |source| HeartbeatError::Transport {
             url: self.url.clone(),
             source,
@@ -94,7 +146,7 @@ impl Client {
                 body: text.trim().to_string(),
             });
         }
-        serde_json::from_slice(&body).map_err(|source| HeartbeatError::Decode {
+        decode(&body).map_err(|source| HeartbeatError::Decode {
             url: self.url.clone(),
             source,
         })
@@ -123,5 +175,43 @@ impl Client {
             body.extend_from_slice(&chunk);
         }
         Ok(body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_keeps_good_entries_next_to_bad_ones() {
+        let a = decode(
+            br#"{"errorMessage":"","desiredAgents":[
+                {"name":"a","version":"1","tarball":"http://m","cmd":"start"},
+                {"name":5,"version":[],"cmd":{}},
+                "text"
+            ]}"#,
+        )
+        .unwrap();
+        assert_eq!(a.response.desired_agents.len(), 1);
+        assert_eq!(a.response.desired_agents[0].name, "a");
+        assert_eq!(a.skipped.len(), 2, "{:?}", a.skipped);
+        assert!(
+            a.skipped[0].starts_with("desiredAgents[1]"),
+            "{:?}",
+            a.skipped
+        );
+    }
+
+    #[test]
+    fn decode_refuses_what_is_not_an_answer() {
+        assert!(decode(b"").is_err());
+        assert!(decode(b"{\"desiredAgents\": [").is_err());
+        assert!(decode(b"[1,2]").is_err());
+        assert!(decode(br#"{"errorMessage": 5}"#).is_err());
+        let a = decode(br#"{"desiredAgents": {"name": "a"}}"#).unwrap();
+        assert!(a.response.desired_agents.is_empty());
+        assert_eq!(a.skipped.len(), 1);
+        let a = decode(br#"{"errorMessage": null, "desiredAgents": null}"#).unwrap();
+        assert_eq!(a, Answer::default());
     }
 }

@@ -1,0 +1,141 @@
+//! Hostile input: archives that try to escape or exhaust the workdir (each must leave it as
+//! it was), and a server that answers heartbeats with garbage, errors, huge bodies, bad
+//! names and silence (the daemon must keep going and still converge afterwards).
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use common::*;
+use serde_json::json;
+use test_support::agent::{agent_tarball, Behaviour};
+use test_support::{digests, wait_for, wait_for_some};
+
+#[test]
+fn hostile_archives_leave_the_workdir_as_it_was() {
+    let mut meta = Meta::start(json!([]));
+    publish(&meta, "falcon", "1.0.0", Behaviour::Good);
+    meta.desire(&[("falcon", "1.0.0", "start")]);
+    let u = Updater::start(&meta.addr.to_string(), "host-01", |_| {});
+    u.wait_running("falcon", "1.0.0");
+    let pwned_before = std::path::Path::new("/tmp/agent-updater-pwned").exists();
+
+    for (i, (what, archive)) in test_support::tarball::hostile_archives()
+        .into_iter()
+        .enumerate()
+    {
+        let version = format!("6.6.{i}");
+        // Published with a correct .md5: the checksum passes, the unpacker must refuse.
+        test_support::tarball::publish(&meta.tarball_dir(), "falcon", &version, &archive);
+        let before = tree_without_scratch(&u.work());
+        meta.desire(&[("falcon", &version, "start")]);
+        let s = wait_for_some(&format!("{what}: refused"), CONVERGE, || {
+            let s = u.agent_status("falcon")?;
+            (s["backoff"]["version"] == version.as_str()).then_some(s)
+        });
+        assert_eq!(s["lastResult"], "failed", "{what}: {s}");
+        let after = tree_without_scratch(&u.work());
+        assert_eq!(before, after, "{what}: workdir changed");
+        assert_eq!(u.version_of("falcon").as_deref(), Some("1.0.0"), "{what}");
+        assert_eq!(
+            status_of(&u.work().join("falcon/1.0.0")),
+            "started",
+            "{what}"
+        );
+    }
+    if !pwned_before {
+        assert!(!std::path::Path::new("/tmp/agent-updater-pwned").exists());
+    }
+    assert!(!u.dir.path().join("pwned").exists());
+}
+
+#[test]
+fn hostile_heartbeat_answers_never_stop_the_daemon() {
+    let tarball = agent_tarball("falcon", "1.0.0", Behaviour::Good);
+    let (md5, _) = digests(&tarball);
+    let round = Arc::new(AtomicUsize::new(0));
+    let r = round.clone();
+    // The handler names its own address in `tarball`; it is known once bound.
+    let base = Arc::new(std::sync::OnceLock::<String>::new());
+    let b = base.clone();
+    let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hang = release.clone();
+    let server = Scripted::start(move |req| {
+        if req.path == "/falcon-1.0.0.tar.gz" {
+            return Reply::Full(200, "application/gzip", tarball.clone());
+        }
+        if req.path == "/falcon-1.0.0.tar.gz.md5" {
+            return Reply::Full(
+                200,
+                "text/plain",
+                proto::legacy::format_md5_file(&md5, "falcon-1.0.0.tar.gz").into_bytes(),
+            );
+        }
+        if req.path != "/heartbeat" || req.method != "POST" {
+            return Reply::Full(404, "text/plain", b"not found".to_vec());
+        }
+        // The request must be the legacy shape.
+        let body: serde_json::Value = serde_json::from_slice(&req.body).unwrap();
+        assert_eq!(body["hostname"], "host-01");
+        let n = r.fetch_add(1, Ordering::SeqCst);
+        let json =
+            |v: serde_json::Value| Reply::Full(200, "application/json", v.to_string().into_bytes());
+        let good = json!({"errorMessage": "", "desiredAgents": [{
+            "name": "falcon", "version": "1.0.0", "tarball": b.get().unwrap(),
+            "md5": "", "cmd": "start"}]});
+        match n {
+            0 => Reply::Full(200, "application/json", b"{\"desiredAgents\": [".to_vec()),
+            1 => Reply::Full(500, "text/plain", b"internal error".to_vec()),
+            // 8 MiB: past the 4 MiB response cap.
+            2 => Reply::Full(200, "application/json", {
+                let mut b = b"{\"errorMessage\":\"".to_vec();
+                b.extend(std::iter::repeat_n(b'x', 8 << 20));
+                b.extend_from_slice(b"\"}");
+                b
+            }),
+            3 => json(json!({"errorMessage": "", "desiredAgents": null})),
+            4 => json(json!({"errorMessage": "", "desiredAgents": [
+                {"name": "../../escape", "version": "1.0.0", "tarball": "http://127.0.0.1:1", "cmd": "start"},
+                {"name": "evil", "version": "../../1", "tarball": "http://127.0.0.1:1", "cmd": "start"},
+                {"name": "local", "version": "1", "tarball": "file:///etc", "cmd": "start"},
+                {"name": "odd", "version": "1", "tarball": "http://127.0.0.1:1", "cmd": "explode"},
+                {"name": 5, "version": [], "cmd": {}}
+            ]})),
+            5 => json(json!([1, 2, 3])),
+            6 => Reply::Full(200, "application/json", Vec::new()),
+            // A server-side error: do nothing this round, even with a desired list.
+            7 => {
+                let mut g = good.clone();
+                g["errorMessage"] = json!("maintenance");
+                json(g)
+            }
+            // Silence: headers and a few bytes, then nothing until the test ends.
+            8 => Reply::Stall(b"{\"errorMessage\": \"\"}".to_vec(), 5, hang.clone()),
+            _ => json(good),
+        }
+    });
+    base.set(server.base()).unwrap();
+    let mut u = Updater::start(&server.addr.to_string(), "host-01", |c| {
+        c["heartbeatTimeoutSecs"] = json!(1)
+    });
+    u.wait_running("falcon", "1.0.0");
+    u.assert_alive();
+    assert!(round.load(Ordering::SeqCst) >= 10);
+    let d = u.daemon_status();
+    assert!(d["heartbeatsFailed"].as_u64().unwrap() >= 6, "{d}");
+    let names: Vec<String> = std::fs::read_dir(u.work())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["falcon"]);
+    assert!(!u.dir.path().join("escape").exists());
+    let log = u.log_text();
+    assert!(log.contains("larger than"), "no size-cap error logged");
+    assert!(log.contains("unknown cmd"), "unknown cmd not logged");
+    wait_for("a clean heartbeat", CONVERGE, || {
+        u.daemon_status()["lastHeartbeatError"].is_null()
+    });
+    release.store(true, Ordering::SeqCst);
+}
