@@ -117,3 +117,12 @@ fn busy_listen_address_fails_at_start_up() {
     assert!(!o.status.success());
     assert!(text(&o).contains(&addr.to_string()), "{}", text(&o));
 }
+
+#[test]
+fn shipped_example_config_is_valid() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/updater/cfg.json");
+    let d = tempdir().unwrap();
+    let o = updater(&["-T", "-c", example.to_str().unwrap()], d.path());
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!text(&o).contains("warning"), "{}", text(&o));
+}
