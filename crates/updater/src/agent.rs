@@ -942,6 +942,76 @@ mod tests {
         assert_eq!(Desired::from_wire(&empty_sha).unwrap().sha256, None);
     }
 
+    fn ctx(workdir: &Path) -> Ctx {
+        Ctx {
+            workdir: workdir.to_path_buf(),
+            fetcher: Fetcher::new(artifact::Limits::default()).unwrap(),
+            control: ControlConfig::default(),
+            status: ControlConfig {
+                timeout: Duration::from_secs(5),
+                grace: Duration::from_secs(1),
+            },
+            start_timeout: Duration::from_secs(5),
+            keep_versions: 3,
+            retry: RetryPolicy {
+                base: Duration::from_secs(1),
+                max: Duration::from_secs(2),
+                failed_start: Duration::from_secs(3),
+            },
+            shared: Shared::default(),
+            envs: BTreeMap::new(),
+        }
+    }
+
+    fn write_agent(workdir: &Path, name: &str, version: &str, status_says: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let v = workdir.join(name).join(version);
+        std::fs::create_dir_all(&v).unwrap();
+        let script = format!("#!/bin/sh\n[ \"$1\" = status ] && echo {status_says}\nexit 0\n");
+        std::fs::write(v.join("control"), script).unwrap();
+        std::fs::set_permissions(v.join("control"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        std::fs::write(workdir.join(name).join(".version"), format!("{version}\n")).unwrap();
+    }
+
+    #[tokio::test]
+    async fn collect_reads_status_or_reports_the_last_known_when_busy() {
+        let t = tempfile::tempdir().unwrap();
+        write_agent(t.path(), "a", "1.0", "started");
+        let c = ctx(t.path());
+        let lock = Mutex::new(());
+        let r = collect(&c, "a", &lock).await.unwrap();
+        assert_eq!((r.version.as_str(), r.status.as_str()), ("1.0", "started"));
+        let first = r.timestamp;
+
+        // The script now says stopped, but an action holds the lock: the last known
+        // status is reported, with the time it was read, and the script is not run.
+        write_agent(t.path(), "a", "1.0", "stoped");
+        let _busy = lock.lock().await;
+        let r = collect(&c, "a", &lock).await.unwrap();
+        assert_eq!(r.status, "started");
+        assert_eq!(r.timestamp, first);
+        drop(_busy);
+        let r = collect(&c, "a", &lock).await.unwrap();
+        assert_eq!(r.status, "stoped");
+    }
+
+    #[tokio::test]
+    async fn collect_skips_non_agents_and_reports_missing_folders() {
+        let t = tempfile::tempdir().unwrap();
+        let c = ctx(t.path());
+        let lock = Mutex::new(());
+        std::fs::create_dir_all(t.path().join("plain")).unwrap();
+        assert_eq!(collect(&c, "plain", &lock).await, None);
+        std::fs::create_dir_all(t.path().join("bad")).unwrap();
+        std::fs::write(t.path().join("bad/.version"), "../../x").unwrap();
+        assert_eq!(collect(&c, "bad", &lock).await, None);
+        std::fs::create_dir_all(t.path().join("gone")).unwrap();
+        std::fs::write(t.path().join("gone/.version"), "2.0").unwrap();
+        let r = collect(&c, "gone", &lock).await.unwrap();
+        assert_eq!(r.status, "version folder 2.0 is missing");
+    }
+
     #[test]
     fn prune_keeps_current_and_newest() {
         let t = tempfile::tempdir().unwrap();

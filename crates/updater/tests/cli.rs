@@ -126,3 +126,35 @@ fn shipped_example_config_is_valid() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(!text(&o).contains("warning"), "{}", text(&o));
 }
+
+#[test]
+fn sigterm_stops_the_daemon_cleanly() {
+    let d = tempdir().unwrap();
+    let port = test_support::free_port();
+    write_file(
+        d.path(),
+        "cfg.json",
+        format!(
+            r#"{{"server": "127.0.0.1:1", "hostname": "h", "interval": 1, "workdir": "{}",
+                "http": {{"enabled": true, "listen": "127.0.0.1:{port}"}}}}"#,
+            d.path().join("work").display()
+        ),
+    );
+    let mut child = test_support::KillOnDrop(
+        command(Path::new(env!("CARGO_BIN_EXE_ops-updater")))
+            .current_dir(d.path())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    test_support::wait_listening(
+        ([127, 0, 0, 1], port).into(),
+        std::time::Duration::from_secs(30),
+    );
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = test_support::wait_for_some("exit", std::time::Duration::from_secs(30), || {
+        child.try_wait().unwrap()
+    });
+    assert!(status.success(), "{status:?}");
+}

@@ -187,3 +187,31 @@ fn kill_during_unpack_then_restart_converges() {
     assert_eq!(status_of(&agent.join("1.0.0")), "stoped");
     assert!(agent.join("1.1.0/data/099/f1499").is_file());
 }
+
+#[test]
+fn slow_download_does_not_delay_heartbeats_or_other_agents() {
+    let release = Arc::new(AtomicBool::new(false));
+    let r = release.clone();
+    let tarball = big_agent("slow", "1.0.0", 256 << 10);
+    let (files, _gets) = file_server(
+        vec![("slow-1.0.0.tar.gz".into(), tarball)],
+        move |_n, _req, data| Reply::Stall(data, 1000, r.clone()),
+    );
+    let mut meta = Meta::start(json!([]));
+    publish(&meta, "quick", "1.0.0", Behaviour::Good);
+    meta.set_agents(json!([
+        agent_entry("slow", "1.0.0", &files.base(), "start"),
+        agent_entry("quick", "1.0.0", &meta.base(), "start"),
+    ]));
+    let u = Updater::start(&meta.addr.to_string(), "host-01", |_| {});
+    u.wait_running("quick", "1.0.0");
+    // The slow agent is still downloading while rounds go on.
+    let part = u.work().join("slow/.download/slow-1.0.0.tar.gz.part");
+    wait_for("a partial download", CONVERGE, || part.is_file());
+    u.wait_heartbeats(3);
+    let s = u.agent_status("slow").unwrap();
+    assert_eq!(s["busy"], true, "{s}");
+    assert_eq!(u.version_of("slow"), None);
+    release.store(true, Ordering::SeqCst);
+    u.wait_running("slow", "1.0.0");
+}
