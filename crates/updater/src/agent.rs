@@ -288,6 +288,28 @@ impl Handle {
     pub fn lock(&self) -> Arc<Mutex<()>> {
         self.lock.clone()
     }
+
+    /// Stops the worker without leaving an agent half-switched: a worker in the middle of
+    /// control actions (it holds the action lock: stopping the old version, starting the
+    /// new one, rolling back) is given up to `grace` to finish them; a worker that is idle
+    /// or downloading is stopped at once (a partial download is resumed at the next start).
+    pub async fn shutdown(mut self, grace: Duration) {
+        // No more desired states: the worker's loop ends after its current action.
+        let (dead_tx, _) = watch::channel(None);
+        drop(std::mem::replace(&mut self.tx, dead_tx));
+        let idle = self.lock.clone().try_lock_owned();
+        match idle {
+            // Holding the lock keeps the worker from starting a switch while it is aborted.
+            Ok(_guard) => self.task.abort(),
+            Err(_) => {
+                tracing::info!(agent = %self.name, "waiting for an action in progress before exiting");
+                let task = &mut self.task;
+                if tokio::time::timeout(grace, task).await.is_err() {
+                    tracing::warn!(agent = %self.name, ?grace, "action still running; stopping it");
+                }
+            }
+        }
+    }
 }
 
 impl Drop for Handle {

@@ -27,6 +27,8 @@ use crate::state::{now_unix, Shared};
 pub const MAX_AGENTS: usize = 256;
 /// First delay after a failed heartbeat; doubled per failure up to the interval.
 pub const HEARTBEAT_RETRY_BASE: Duration = Duration::from_secs(1);
+/// Longest the daemon waits at shutdown for switches in progress to finish.
+pub const SHUTDOWN_GRACE_MAX_SECS: u64 = 300;
 /// Most time a SIGTERM'd control script gets before SIGKILL.
 pub const CONTROL_GRACE: Duration = Duration::from_secs(5);
 
@@ -210,7 +212,13 @@ impl Daemon {
             }
         }
         tracing::info!("ops-updater stopping");
-        self.workers.clear();
+        // Enough for one switch and its rollback: stop, start, wait, stop, start, wait.
+        let c = &self.cfg.config;
+        let grace = Duration::from_secs(
+            (c.control_timeout_secs * 4 + c.start_timeout_secs * 2).min(SHUTDOWN_GRACE_MAX_SECS),
+        );
+        let workers = std::mem::take(&mut self.workers);
+        futures_util::future::join_all(workers.into_values().map(|w| w.shutdown(grace))).await;
     }
 
     /// The agent names under the workdir (folders with a `.version`), filtered.

@@ -174,3 +174,36 @@ fn chrono_now() -> i64 {
         .unwrap()
         .as_secs() as i64
 }
+
+#[test]
+fn sigterm_during_a_switch_finishes_the_rollback_before_exiting() {
+    let mut meta = Meta::start(json!([]));
+    publish(&meta, "falcon", "1.0.0", Behaviour::Good);
+    publish(&meta, "falcon", "1.1.0", Behaviour::DiesAtOnce);
+    meta.desire(&[("falcon", "1.0.0", "start")]);
+    let mut u = Updater::start(&meta.addr.to_string(), "host-01", |c| {
+        c["startTimeoutSecs"] = json!(2)
+    });
+    u.wait_running("falcon", "1.0.0");
+    meta.desire(&[("falcon", "1.1.0", "start")]);
+    let new = u.work().join("falcon/1.1.0");
+    // `start 1.1.0` ran: the updater is now waiting for a status that never comes.
+    wait_for("the new version started", CONVERGE, || {
+        control_actions(&new).iter().any(|l| l == "start 1.1.0")
+    });
+    let child = u.child.as_mut().unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = wait_for_some("ops-updater to exit", CONVERGE, || {
+        u.child.as_mut().unwrap().try_wait().unwrap()
+    });
+    assert!(status.success(), "{status:?}");
+    // It exited only after putting the previous version back.
+    let old = u.work().join("falcon/1.0.0");
+    assert_eq!(status_of(&old), "started");
+    assert_eq!(u.version_of("falcon").as_deref(), Some("1.0.0"));
+    assert_eq!(
+        control_actions(&old),
+        ["start 1.0.0", "stop 1.0.0", "start 1.0.0"]
+    );
+}
