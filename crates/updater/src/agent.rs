@@ -354,13 +354,7 @@ pub async fn collect(ctx: &Ctx, name: &str, lock: &Mutex<()>) -> Option<RealAgen
             });
             (wire, now)
         }
-        Err(_) => {
-            let view = ctx.shared.get_agent(name).unwrap_or_default();
-            match (view.status, view.status_at) {
-                (Some(s), Some(t)) => (s, t),
-                _ => ("busy: action in progress".to_string(), now_unix()),
-            }
-        }
+        Err(_) => last_known(ctx, name, &version, "busy: action in progress"),
     };
     Some(RealAgent {
         name: name.to_string(),
@@ -368,6 +362,16 @@ pub async fn collect(ctx: &Ctx, name: &str, lock: &Mutex<()>) -> Option<RealAgen
         status,
         timestamp,
     })
+}
+
+/// The last status read for `name` at `version` and when, or `fallback` (timestamped now)
+/// when none was read for that version.
+pub fn last_known(ctx: &Ctx, name: &str, version: &str, fallback: &str) -> (String, i64) {
+    let view = ctx.shared.get_agent(name).unwrap_or_default();
+    match (view.current_version, view.status, view.status_at) {
+        (Some(v), Some(s), Some(t)) if v == version => (s, t),
+        _ => (fallback.to_string(), now_unix()),
+    }
 }
 
 struct Worker {
@@ -528,6 +532,7 @@ impl Worker {
         let current = fsx::read_version_file(&self.dir()).ok().flatten();
         if current.as_deref() == Some(version) {
             self.ctx.shared.agent(&self.name, |v| {
+                v.current_version = Some(version.to_string());
                 v.status = Some(wire);
                 v.status_at = Some(now);
             });

@@ -27,6 +27,9 @@ use crate::state::{now_unix, Shared};
 pub const MAX_AGENTS: usize = 256;
 /// First delay after a failed heartbeat; doubled per failure up to the interval.
 pub const HEARTBEAT_RETRY_BASE: Duration = Duration::from_secs(1);
+/// Longest the round waits for one agent's `control status` before reporting the last
+/// status known for it.
+pub const STATUS_WAIT: Duration = Duration::from_secs(2);
 /// Longest the daemon waits at shutdown for switches in progress to finish.
 pub const SHUTDOWN_GRACE_MAX_SECS: u64 = 300;
 /// Most time a SIGTERM'd control script gets before SIGKILL.
@@ -269,26 +272,46 @@ impl Daemon {
         &self.workers[name]
     }
 
-    /// Reads every agent's status at once, each bounded by the status timeout (plus the
-    /// kill grace and a margin), so one hung script costs the round at most that.
+    /// Reads every agent's status at once. Each read runs in its own task and the round
+    /// waits for it at most [`STATUS_WAIT`] (or the status timeout, if shorter): a script
+    /// that takes longer keeps running in the background (until the status timeout kills
+    /// it), its result is kept for the next round, and this round reports the last status
+    /// known for that agent. A hung script thus never holds up the heartbeat.
     async fn collect(&mut self, names: &[String]) -> Vec<RealAgent> {
-        let budget = self.ctx.status.timeout + self.ctx.status.grace + Duration::from_secs(1);
+        let wait = STATUS_WAIT.min(self.ctx.status.timeout);
         let futs = names.iter().map(|n| {
             let ctx = self.ctx.clone();
             let lock = self.workers[n].lock();
             let n = n.clone();
             async move {
-                match tokio::time::timeout(budget, agent::collect(&ctx, &n, &lock)).await {
-                    Ok(r) => r,
+                let read = {
+                    let (ctx, n) = (ctx.clone(), n.clone());
+                    tokio::spawn(async move { agent::collect(&ctx, &n, &lock).await })
+                };
+                // On timeout the JoinHandle is dropped, which detaches (not cancels) the read.
+                match tokio::time::timeout(wait, read).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(join)) => {
+                        tracing::error!(agent = %n, error = %join, "status task failed");
+                        None
+                    }
                     Err(_) => {
                         let v = crate::fsx::read_version_file(&ctx.agent_dir(&n))
                             .ok()
-                            .flatten()?;
+                            .flatten()
+                            .filter(|v| proto::validate_version(v).is_ok())?;
+                        let (status, timestamp) = agent::last_known(
+                            &ctx,
+                            &n,
+                            &v,
+                            &format!("control status: no answer within {wait:?}"),
+                        );
+                        tracing::debug!(agent = %n, version = %v, "status still running; reporting the last known");
                         Some(RealAgent {
                             name: n.clone(),
                             version: v,
-                            status: format!("control status: no answer within {budget:?}"),
-                            timestamp: now_unix(),
+                            status,
+                            timestamp,
                         })
                     }
                 }

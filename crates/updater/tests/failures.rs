@@ -135,7 +135,8 @@ fn hung_status_does_not_hold_up_the_heartbeat_or_other_agents() {
     let mut meta = Meta::start(json!([]));
     publish(&meta, "good", "1.0.0", Behaviour::Good);
     let u = Updater::start(&meta.addr.to_string(), "host-01", |c| {
-        c["statusTimeoutSecs"] = json!(1);
+        // Longer than the test: only the round's own wait can keep heartbeats flowing.
+        c["statusTimeoutSecs"] = json!(120);
         // "stuck" was installed earlier; its status script now hangs.
         let w = std::path::PathBuf::from(c["workdir"].as_str().unwrap());
         let v = w.join("stuck/1.0.0");
@@ -162,7 +163,7 @@ fn hung_status_does_not_hold_up_the_heartbeat_or_other_agents() {
                     .is_some_and(|s| s.starts_with("control status"))
         })
     });
-    u.wait_heartbeats(2);
+    u.wait_heartbeats(3);
     // Left alone: with its state unknown, the updater never ran start on it.
     let log = std::fs::read_to_string(u.work().join("stuck/1.0.0/control.log")).unwrap();
     assert!(!log.lines().any(|l| l.starts_with("start")), "{log}");

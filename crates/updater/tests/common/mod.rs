@@ -364,12 +364,33 @@ pub fn stop_all_agents(work: &Path) {
         };
         for v in versions.flatten() {
             let p = v.path();
+            kill_processes_in(&p);
             if p.join("app.pid").exists() {
                 let _ = command(&p.join("control"))
                     .arg("stop")
                     .current_dir(&p)
                     .output();
             }
+        }
+    }
+}
+
+/// SIGKILLs every process whose working directory is `dir`: control scripts still
+/// running when the updater was killed (a hung `status`), found precisely by their cwd.
+pub fn kill_processes_in(dir: &Path) {
+    let Ok(dir) = dir.canonicalize() else { return };
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if std::fs::read_link(p.path().join("cwd")).is_ok_and(|cwd| cwd == dir) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }
