@@ -176,8 +176,12 @@ pub enum Plan {
     EnsureStopped { version: String },
     /// Install `to` and switch to it from `from` (the installed current version, if any).
     Switch { from: Option<String>, to: String },
-    /// The desired version failed before; wait.
-    Wait { until_unix: i64 },
+    /// The desired version failed before; wait, keeping the installed current version
+    /// (if any) running meanwhile.
+    Wait {
+        until_unix: i64,
+        current: Option<String>,
+    },
     /// Nothing to do (e.g. `stop` for an agent that is not installed).
     Nothing,
 }
@@ -209,6 +213,7 @@ pub fn plan(
                 if b.key == BackoffKey::of(desired) && now < b.until {
                     return Plan::Wait {
                         until_unix: b.until_unix,
+                        current: installed_current.map(str::to_string),
                     };
                 }
             }
@@ -440,10 +445,22 @@ impl Worker {
             Instant::now(),
         ) {
             Plan::Nothing => {}
-            Plan::Wait { until_unix } => {
+            Plan::Wait {
+                until_unix,
+                current,
+            } => {
                 tracing::debug!(agent = %self.name, version = %d.version, until_unix, "held back by a previous failure");
+                // The version we rolled back to must not stay down if it crashes meanwhile.
+                if let Some(v) = current {
+                    self.ensure_started(&v).await;
+                }
             }
-            Plan::EnsureStarted { version } => self.ensure_started(&version).await,
+            Plan::EnsureStarted { version } => {
+                self.ensure_started(&version).await;
+                // Also in the steady state, so that a host taken over from the original
+                // updater (which kept every version) is trimmed to `keepVersions`.
+                self.prune(&version, d);
+            }
             Plan::EnsureStopped { version } => self.ensure_stopped(&version).await,
             Plan::Switch { from, to } => {
                 self.busy(true);
@@ -859,7 +876,17 @@ mod tests {
         };
         assert_eq!(
             plan(&d, Some("1"), true, Some(&b), now),
-            Plan::Wait { until_unix: 123 }
+            Plan::Wait {
+                until_unix: 123,
+                current: Some("1".into())
+            }
+        );
+        assert_eq!(
+            plan(&d, None, false, Some(&b), now),
+            Plan::Wait {
+                until_unix: 123,
+                current: None
+            }
         );
         // Past the deadline: try again.
         assert!(matches!(

@@ -118,6 +118,18 @@ fn rollback_case(bad: Behaviour) {
         meta.reported("falcon", "host-01")
             .is_some_and(|r| r["version"] == "1.0.0" && r["status"] == "started")
     });
+    // While 1.1.0 is held back, 1.0.0 is still looked after: stopped by hand, it comes back.
+    control(&old, "stop");
+    wait_for("1.0.0 started again", CONVERGE, || {
+        control_actions(&old).len() == 5 && status_of(&old) == "started"
+    });
+    assert_eq!(
+        control_actions(&new)
+            .iter()
+            .filter(|l| l.starts_with("start"))
+            .count(),
+        1
+    );
 }
 
 #[test]

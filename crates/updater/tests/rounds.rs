@@ -243,3 +243,33 @@ fn meta_down_then_back() {
     u.wait_running("falcon", "1.0.0");
     assert!(u.daemon_status()["lastHeartbeatError"].is_null());
 }
+
+#[test]
+fn versions_left_by_the_original_are_trimmed_to_keep_versions() {
+    let mut meta = Meta::start(json!([]));
+    let u = Updater::start(&meta.addr.to_string(), "host-01", |c| {
+        c["keepVersions"] = json!(2);
+        let w = std::path::PathBuf::from(c["workdir"].as_str().unwrap());
+        use std::os::unix::fs::PermissionsExt;
+        let base = std::time::SystemTime::now() - std::time::Duration::from_secs(1000);
+        for (i, v) in ["0.1", "0.2", "0.3", "0.4"].iter().enumerate() {
+            let dir = w.join("falcon").join(v);
+            write_file(&dir, "control", "#!/bin/sh\necho started\n");
+            std::fs::set_permissions(dir.join("control"), std::fs::Permissions::from_mode(0o755))
+                .unwrap();
+            let f = std::fs::File::open(&dir).unwrap();
+            f.set_modified(base + std::time::Duration::from_secs(i as u64 * 10))
+                .unwrap();
+        }
+        write_file(&w.join("falcon"), ".version", "0.2\n");
+    });
+    meta.desire(&[("falcon", "0.2", "start")]);
+    let agent = u.work().join("falcon");
+    wait_for("old versions pruned", CONVERGE, || {
+        !agent.join("0.1").exists() && !agent.join("0.3").exists()
+    });
+    // The current one and the newest other stay.
+    assert!(agent.join("0.2").is_dir());
+    assert!(agent.join("0.4").is_dir());
+    assert_eq!(u.version_of("falcon").as_deref(), Some("0.2"));
+}
