@@ -23,8 +23,6 @@ pub enum Outcome {
     Failed,
     /// Rolled back to the previous version after the new one failed to start.
     RolledBack,
-    /// Nothing done because a back-off is in force.
-    Waiting,
 }
 
 /// One agent as shown on `/status`.
