@@ -35,12 +35,13 @@ fn big_agent(name: &str, version: &str, payload: usize) -> Vec<u8> {
     ])
 }
 
-/// A fake agent with `files` small files: slow to unpack (each file is synced).
+/// A fake agent that is slow to unpack on any disk: `files` small files (each one is
+/// synced) and 64 MiB of zeros (small once compressed, long to write out).
 fn many_files_agent(name: &str, version: &str, files: usize) -> Vec<u8> {
-    let mut entries = vec![Entry::exec(
-        "control",
-        control_script(name, version, Behaviour::Good),
-    )];
+    let mut entries = vec![
+        Entry::exec("control", control_script(name, version, Behaviour::Good)),
+        Entry::file("zeros.bin", vec![0u8; 64 << 20]),
+    ];
     for i in 0..files {
         entries.push(Entry::file(&format!("data/{:03}/f{i}", i % 100), "x"));
     }
@@ -164,10 +165,12 @@ fn kill_during_download_then_restart_converges() {
 fn kill_during_unpack_then_restart_converges() {
     let mut meta = Meta::start(json!([]));
     publish(&meta, "falcon", "1.0.0", Behaviour::Good);
-    let big = many_files_agent("falcon", "1.1.0", 1_500);
+    let big = many_files_agent("falcon", "1.1.0", 1_000);
     test_support::tarball::publish(&meta.tarball_dir(), "falcon", "1.1.0", &big);
     meta.desire(&[("falcon", "1.0.0", "start")]);
-    let mut u = Updater::start(&meta.addr.to_string(), "host-01", |_| {});
+    let mut u = Updater::start(&meta.addr.to_string(), "host-01", |c| {
+        c["maxUnpackedBytes"] = json!(128u64 << 20)
+    });
     u.wait_running("falcon", "1.0.0");
 
     meta.desire(&[("falcon", "1.1.0", "start")]);
@@ -185,7 +188,7 @@ fn kill_during_unpack_then_restart_converges() {
     u.wait_running("falcon", "1.1.0");
     assert_eq!(unpack_leftovers(&agent), Vec::<String>::new());
     assert_eq!(status_of(&agent.join("1.0.0")), "stoped");
-    assert!(agent.join("1.1.0/data/099/f1499").is_file());
+    assert!(agent.join("1.1.0/data/099/f999").is_file());
 }
 
 #[test]
