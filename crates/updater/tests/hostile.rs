@@ -139,3 +139,22 @@ fn hostile_heartbeat_answers_never_stop_the_daemon() {
     });
     release.store(true, Ordering::SeqCst);
 }
+
+#[test]
+fn error_message_means_nothing_is_done() {
+    let server = Scripted::start(move |req| {
+        if req.path != "/heartbeat" {
+            return Reply::Full(404, "text/plain", b"not found".to_vec());
+        }
+        let v = json!({"errorMessage": "host is blocked", "desiredAgents": [{
+            "name": "falcon", "version": "1.0.0", "tarball": "http://127.0.0.1:9",
+            "md5": "", "cmd": "start"}]});
+        Reply::Full(200, "application/json", v.to_string().into_bytes())
+    });
+    let u = Updater::start(&server.addr.to_string(), "host-01", |_| {});
+    u.wait_heartbeats(3);
+    assert_eq!(u.daemon_status()["serverError"], "host is blocked");
+    assert!(u.agent_status("falcon").is_none());
+    assert_eq!(test_support::tree(&u.work()), Vec::<String>::new());
+    assert!(server.seen().iter().all(|s| s.path == "/heartbeat"));
+}

@@ -52,6 +52,10 @@ fn first_install_then_upgrade_switches_versions() {
     assert_eq!(s["currentVersion"], "1.1.0");
     assert_eq!(s["lastResult"], "ok");
     assert_eq!(s["lastAction"], "upgrade 1.0.0 -> 1.1.0");
+    // `"debug": true` logs each exchange.
+    let log = u.log_text();
+    assert!(log.contains("heartbeat request"), "{log}");
+    assert!(log.contains("heartbeat response"), "{log}");
 }
 
 #[test]
