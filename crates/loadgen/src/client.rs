@@ -122,6 +122,18 @@ impl Conn {
         Ok(sender)
     }
 
+    /// Opens the connection now rather than on the first request, so that a run's clock
+    /// starts with every connection established (as wrk does).
+    pub async fn warm(&mut self) -> Result<(), Failure> {
+        if self.sender.is_none() {
+            let s = tokio::time::timeout(self.timeout, self.connect())
+                .await
+                .map_err(|_| Failure::Timeout)??;
+            self.sender = Some(s);
+        }
+        Ok(())
+    }
+
     /// POSTs a JSON body to `path` and returns the answer's body.
     pub async fn post(&mut self, path: &str, body: Bytes) -> Result<Bytes, Failure> {
         self.request(Method::POST, path, body).await

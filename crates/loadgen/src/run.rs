@@ -24,6 +24,10 @@ use crate::wire::{self, Protocol, Template};
 pub const MAX_CONNECTIONS: usize = 10_000;
 /// Pause after a failed connect, so that a dead server is probed, not spun on.
 const CONNECT_BACKOFF: Duration = Duration::from_millis(10);
+/// Tokio's timers fire on millisecond ticks, rounding a deadline up. Open-loop workers wake
+/// this much before a request is due so that the timer's rounding is not counted as server
+/// latency; a request sent early counts from when it was actually sent.
+const TIMER_SLACK: Duration = Duration::from_millis(1);
 /// Versions one converge worker tells apart; more would mean the server invents versions.
 const MAX_VERSIONS: usize = u16::MAX as usize - 1;
 
@@ -155,6 +159,9 @@ pub async fn run(settings: Settings, mode: Mode) -> Result<Report, RunError> {
         live: live.clone(),
         stop: stop_rx,
     });
+    // Every connection is open before the clock starts; one that fails here is retried
+    // (and counted) by its worker.
+    let mut conns = warm_up(&ctx.settings).await;
     let start = Instant::now();
     let progress = ctx.settings.progress.then(|| {
         tokio::spawn(progress_line(
@@ -182,6 +189,7 @@ pub async fn run(settings: Settings, mode: Mode) -> Result<Report, RunError> {
             for _ in 0..c {
                 workers.push(tokio::spawn(closed_worker(
                     ctx.clone(),
+                    conns.pop().expect("one connection per worker"),
                     claim.clone(),
                     limit,
                     end,
@@ -193,6 +201,7 @@ pub async fn run(settings: Settings, mode: Mode) -> Result<Report, RunError> {
             for w in 0..c {
                 workers.push(tokio::spawn(open_worker(
                     ctx.clone(),
+                    conns.pop().expect("one connection per worker"),
                     w,
                     *rate,
                     start,
@@ -209,6 +218,7 @@ pub async fn run(settings: Settings, mode: Mode) -> Result<Report, RunError> {
             for plan in plans {
                 workers.push(tokio::spawn(converge_worker(
                     ctx.clone(),
+                    conns.pop().expect("one connection per worker"),
                     plan,
                     spec.clone(),
                     start,
@@ -301,7 +311,26 @@ pub async fn run(settings: Settings, mode: Mode) -> Result<Report, RunError> {
     })
 }
 
-/// Sends one report rendered from the template and records the outcome.
+/// One connection per worker, all opened at once.
+async fn warm_up(settings: &Settings) -> Vec<Conn> {
+    let tasks: Vec<_> = (0..settings.connections)
+        .map(|_| {
+            let mut conn = Conn::new(settings.target.clone(), settings.timeout);
+            tokio::spawn(async move {
+                let _ = conn.warm().await;
+                conn
+            })
+        })
+        .collect();
+    let mut conns = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        conns.push(t.await.expect("warm-up does not panic"));
+    }
+    conns
+}
+
+/// Sends one report rendered from the template and records the outcome. Latency counts
+/// from `intended`, or from the actual send when that was earlier.
 async fn send_report(
     ctx: &Ctx,
     conn: &mut Conn,
@@ -318,7 +347,7 @@ async fn send_report(
         Ok(answer) => {
             let done = Instant::now();
             match wire::read_answer(ctx.settings.protocol, &answer) {
-                Ok(_) => rec.ok(done - intended, done - sent, &ctx.live),
+                Ok(_) => rec.ok(done - intended.min(sent), done - sent, &ctx.live),
                 Err(bad) => rec.bad_answer(&bad, &ctx.live),
             }
         }
@@ -333,11 +362,11 @@ async fn send_report(
 
 async fn closed_worker(
     ctx: Arc<Ctx>,
+    mut conn: Conn,
     claim: Arc<AtomicU64>,
     limit: u64,
     end: Option<Instant>,
 ) -> WorkerResult {
-    let mut conn = Conn::new(ctx.settings.target.clone(), ctx.settings.timeout);
     let mut rec = Recorder::new();
     let mut buf = Vec::with_capacity(512);
     loop {
@@ -363,12 +392,12 @@ async fn closed_worker(
 /// overdue requests at once; their latency still counts from when they were due.
 async fn open_worker(
     ctx: Arc<Ctx>,
+    mut conn: Conn,
     w: usize,
     rate: f64,
     start: Instant,
     end: Instant,
 ) -> WorkerResult {
-    let mut conn = Conn::new(ctx.settings.target.clone(), ctx.settings.timeout);
     let mut rec = Recorder::new();
     let mut buf = Vec::with_capacity(512);
     let c = ctx.settings.connections as u64;
@@ -378,7 +407,7 @@ async fn open_worker(
         if due >= end {
             break;
         }
-        tokio::time::sleep_until(due).await;
+        tokio::time::sleep_until(due.checked_sub(TIMER_SLACK).unwrap_or(due)).await;
         send_report(
             &ctx,
             &mut conn,
@@ -458,6 +487,7 @@ impl Versions {
 #[allow(clippy::too_many_arguments)] // One call site; a struct would only rename these.
 async fn converge_worker(
     ctx: Arc<Ctx>,
+    mut conn: Conn,
     plan: Plan,
     spec: ConvergeSpec,
     start: Instant,
@@ -468,7 +498,6 @@ async fn converge_worker(
     let fleet = &ctx.settings.fleet;
     let protocol = ctx.settings.protocol;
     let mut stop = ctx.stop.clone();
-    let mut conn = Conn::new(ctx.settings.target.clone(), ctx.settings.timeout);
     let mut rec = Recorder::new();
     let k = fleet.agents.len();
     let agent_index: HashMap<&str, usize> = fleet
