@@ -7,6 +7,7 @@
 //! which forks of the original may have added, become warnings instead of errors. Like Go's
 //! decoder, key matching falls back to a case-insensitive match and `null` means "absent".
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -77,6 +78,18 @@ pub struct Config {
     pub sha_recheck_secs: u64,
     /// `shutdownGraceSecs` (ours): how long in-flight requests may take after SIGTERM.
     pub shutdown_grace_secs: u64,
+    /// `tagRules` (ours): BootAgent tags by hostname prefix; every matching rule's tags
+    /// are joined in order.
+    pub tag_rules: Vec<TagRule>,
+}
+
+/// `tagRules[]` (ours).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagRule {
+    /// Hostnames starting with this get the tags; empty matches every host.
+    pub prefix: String,
+    /// Comma-separated `key=value`, e.g. `svc=web,cmpt=FE`.
+    pub tags: String,
 }
 
 /// `http`.
@@ -110,6 +123,11 @@ pub struct AgentDefault {
     pub cmd: String,
     /// `sha256` (ours): lowercase hex SHA-256 of `{name}-{version}.tar.gz`.
     pub sha256: Option<String>,
+    /// `envs` (ours): environment of the agent, sent in BootAgent jobs.
+    pub envs: BTreeMap<String, String>,
+    /// `limits` (ours): resource limits of the agent (e.g. `CPU`, `memory`), sent in
+    /// BootAgent jobs.
+    pub limits: BTreeMap<String, String>,
 }
 
 /// `agents[].others[]`: every non-empty field overrides the default for hosts whose name
@@ -123,6 +141,10 @@ pub struct AgentOverride {
     pub cmd: String,
     /// `sha256` (ours): SHA-256 of the tarball of this entry's `version`.
     pub sha256: Option<String>,
+    /// `envs` (ours): when non-empty, replaces the whole `envs` of the default.
+    pub envs: BTreeMap<String, String>,
+    /// `limits` (ours): when non-empty, replaces the whole `limits` of the default.
+    pub limits: BTreeMap<String, String>,
 }
 
 /// One problem found in a config, naming its field.
@@ -405,6 +427,7 @@ impl Parser {
             "headerReadTimeoutSecs",
             "shaRecheckSecs",
             "shutdownGraceSecs",
+            "tagRules",
         ];
         let empty = Map::new();
         let m = self.object(root, "", KNOWN).unwrap_or(&empty);
@@ -468,7 +491,72 @@ impl Parser {
                 0,
                 3600,
             ),
+            tag_rules: self.tag_rules(m),
         }
+    }
+
+    /// `tagRules`: a list of `{"prefix", "tags"}`.
+    fn tag_rules(&mut self, m: &Map<String, Value>) -> Vec<TagRule> {
+        let Some(v) = lookup(m, "tagRules") else {
+            return Vec::new();
+        };
+        let Some(items) = v.as_array() else {
+            self.error("tagRules", format!("want a list, got {}", kind(v)));
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let p = format!("tagRules[{i}]");
+            let Some(o) = self.object(item, &p, &["prefix", "tags"]) else {
+                continue;
+            };
+            let prefix = self.string(o, &p, "prefix");
+            let tags = self.string(o, &p, "tags");
+            if let Err(e) = crate::boot::check_tags(&tags) {
+                self.error(&join(&p, "tags"), e);
+            }
+            out.push(TagRule { prefix, tags });
+        }
+        out
+    }
+
+    /// `envs` or `limits` (ours): an object of strings, each entry checked.
+    fn string_map(
+        &mut self,
+        m: &Map<String, Value>,
+        path: &str,
+        key: &str,
+    ) -> BTreeMap<String, String> {
+        let field = join(path, key);
+        let Some(v) = lookup(m, key) else {
+            return BTreeMap::new();
+        };
+        let Some(o) = v.as_object() else {
+            self.error(&field, format!("want an object, got {}", kind(v)));
+            return BTreeMap::new();
+        };
+        if o.len() > crate::boot::MAX_MAP_ENTRIES {
+            self.error(
+                &field,
+                format!(
+                    "has {} entries, the limit is {}",
+                    o.len(),
+                    crate::boot::MAX_MAP_ENTRIES
+                ),
+            );
+        }
+        let mut out = BTreeMap::new();
+        for (k, v) in o {
+            let Some(s) = v.as_str() else {
+                self.error(&join(&field, k), format!("want a string, got {}", kind(v)));
+                continue;
+            };
+            if let Err(e) = crate::boot::check_map_entry(k, s) {
+                self.error(&field, e);
+            }
+            out.insert(k.clone(), s.to_string());
+        }
+        out
     }
 
     fn http(&mut self, m: &Map<String, Value>) -> HttpConfig {
@@ -540,7 +628,9 @@ impl Parser {
         let d = self.object(
             v,
             path,
-            &["name", "version", "tarball", "md5", "cmd", "sha256"],
+            &[
+                "name", "version", "tarball", "md5", "cmd", "sha256", "envs", "limits",
+            ],
         )?;
         let name = self.string(d, path, "name");
         if let Err(e) = proto::validate_agent_name(&name) {
@@ -563,6 +653,8 @@ impl Parser {
             );
         }
         let sha256 = self.sha256(d, path);
+        let envs = self.string_map(d, path, "envs");
+        let limits = self.string_map(d, path, "limits");
         Some(AgentDefault {
             name,
             version,
@@ -570,6 +662,8 @@ impl Parser {
             md5,
             cmd,
             sha256,
+            envs,
+            limits,
         })
     }
 
@@ -590,7 +684,9 @@ impl Parser {
             let Some(o) = self.object(
                 item,
                 &p,
-                &["prefix", "version", "tarball", "md5", "cmd", "sha256"],
+                &[
+                    "prefix", "version", "tarball", "md5", "cmd", "sha256", "envs", "limits",
+                ],
             ) else {
                 continue;
             };
@@ -617,6 +713,8 @@ impl Parser {
                     "is set but version is not: a sha256 belongs to the version in the same entry",
                 );
             }
+            let envs = self.string_map(o, &p, "envs");
+            let limits = self.string_map(o, &p, "limits");
             out.push(AgentOverride {
                 prefix,
                 version,
@@ -624,6 +722,8 @@ impl Parser {
                 md5,
                 cmd,
                 sha256,
+                envs,
+                limits,
             });
         }
         out

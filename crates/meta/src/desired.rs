@@ -5,7 +5,7 @@
 //! compile time, through `proto::legacy::DesiredAgent`; hosts that match an override (a
 //! canary, a small share of the fleet) get their entry merged and serialized per request.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use proto::legacy::{DesiredAgent, HeartbeatResponse};
@@ -104,6 +104,30 @@ impl Desired {
             }
         }
         out.extend_from_slice(TAIL);
+    }
+
+    /// BootAgent `envs` and `limits` of each agent for `hostname`, in the order of
+    /// [`Desired::for_host`]: the default's, each replaced whole by every matching
+    /// override that sets it (in order, later wins).
+    pub fn extras_for(
+        &self,
+        hostname: &str,
+    ) -> Vec<(BTreeMap<String, String>, BTreeMap<String, String>)> {
+        self.agents
+            .iter()
+            .map(|a| {
+                let (mut envs, mut limits) = (&a.default.envs, &a.default.limits);
+                for o in a.others.iter().filter(|o| hostname.starts_with(&o.prefix)) {
+                    if !o.envs.is_empty() {
+                        envs = &o.envs;
+                    }
+                    if !o.limits.is_empty() {
+                        limits = &o.limits;
+                    }
+                }
+                (envs.clone(), limits.clone())
+            })
+            .collect()
     }
 
     /// The answer for `hostname` as a proto value (tests and debug logs).

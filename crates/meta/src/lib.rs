@@ -5,6 +5,7 @@
 //! Entry points: [`run`] for the binary; [`Server::start_local`] (or [`Server::start`]
 //! with an [`AppState`]) to serve in-process; [`app`] for `oneshot` tests.
 
+pub mod boot;
 pub mod config;
 pub mod desired;
 pub mod http;

@@ -201,6 +201,10 @@ async fn sweeper(state: AppState, mut shutdown: watch::Receiver<bool>) {
                 "dropped stale hosts"
             );
         }
+        let dropped = state.boot.sweep(cutoff);
+        if dropped > 0 {
+            tracing::info!(dropped, "dropped stale BootAgent hosts");
+        }
     }
 }
 

@@ -128,6 +128,8 @@ pub struct AppState {
     pub current: Arc<Current>,
     pub store: Arc<dyn FleetStore>,
     pub reloader: Arc<Reloader>,
+    /// BootAgent hosts, their jobs and operator batches.
+    pub boot: Arc<crate::boot::Boot>,
 }
 
 impl AppState {
@@ -157,6 +159,7 @@ impl AppState {
             current,
             store,
             reloader,
+            boot: Arc::new(crate::boot::Boot::new()),
         }
     }
 }

@@ -10,6 +10,36 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 /// `status` value of a successful answer.
 pub const STATUS_OK: i32 = 0;
+/// `status` of a status answer when the server does not know the serial (or the host sent
+/// none): the host must register again and report with the serial it gets back.
+pub const STATUS_UNREGISTERED: i32 = 1;
+/// `status` of a status answer when the serial is registered to another hostname (a cloned
+/// disk image, or a renamed host): the host must register again.
+pub const STATUS_SERIAL_CONFLICT: i32 = 2;
+
+/// Longest serial (`agentsn`) accepted, in bytes. Serials are UUIDs (36 bytes).
+pub const MAX_AGENTSN_LEN: usize = 64;
+
+/// A serial: 1–64 bytes of ASCII letters, digits and `-` (a UUID fits).
+pub fn validate_agentsn(s: &str) -> Result<(), crate::NameError> {
+    let reason = if s.is_empty() {
+        Some("is empty")
+    } else if s.len() > MAX_AGENTSN_LEN {
+        Some("is longer than 64 bytes")
+    } else if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        Some("may only hold ASCII letters, digits and '-'")
+    } else {
+        None
+    };
+    match reason {
+        None => Ok(()),
+        Some(reason) => Err(crate::NameError {
+            field: "agentsn",
+            value: s.to_string(),
+            reason,
+        }),
+    }
+}
 
 /// `POST /agent/register` body.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,6 +267,15 @@ mod tests {
         assert_eq!(parse_checksum("SHA256:4a34"), None);
         assert_eq!(parse_checksum(&h), None);
         assert_eq!(format_checksum(&h), format!("SHA256:{h}"));
+    }
+
+    #[test]
+    fn agentsn_validation() {
+        assert!(validate_agentsn("bfdcc18c-b6b9-4725-9c47-37fd93dba5b6").is_ok());
+        for bad in ["", "a b", "../x", "sn\n", &"a".repeat(65)] {
+            let e = validate_agentsn(bad).unwrap_err();
+            assert!(e.to_string().starts_with("invalid agentsn"), "{e}");
+        }
     }
 
     #[test]

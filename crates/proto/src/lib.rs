@@ -6,6 +6,7 @@
 
 pub mod bootagent;
 pub mod legacy;
+pub mod ops;
 pub mod validate;
 
 pub use validate::{validate_agent_name, validate_hostname, validate_version, NameError};

@@ -3,8 +3,9 @@
 //!
 //! Invariants: a job stays in `pending` (and goes out with every status answer, same id)
 //! until its result comes back; once its result is in, the id is never handed out again.
-//! At most one job per agent is pending, so derivation and operator jobs never race on one
-//! agent. Everything is bounded per host.
+//! A derived job is only made for an agent with no job pending, and an operator job
+//! replaces a pending derived one, so derivation and operators never race on one agent;
+//! operator jobs for one agent queue in order. Everything is bounded per host.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -211,8 +212,7 @@ impl HostJobs {
                 // The desired state changed since the failure or hold: derive again.
                 self.memos.remove(&w.name);
             }
-            let Some(action) = wanted_action(w, reported.iter().find(|a| a.name == w.name))
-            else {
+            let Some(action) = wanted_action(w, reported.iter().find(|a| a.name == w.name)) else {
                 continue;
             };
             let artifact = matches!(action, Action::Install | Action::Upgrade);
@@ -289,8 +289,8 @@ impl HostJobs {
     }
 
     /// Queues an operator job. A job about an agent replaces a pending derived job for the
-    /// same agent (the operator's word wins); it is refused when another operator job for
-    /// that agent is pending or the queue is full. `hold` (the agent's current desired
+    /// same agent (the operator's word wins) and queues behind earlier operator jobs for
+    /// it; it is refused when the queue is full. `hold` (the agent's current desired
     /// fingerprint) keeps derivation off the agent until the desired state changes.
     pub fn push_operator(
         &mut self,
@@ -300,12 +300,8 @@ impl HostJobs {
         hold: Option<u64>,
     ) -> Result<(), &'static str> {
         if !job.name.is_empty() {
-            if let Some(i) = self.pending.iter().position(|p| p.job.name == job.name) {
-                if matches!(self.pending[i].origin, Origin::Operator { .. }) {
-                    return Err("another operator job for this agent is pending");
-                }
-                self.pending.remove(i);
-            }
+            self.pending
+                .retain(|p| p.job.name != job.name || matches!(p.origin, Origin::Operator { .. }));
         }
         if self.pending.len() >= MAX_PENDING_JOBS {
             return Err("the host's job queue is full");
@@ -353,6 +349,23 @@ impl HostJobs {
             Some(o) => JobState::Finished(o),
             None => JobState::Unknown,
         }
+    }
+
+    /// Agents derivation keeps off, sorted, with `failed` or `held`.
+    pub fn blocked(&self) -> Vec<(String, &'static str)> {
+        let mut out: Vec<_> = self
+            .memos
+            .iter()
+            .map(|(n, m)| {
+                let why = match m.kind {
+                    MemoKind::Failed => "failed",
+                    MemoKind::Held => "held",
+                };
+                (n.clone(), why)
+            })
+            .collect();
+        out.sort();
+        out
     }
 
     pub fn pending(&self) -> &[Pending] {
@@ -423,13 +436,39 @@ mod tests {
         let start = Some(Cmd::Start);
         let stop = Some(Cmd::Stop);
         // (want version, cmd, reported, expected action)
-        let cases: Vec<(&str, Option<Cmd>, Option<AgentStatus>, Option<Action>)> = vec![
+        type Case = (
+            &'static str,
+            Option<Cmd>,
+            Option<AgentStatus>,
+            Option<Action>,
+        );
+        let cases: Vec<Case> = vec![
             ("1", start, None, Some(Action::Install)),
-            ("2", start, Some(rep("1", STATE_RUNNING)), Some(Action::Upgrade)),
+            (
+                "2",
+                start,
+                Some(rep("1", STATE_RUNNING)),
+                Some(Action::Upgrade),
+            ),
             ("1", start, Some(rep("1", STATE_RUNNING)), None),
-            ("1", start, Some(rep("1", STATE_STOPED)), Some(Action::Restart)),
-            ("1", start, Some(rep("1", STATE_FATAL)), Some(Action::Restart)),
-            ("1", start, Some(rep("1", STATE_KILLED)), Some(Action::Restart)),
+            (
+                "1",
+                start,
+                Some(rep("1", STATE_STOPED)),
+                Some(Action::Restart),
+            ),
+            (
+                "1",
+                start,
+                Some(rep("1", STATE_FATAL)),
+                Some(Action::Restart),
+            ),
+            (
+                "1",
+                start,
+                Some(rep("1", STATE_KILLED)),
+                Some(Action::Restart),
+            ),
             ("1", start, Some(rep("1", "control: no such file")), None),
             ("1", stop, Some(rep("1", STATE_RUNNING)), Some(Action::Stop)),
             ("1", stop, Some(rep("0", STATE_RUNNING)), Some(Action::Stop)),
@@ -555,12 +594,17 @@ mod tests {
             .unwrap();
         // The derived restart was replaced by the operator's stop.
         assert_eq!(h.to_send(), vec![stop.clone()]);
-        assert!(h
-            .push_operator(stop.clone(), "b".into(), 1, None)
-            .is_err());
-        h.apply_results(&[result(&stop.id, 0)], 2);
+        // A second operator job for the same agent queues behind the first.
+        let mut uninstall = stop.clone();
+        uninstall.id = new_id();
+        uninstall.action = Action::Uninstall;
+        h.push_operator(uninstall.clone(), "b".into(), 1, Some(w[0].fingerprint()))
+            .unwrap();
+        assert_eq!(h.to_send(), vec![stop.clone(), uninstall.clone()]);
+        h.apply_results(&[result(&stop.id, 0), result(&uninstall.id, 0)], 2);
         h.derive(&w, &[rep("1", STATE_STOPED)], 3);
         assert!(h.to_send().is_empty(), "held after an operator stop");
+        assert_eq!(h.blocked(), vec![("basic".to_string(), "held")]);
         for i in 0..MAX_PENDING_JOBS {
             let mut j = stop.clone();
             j.id = new_id();
@@ -577,13 +621,19 @@ mod tests {
             let id = h.pending()[0].job.id.clone();
             h.apply_results(&[result(&id, i as i32)], 5);
         }
-        assert_eq!(h.results().count(), MAX_RESULTS_KEPT.min(MAX_PENDING_JOBS + 1));
+        assert_eq!(
+            h.results().count(),
+            MAX_RESULTS_KEPT.min(MAX_PENDING_JOBS + 2)
+        );
     }
 
     #[test]
     fn messages_are_cut_and_cleaned() {
         assert_eq!(clean_text("a\nb", 10), "a b");
         assert_eq!(clean_text("ééé", 3), "é");
-        assert_eq!(clean_text(&"x".repeat(5000), MAX_MESSAGE_LEN).len(), MAX_MESSAGE_LEN);
+        assert_eq!(
+            clean_text(&"x".repeat(5000), MAX_MESSAGE_LEN).len(),
+            MAX_MESSAGE_LEN
+        );
     }
 }

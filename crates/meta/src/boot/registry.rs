@@ -210,7 +210,10 @@ mod tests {
         let (s1, how) = r.register("web-1", "", 0);
         assert_eq!(how, Registration::Issued);
         assert!(proto::bootagent::validate_agentsn(&s1).is_ok());
-        assert_eq!(r.register("web-1", &s1, 1), (s1.clone(), Registration::Kept));
+        assert_eq!(
+            r.register("web-1", &s1, 1),
+            (s1.clone(), Registration::Kept)
+        );
         // A clone of web-1's disk, booted as web-2.
         let (s2, how) = r.register("web-2", &s1, 2);
         assert_eq!(how, Registration::Cloned);
@@ -218,18 +221,28 @@ mod tests {
         assert_eq!(r.with_host("web-1", &s1, |_| ()), Ok(()));
         assert_eq!(r.with_host("web-2", &s1, |_| ()), Err(Refusal::Conflict));
         assert_eq!(r.with_host("web-2", &s2, |_| ()), Ok(()));
-        assert_eq!(r.with_host("web-3", "nope", |_| ()), Err(Refusal::Unregistered));
+        assert_eq!(
+            r.with_host("web-3", "nope", |_| ()),
+            Err(Refusal::Unregistered)
+        );
         // A serial the server never saw (it restarted): accepted.
         assert_eq!(
-            r.register("db-1", "00000000-0000-4000-8000-000000000001", 3).1,
+            r.register("db-1", "00000000-0000-4000-8000-000000000001", 3)
+                .1,
             Registration::Adopted
         );
         // web-1 lost its metafile: the new serial replaces the old one.
         let (s3, _) = r.register("web-1", "", 4);
-        assert_eq!(r.with_host("web-1", &s1, |_| ()), Err(Refusal::Unregistered));
+        assert_eq!(
+            r.with_host("web-1", &s1, |_| ()),
+            Err(Refusal::Unregistered)
+        );
         assert_eq!(r.with_host("web-1", &s3, |_| ()), Ok(()));
         assert_eq!(r.register("web-9", &s1, 5).1, Registration::Adopted);
-        assert_eq!(r.hostnames(|h| h.starts_with("web")), ["web-1", "web-2", "web-9"]);
+        assert_eq!(
+            r.hostnames(|h| h.starts_with("web")),
+            ["web-1", "web-2", "web-9"]
+        );
     }
 
     #[test]

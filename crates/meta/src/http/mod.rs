@@ -2,8 +2,10 @@
 //! admin, files), one error type, and the request-timeout layer.
 
 mod admin;
+mod agent;
 mod files;
 mod heartbeat;
+mod ops;
 mod status;
 
 use std::time::Duration;
@@ -23,6 +25,8 @@ pub fn app(state: AppState) -> Router {
         .merge(heartbeat::router())
         .merge(status::router())
         .merge(admin::router())
+        .merge(agent::router())
+        .merge(ops::router())
         .fallback(files::serve)
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -66,6 +70,12 @@ pub enum AppError {
     Forbidden(&'static str),
     #[error("not found")]
     NotFound,
+    /// A request the operator API or BootAgent endpoints refuse; the text names the field.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Nothing matched what was asked for; the text says what.
+    #[error("{0}")]
+    NothingFound(String),
     #[error("bad path: {0}")]
     BadPath(&'static str),
     #[error("method not allowed")]
@@ -93,6 +103,8 @@ impl AppError {
             AppError::Timeout { .. } => StatusCode::REQUEST_TIMEOUT,
             AppError::Forbidden(_) => StatusCode::FORBIDDEN,
             AppError::NotFound => StatusCode::NOT_FOUND,
+            AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AppError::NothingFound(_) => StatusCode::NOT_FOUND,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             AppError::ReloadRefused(_) => StatusCode::BAD_REQUEST,

@@ -1,0 +1,600 @@
+//! The server side of the BootAgent protocol: registration by serial, tags from config
+//! rules, jobs derived from the desired state (the same config the legacy heartbeat
+//! answers from) and jobs queued by operators, and the views the operator API shows.
+//!
+//! HTTP handlers see [`Boot`] only; hosts live in [`registry`], one host's jobs in
+//! [`jobs`]. Everything is in memory and bounded per host; hosts not seen for
+//! `staleHostSecs` are forgotten like legacy hosts.
+
+pub mod jobs;
+pub mod registry;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use proto::bootagent::{self, Action, Job, StatusRequest};
+use proto::legacy::Cmd;
+use proto::ops::{self as wire, BatchJob, BatchStatus, HostView, JobsResponse, QueuedJob};
+
+use crate::config::TagRule;
+use crate::desired::Desired;
+use jobs::{JobState, Origin, Skip, Want};
+pub use registry::{Refusal, Registration, Registry};
+
+/// Longest tag list of one rule, in bytes.
+pub const MAX_TAGS_LEN: usize = 256;
+/// Most entries in one `envs` or `limits` object.
+pub const MAX_MAP_ENTRIES: usize = 64;
+/// Longest `envs`/`limits` key, in bytes.
+pub const MAX_MAP_KEY_LEN: usize = 128;
+/// Longest `envs`/`limits` value, in bytes.
+pub const MAX_MAP_VALUE_LEN: usize = 1024;
+/// Most servers in a `config` job's `svrlist`.
+pub const MAX_SVRLIST_SERVERS: usize = 16;
+/// Shortest and longest report step a `config` job may set, in seconds.
+pub const MIN_STEP_SECS: u64 = 10;
+pub const MAX_STEP_SECS: u64 = 86_400;
+/// Operator batches remembered for `GET /api/jobs/<id>`, the oldest forgotten first.
+pub const MAX_BATCHES: usize = 1024;
+/// Most job results one status report may carry.
+pub const MAX_RESULTS_PER_REPORT: usize = 256;
+/// (agent, version) pairs remembered for "no checksum" warnings; later ones log at debug.
+const MAX_WARNED: usize = 4096;
+
+/// Checks a tag list: comma-separated `key=value`, both sides of `[A-Za-z0-9._-]`.
+pub fn check_tags(s: &str) -> Result<(), String> {
+    if s.len() > MAX_TAGS_LEN {
+        return Err(format!("is longer than {MAX_TAGS_LEN} bytes"));
+    }
+    let ok = |p: &str| {
+        !p.is_empty()
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    };
+    for item in s.split(',') {
+        match item.split_once('=') {
+            Some((k, v)) if ok(k) && ok(v) => {}
+            _ => {
+                return Err(format!(
+                    "{:?} is not key=value (letters, digits, '.', '_', '-'), comma-separated",
+                    item.chars().take(64).collect::<String>()
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks one `envs` or `limits` entry: a key of `[A-Za-z_][A-Za-z0-9_]*` (an environment
+/// variable name; limit names follow the same rule) and a value without control characters.
+pub fn check_map_entry(key: &str, value: &str) -> Result<(), String> {
+    let key_ok = key.len() <= MAX_MAP_KEY_LEN
+        && key
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !key_ok {
+        return Err(format!(
+            "key {:?} is not a name of letters, digits and '_' (at most {MAX_MAP_KEY_LEN} bytes)",
+            key.chars().take(64).collect::<String>()
+        ));
+    }
+    if value.len() > MAX_MAP_VALUE_LEN {
+        return Err(format!(
+            "value of {key} is longer than {MAX_MAP_VALUE_LEN} bytes"
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(format!("value of {key} holds a control character"));
+    }
+    Ok(())
+}
+
+/// Checks a server list for a `config` job: 1–16 `host:port` entries.
+pub fn check_svrlist(s: &str) -> Result<(), String> {
+    let servers = bootagent::split_svrlist(s);
+    if servers.is_empty() {
+        return Err("holds no server".into());
+    }
+    if servers.len() > MAX_SVRLIST_SERVERS {
+        return Err(format!(
+            "holds {} servers, the limit is {MAX_SVRLIST_SERVERS}",
+            servers.len()
+        ));
+    }
+    for sv in &servers {
+        let good = sv.rsplit_once(':').is_some_and(|(h, p)| {
+            p.parse::<u16>().is_ok_and(|p| p > 0)
+                && (proto::validate_hostname(h).is_ok()
+                    || h.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<std::net::IpAddr>()
+                        .is_ok())
+        });
+        if !good {
+            return Err(format!(
+                "{:?} is not HOST:PORT",
+                sv.chars().take(64).collect::<String>()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The tags of `hostname`: the tags of every rule whose prefix starts it, in rule order,
+/// joined with `,`. An empty prefix matches every host.
+pub fn tags_for(rules: &[TagRule], hostname: &str) -> String {
+    rules
+        .iter()
+        .filter(|r| hostname.starts_with(&r.prefix))
+        .map(|r| r.tags.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// True when every `key=value` of `wanted` is one of `tags`.
+pub fn has_tags(tags: &str, wanted: &str) -> bool {
+    let have: Vec<&str> = tags.split(',').map(str::trim).collect();
+    wanted
+        .split(',')
+        .map(str::trim)
+        .filter(|w| !w.is_empty())
+        .all(|w| have.contains(&w))
+}
+
+/// What the desired state wants on `hostname`, per agent, computed by the same code that
+/// answers legacy heartbeats (defaults, prefix overrides, `sha256`).
+pub fn wants_for(desired: &Desired, hostname: &str) -> Vec<Want> {
+    desired
+        .for_host(hostname)
+        .into_iter()
+        .zip(desired.extras_for(hostname))
+        .map(|(d, (envs, limits))| Want {
+            url: d.tarball_url(),
+            checksum: d.sha256.as_deref().map(bootagent::format_checksum),
+            cmd: Cmd::parse(&d.cmd),
+            name: d.name,
+            version: d.version,
+            envs,
+            limits,
+        })
+        .collect()
+}
+
+/// An operator job before it is given an id and a host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorJob {
+    pub action: Action,
+    pub name: String,
+    pub svrlist: String,
+    pub step: Option<u64>,
+}
+
+/// How an operator selects hosts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    Hosts(Vec<String>),
+    Prefix(String),
+    Tag(String),
+}
+
+#[derive(Debug)]
+struct Batch {
+    action: Action,
+    name: String,
+    created: i64,
+    jobs: Vec<QueuedJob>,
+}
+
+#[derive(Debug, Default)]
+struct Batches {
+    order: VecDeque<Arc<str>>,
+    by_id: HashMap<Arc<str>, Batch>,
+}
+
+/// The BootAgent side of the server.
+#[derive(Debug, Default)]
+pub struct Boot {
+    pub registry: Registry,
+    batches: Mutex<Batches>,
+    warned: Mutex<HashSet<String>>,
+}
+
+impl Boot {
+    pub fn new() -> Boot {
+        Boot::default()
+    }
+
+    /// Registers a host; returns its serial and tags.
+    pub fn register(
+        &self,
+        desired: &Desired,
+        hostname: &str,
+        serial: &str,
+        now: i64,
+    ) -> (String, String, Registration) {
+        let (serial, how) = self.registry.register(hostname, serial, now);
+        let tags = tags_for(&desired.config.tag_rules, hostname);
+        tracing::info!(host = %hostname, agentsn = %serial, how = ?how, tags = %tags, "bootagent registered");
+        (serial, tags, how)
+    }
+
+    /// Takes a status report: records it, applies job results, derives jobs, and returns
+    /// every job the host must (still) run.
+    pub fn status(
+        &self,
+        desired: &Desired,
+        req: &StatusRequest,
+        now: i64,
+    ) -> Result<Vec<Job>, Refusal> {
+        let wants = wants_for(desired, &req.hostname);
+        let (jobs, skips, applied) =
+            self.registry
+                .with_host(&req.hostname, &req.agentsn, |rec| {
+                    rec.last_seen = now;
+                    rec.report = Some(registry::Report {
+                        version: jobs::clean_text(&req.version, 128),
+                        uptime: req.uptime,
+                        step: req.step,
+                        timestamp: req.timestamp,
+                        agents: req
+                            .agents
+                            .iter()
+                            .map(|a| bootagent::AgentStatus {
+                                status: jobs::clean_text(&a.status, crate::store::MAX_STATUS_LEN),
+                                ..a.clone()
+                            })
+                            .collect(),
+                    });
+                    let applied = rec.jobs.apply_results(&req.jobs, now);
+                    let skips = rec.jobs.derive(&wants, &req.agents, now);
+                    (rec.jobs.to_send(), skips, applied)
+                })?;
+        if applied > 0 {
+            tracing::debug!(host = %req.hostname, applied, "job results applied");
+        }
+        for s in skips {
+            self.log_skip(&req.hostname, s);
+        }
+        Ok(jobs)
+    }
+
+    fn log_skip(&self, host: &str, s: Skip) {
+        match s {
+            Skip::NoChecksum { name, version } => {
+                let first = {
+                    let mut w = self.warned.lock();
+                    let key = proto::legacy::tarball_file(&name, &version);
+                    w.len() < MAX_WARNED && w.insert(key)
+                };
+                if first {
+                    tracing::warn!(agent = %name, version = %version, host = %host,
+                        "no install/upgrade job: the SHA-256 of the tarball is not known (set sha256 in the config or put the tarball in tarballDir)");
+                } else {
+                    tracing::debug!(agent = %name, version = %version, host = %host, "no job: SHA-256 unknown");
+                }
+            }
+            Skip::QueueFull { name } => {
+                tracing::warn!(agent = %name, host = %host, "no job derived: the host's job queue is full");
+            }
+        }
+    }
+
+    /// Registered hostnames a selector picks (sorted), and the hostnames of a host list
+    /// that are not registered.
+    pub fn select(&self, desired: &Desired, sel: &Selector) -> (Vec<String>, Vec<String>) {
+        match sel {
+            Selector::Hosts(hosts) => {
+                let mut found = Vec::new();
+                let mut missing = Vec::new();
+                for h in hosts {
+                    if self.registry.read(h, |_| ()).is_some() {
+                        if !found.contains(h) {
+                            found.push(h.clone());
+                        }
+                    } else {
+                        missing.push(h.clone());
+                    }
+                }
+                (found, missing)
+            }
+            Selector::Prefix(p) => (
+                self.registry.hostnames(|h| h.starts_with(p.as_str())),
+                vec![],
+            ),
+            Selector::Tag(t) => {
+                let rules = &desired.config.tag_rules;
+                (
+                    self.registry
+                        .hostnames(|h| has_tags(&tags_for(rules, h), t)),
+                    vec![],
+                )
+            }
+        }
+    }
+
+    /// Queues `job` on every host of `hosts` and remembers the batch.
+    pub fn queue(
+        &self,
+        desired: &Desired,
+        job: &OperatorJob,
+        hosts: &[String],
+        now: i64,
+    ) -> JobsResponse {
+        let batch: Arc<str> = jobs::new_id().into();
+        let mut out = JobsResponse {
+            id: batch.to_string(),
+            ..JobsResponse::default()
+        };
+        for h in hosts {
+            // Stopping or removing an agent the config wants started holds derivation off
+            // it; otherwise the next report would start it again.
+            let hold = matches!(job.action, Action::Stop | Action::Uninstall)
+                .then(|| {
+                    wants_for(desired, h)
+                        .into_iter()
+                        .find(|w| w.name == job.name)
+                        .map(|w| w.fingerprint())
+                })
+                .flatten();
+            let j = Job {
+                id: jobs::new_id(),
+                action: job.action,
+                name: job.name.clone(),
+                version: String::new(),
+                url: String::new(),
+                checksum: String::new(),
+                envs: Default::default(),
+                limits: Default::default(),
+                svrlist: job.svrlist.clone(),
+                step: job.step,
+            };
+            let id = j.id.clone();
+            let r = self.registry.with_hostname(h, |rec| {
+                rec.jobs
+                    .push_operator(j, batch.clone(), now, hold)
+                    .map(|()| rec.serial.to_string())
+            });
+            match r {
+                Some(Ok(agentsn)) => out.jobs.push(QueuedJob {
+                    host: h.clone(),
+                    agentsn,
+                    id,
+                }),
+                Some(Err(reason)) => out.skipped.push(wire::SkippedHost {
+                    host: h.clone(),
+                    reason: reason.into(),
+                }),
+                None => out.skipped.push(wire::SkippedHost {
+                    host: h.clone(),
+                    reason: "not registered".into(),
+                }),
+            }
+        }
+        tracing::info!(batch = %batch, action = job.action.as_str(), agent = %job.name, queued = out.jobs.len(), skipped = out.skipped.len(), "operator jobs queued");
+        let mut b = self.batches.lock();
+        if b.order.len() >= MAX_BATCHES {
+            if let Some(old) = b.order.pop_front() {
+                b.by_id.remove(&old);
+            }
+        }
+        b.order.push_back(batch.clone());
+        b.by_id.insert(
+            batch,
+            Batch {
+                action: job.action,
+                name: job.name.clone(),
+                created: now,
+                jobs: out.jobs.clone(),
+            },
+        );
+        out
+    }
+
+    /// Where every job of a batch stands.
+    pub fn batch(&self, id: &str) -> Option<BatchStatus> {
+        let (action, name, created, queued) = {
+            let b = self.batches.lock();
+            let batch = b.by_id.get(id)?;
+            (
+                batch.action,
+                batch.name.clone(),
+                batch.created,
+                batch.jobs.clone(),
+            )
+        };
+        let jobs = queued
+            .into_iter()
+            .map(|q| {
+                let mut bj = BatchJob {
+                    host: q.host.clone(),
+                    agentsn: q.agentsn.clone(),
+                    id: q.id.clone(),
+                    state: wire::JOB_LOST.into(),
+                    ..BatchJob::default()
+                };
+                self.registry
+                    .read(&q.host, |rec| match rec.jobs.state_of(&q.id) {
+                        JobState::Pending => bj.state = wire::JOB_PENDING.into(),
+                        JobState::Finished(o) => {
+                            bj.state = if o.errcode == 0 {
+                                wire::JOB_DONE
+                            } else {
+                                wire::JOB_FAILED
+                            }
+                            .into();
+                            bj.errcode = Some(o.errcode);
+                            bj.message = o.message.clone();
+                            bj.finished = Some(o.finished);
+                        }
+                        JobState::Unknown => {}
+                    });
+                bj
+            })
+            .collect();
+        Some(BatchStatus {
+            id: id.to_string(),
+            action: action.as_str().into(),
+            name,
+            created,
+            jobs,
+        })
+    }
+
+    /// The operator's view of one host.
+    pub fn host_view(&self, desired: &Desired, hostname: &str) -> Option<HostView> {
+        let tags = tags_for(&desired.config.tag_rules, hostname);
+        self.registry.read(hostname, |rec| {
+            let report = rec.report.clone().unwrap_or_default();
+            HostView {
+                hostname: hostname.to_string(),
+                agentsn: rec.serial.to_string(),
+                tags,
+                protocol: "bootagent".into(),
+                registered: rec.registered,
+                last_seen: if rec.report.is_some() {
+                    rec.last_seen
+                } else {
+                    0
+                },
+                uptime: report.uptime,
+                step: report.step,
+                version: report.version,
+                agents: report.agents,
+                pending: rec
+                    .jobs
+                    .pending()
+                    .iter()
+                    .map(|p| wire::PendingJob {
+                        id: p.job.id.clone(),
+                        action: p.job.action.as_str().into(),
+                        name: p.job.name.clone(),
+                        version: p.job.version.clone(),
+                        origin: match p.origin {
+                            Origin::Derived { .. } => "derived",
+                            Origin::Operator { .. } => "operator",
+                        }
+                        .into(),
+                        created: p.created,
+                        sent: p.sent,
+                    })
+                    .collect(),
+                results: rec
+                    .jobs
+                    .results()
+                    .map(|o| wire::JobOutcome {
+                        id: o.id.clone(),
+                        action: o.action.as_str().into(),
+                        name: o.name.clone(),
+                        version: o.version.clone(),
+                        errcode: o.errcode,
+                        message: o.message.clone(),
+                        finished: o.finished,
+                    })
+                    .collect(),
+                blocked: rec
+                    .jobs
+                    .blocked()
+                    .into_iter()
+                    .map(|(name, why)| wire::BlockedAgent {
+                        name,
+                        reason: why.into(),
+                    })
+                    .collect(),
+            }
+        })
+    }
+
+    /// Forgets failures and holds on `hosts` (of agent `name`, or all); returns how many.
+    pub fn retry(&self, hosts: &[String], name: Option<&str>) -> usize {
+        hosts
+            .iter()
+            .filter_map(|h| {
+                self.registry
+                    .with_hostname(h, |rec| rec.jobs.clear_memos(name))
+            })
+            .sum()
+    }
+
+    /// Forgets hosts last seen before `older_than`; returns how many.
+    pub fn sweep(&self, older_than: i64) -> usize {
+        self.registry.sweep(older_than)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> Vec<TagRule> {
+        vec![
+            TagRule {
+                prefix: "web".into(),
+                tags: "svc=web,cmpt=FE".into(),
+            },
+            TagRule {
+                prefix: "web-bj".into(),
+                tags: "dc=bj".into(),
+            },
+            TagRule {
+                prefix: "".into(),
+                tags: "fleet=all".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn tags_join_every_matching_rule_in_order() {
+        let r = rules();
+        assert_eq!(tags_for(&r, "web-bj-1"), "svc=web,cmpt=FE,dc=bj,fleet=all");
+        assert_eq!(tags_for(&r, "db-1"), "fleet=all");
+        assert_eq!(tags_for(&r[..2], "db-1"), "");
+        assert!(has_tags("svc=web,cmpt=FE,dc=bj", "svc=web"));
+        assert!(has_tags("svc=web,cmpt=FE,dc=bj", "dc=bj,svc=web"));
+        assert!(!has_tags("svc=web,cmpt=FE", "svc=we"));
+        assert!(!has_tags("", "svc=web"));
+    }
+
+    #[test]
+    fn checks() {
+        for (s, ok) in [
+            ("svc=web", true),
+            ("svc=web,cmpt=FE", true),
+            ("svc", false),
+            ("svc=", false),
+            ("svc=web,", false),
+            ("a=b c", false),
+            ("a=b\n", false),
+        ] {
+            assert_eq!(check_tags(s).is_ok(), ok, "{s:?}");
+        }
+        assert!(check_tags(&format!("a={}", "b".repeat(300))).is_err());
+        for (k, v, ok) in [
+            ("PATH", "/usr/bin:/usr/local/bin", true),
+            ("_X1", "", true),
+            ("CPU", "10%", true),
+            ("1X", "a", false),
+            ("A-B", "a", false),
+            ("", "a", false),
+            ("A", "a\nb", false),
+        ] {
+            assert_eq!(check_map_entry(k, v).is_ok(), ok, "{k:?}={v:?}");
+        }
+        for (s, ok) in [
+            ("192.168.9.1:1234", true),
+            ("192.168.9.1:1234,", true),
+            ("a.example:80,[::1]:9,b:1", true),
+            ("", false),
+            (",", false),
+            ("host", false),
+            ("host:0", false),
+            ("host:99999", false),
+            ("ho st:1", false),
+        ] {
+            assert_eq!(check_svrlist(s).is_ok(), ok, "{s:?}");
+        }
+        assert!(check_svrlist(&vec!["a:1"; 17].join(",")).is_err());
+    }
+}

@@ -1,0 +1,195 @@
+//! `POST /agent/register` and `POST /agent/status`: the BootAgent protocol (seed 003).
+//!
+//! Same limits and errors as the legacy heartbeat: `maxBodyBytes` (413), a blank body,
+//! malformed JSON, hostile names and too many agents (400). A status report is also
+//! recorded in the fleet store, so `/status/json|text` show BootAgent hosts.
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap};
+use axum::routing::post;
+use axum::{Json, Router};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use proto::bootagent::{
+    self, RegisterRequest, RegisterResponse, StatusRequest, StatusResponse, STATUS_OK,
+};
+use proto::legacy::RealAgent;
+
+use super::{unix_now, AppError, AppState};
+use crate::boot::{Refusal, MAX_RESULTS_PER_REPORT};
+
+pub(super) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/agent/register", post(register))
+        .route("/agent/status", post(status))
+}
+
+/// Reads a request body of at most `max` bytes: an announced larger one is refused before
+/// any of it is read, a longer stream is cut off at the limit.
+pub(super) async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    max: u64,
+) -> Result<Bytes, AppError> {
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > max) {
+        return Err(AppError::BodyTooLarge { max });
+    }
+    let bytes = Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<LengthLimitError>().is_some() {
+                AppError::BodyTooLarge { max }
+            } else {
+                AppError::BodyRead
+            }
+        })?
+        .to_bytes();
+    if bytes.is_empty() {
+        return Err(AppError::BodyBlank);
+    }
+    Ok(bytes)
+}
+
+fn check_hostname(h: &str) -> Result<(), AppError> {
+    if h.is_empty() {
+        return Err(AppError::HostnameBlank);
+    }
+    Ok(proto::validate_hostname(h)?)
+}
+
+async fn register(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<RegisterResponse>, AppError> {
+    let desired = st.current.load();
+    let bytes = read_body(&headers, body, desired.config.max_body_bytes).await?;
+    let req: RegisterRequest = serde_json::from_slice(&bytes).map_err(|_| AppError::BodyFormat)?;
+    check_hostname(&req.hostname)?;
+    if !req.agentsn.is_empty() {
+        bootagent::validate_agentsn(&req.agentsn)?;
+    }
+    let (agentsn, tags, _) = st
+        .boot
+        .register(&desired, &req.hostname, &req.agentsn, unix_now());
+    Ok(Json(RegisterResponse {
+        status: STATUS_OK,
+        agentsn,
+        tags,
+        message: String::new(),
+    }))
+}
+
+/// The legacy spelling of a BootAgent state, for the fleet store and the status pages.
+fn legacy_status(s: &str) -> &str {
+    match s {
+        bootagent::STATE_RUNNING => proto::legacy::STATUS_STARTED,
+        other => other,
+    }
+}
+
+async fn status(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<StatusResponse>, AppError> {
+    let desired = st.current.load();
+    let cfg = &desired.config;
+    let bytes = read_body(&headers, body, cfg.max_body_bytes).await?;
+    let req: StatusRequest = serde_json::from_slice(&bytes).map_err(|_| AppError::BodyFormat)?;
+    check_hostname(&req.hostname)?;
+    if req.agents.len() as u64 > cfg.max_agents_per_heartbeat {
+        return Err(AppError::TooManyAgents {
+            got: req.agents.len(),
+            max: cfg.max_agents_per_heartbeat,
+        });
+    }
+    for a in &req.agents {
+        proto::validate_agent_name(&a.name)?;
+        proto::validate_version(&a.version)?;
+    }
+    if req.jobs.len() > MAX_RESULTS_PER_REPORT {
+        return Err(AppError::BadRequest(format!(
+            "too many job results in one report: {}, the limit is {MAX_RESULTS_PER_REPORT}",
+            req.jobs.len()
+        )));
+    }
+    if req.agentsn.is_empty() {
+        return Ok(Json(refused(Refusal::Unregistered)));
+    }
+    bootagent::validate_agentsn(&req.agentsn)?;
+    let now = unix_now();
+    let jobs = match st.boot.status(&desired, &req, now) {
+        Ok(jobs) => jobs,
+        Err(r) => {
+            tracing::info!(host = %req.hostname, agentsn = %req.agentsn, refusal = ?r, "bootagent status refused: register again");
+            return Ok(Json(refused(r)));
+        }
+    };
+    let ts = if req.timestamp > 0 {
+        req.timestamp
+    } else {
+        now
+    };
+    let agents: Vec<RealAgent> = req
+        .agents
+        .iter()
+        .map(|a| RealAgent {
+            name: a.name.clone(),
+            version: a.version.clone(),
+            status: legacy_status(&a.status).to_string(),
+            timestamp: ts,
+        })
+        .collect();
+    st.store.record(&req.hostname, &agents, now);
+    let resp = StatusResponse {
+        status: STATUS_OK,
+        message: String::new(),
+        jobs,
+    };
+    if cfg.debug {
+        tracing::info!(
+            host = %req.hostname,
+            request = %String::from_utf8_lossy(&bytes),
+            jobs = resp.jobs.len(),
+            "bootagent status"
+        );
+    }
+    Ok(Json(resp))
+}
+
+fn refused(r: Refusal) -> StatusResponse {
+    let (status, message) = match r {
+        Refusal::Unregistered => (
+            bootagent::STATUS_UNREGISTERED,
+            "unknown agentsn: register again (POST /agent/register)",
+        ),
+        Refusal::Conflict => (
+            bootagent::STATUS_SERIAL_CONFLICT,
+            "agentsn is registered to another hostname: register again (POST /agent/register)",
+        ),
+    };
+    StatusResponse {
+        status,
+        message: message.into(),
+        jobs: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_map_to_the_legacy_spelling() {
+        assert_eq!(legacy_status("running"), "started");
+        assert_eq!(legacy_status("stoped"), "stoped");
+        assert_eq!(legacy_status("fatal"), "fatal");
+        assert_eq!(legacy_status("killed"), "killed");
+    }
+}

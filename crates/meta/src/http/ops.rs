@@ -1,0 +1,388 @@
+//! The operator API: `POST /api/jobs`, `GET /api/jobs/{id}`, `GET /api/hosts`,
+//! `GET /api/hosts/{hostname}`, `POST /api/retry`.
+//!
+//! Loopback callers only, checked the way `/config/reload` checks them, until tokens come
+//! with the secure-communication issue; everyone else gets 403.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::{Extensions, HeaderMap};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use proto::bootagent::Action;
+use proto::ops::{BatchStatus, HostView, HostsResponse, JobsRequest, JobsResponse};
+use proto::ops::{RetryRequest, RetryResponse};
+
+use super::agent::read_body;
+use super::{unix_now, AppError, AppState};
+use crate::boot::{self, OperatorJob, Selector, MAX_STEP_SECS, MIN_STEP_SECS};
+
+/// Most hostnames one `hosts` selector may list.
+pub const MAX_SELECTED_HOSTS: usize = 10_000;
+
+pub(super) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/jobs", post(post_jobs))
+        .route("/api/jobs/{id}", get(get_batch))
+        .route("/api/hosts", get(get_hosts))
+        .route("/api/hosts/{hostname}", get(get_host))
+        .route("/api/retry", post(post_retry))
+        .route_layer(middleware::from_fn(loopback_only))
+}
+
+/// True when the request came over a socket from a loopback address. The accept loop puts
+/// the peer address on every request; a request without one is not trusted.
+pub(crate) fn peer_is_loopback(ext: &Extensions) -> bool {
+    ext.get::<ConnectInfo<SocketAddr>>()
+        .is_some_and(|c| c.0.ip().to_canonical().is_loopback())
+}
+
+async fn loopback_only(req: Request, next: Next) -> Result<Response, AppError> {
+    if !peer_is_loopback(req.extensions()) {
+        let peer = req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0);
+        tracing::warn!(peer = ?peer, path = %req.uri().path(), "operator API refused: not from loopback");
+        return Err(AppError::Forbidden(
+            "the operator API is only allowed from loopback",
+        ));
+    }
+    Ok(next.run(req).await)
+}
+
+fn bad(field: &str, message: impl std::fmt::Display) -> AppError {
+    AppError::BadRequest(format!("{field}: {message}"))
+}
+
+/// Exactly one of the three selectors, checked.
+fn selector(
+    hosts: Option<Vec<String>>,
+    prefix: Option<String>,
+    tag: Option<String>,
+) -> Result<Selector, AppError> {
+    let given =
+        usize::from(hosts.is_some()) + usize::from(prefix.is_some()) + usize::from(tag.is_some());
+    if given != 1 {
+        return Err(bad(
+            "hosts, prefix, tag",
+            format!("give exactly one selector, got {given}"),
+        ));
+    }
+    if let Some(hosts) = hosts {
+        if hosts.is_empty() {
+            return Err(bad("hosts", "is empty"));
+        }
+        if hosts.len() > MAX_SELECTED_HOSTS {
+            return Err(bad(
+                "hosts",
+                format!(
+                    "lists {} hosts, the limit is {MAX_SELECTED_HOSTS}",
+                    hosts.len()
+                ),
+            ));
+        }
+        for h in &hosts {
+            proto::validate_hostname(h).map_err(|e| bad("hosts", e))?;
+        }
+        return Ok(Selector::Hosts(hosts));
+    }
+    if let Some(p) = prefix {
+        if p.is_empty() {
+            return Err(bad("prefix", "is empty"));
+        }
+        proto::validate_hostname(&p).map_err(|e| bad("prefix", e))?;
+        return Ok(Selector::Prefix(p));
+    }
+    let t = tag.unwrap_or_default();
+    boot::check_tags(&t).map_err(|e| bad("tag", e))?;
+    Ok(Selector::Tag(t))
+}
+
+fn describe(sel: &Selector) -> String {
+    match sel {
+        Selector::Hosts(h) => format!("no host of hosts ({}) is registered", h.len()),
+        Selector::Prefix(p) => format!("no registered host matches prefix {p:?}"),
+        Selector::Tag(t) => format!("no registered host carries tag {t:?}"),
+    }
+}
+
+/// Checks a jobs request into an operator job and a selector.
+fn operator_job(req: JobsRequest) -> Result<(OperatorJob, Selector), AppError> {
+    let action = match req.action.as_str() {
+        "restart" => Action::Restart,
+        "stop" => Action::Stop,
+        "uninstall" => Action::Uninstall,
+        "config" => Action::Config,
+        "install" | "upgrade" => {
+            return Err(bad(
+                "action",
+                "install and upgrade follow the desired state (cfg.json); change it and reload",
+            ))
+        }
+        "" => return Err(bad("action", "is missing")),
+        other => {
+            return Err(bad(
+                "action",
+                format!(
+                    "{:?} is not restart, stop, uninstall or config",
+                    other.chars().take(32).collect::<String>()
+                ),
+            ))
+        }
+    };
+    if action == Action::Config {
+        if !req.name.is_empty() {
+            return Err(bad("name", "does not go with action config"));
+        }
+        if req.svrlist.is_empty() && req.step.is_none() {
+            return Err(bad("svrlist, step", "action config needs at least one"));
+        }
+        if !req.svrlist.is_empty() {
+            boot::check_svrlist(&req.svrlist).map_err(|e| bad("svrlist", e))?;
+        }
+        if let Some(s) = req.step {
+            if !(MIN_STEP_SECS..=MAX_STEP_SECS).contains(&s) {
+                return Err(bad(
+                    "step",
+                    format!("{s} is not from {MIN_STEP_SECS} to {MAX_STEP_SECS} seconds"),
+                ));
+            }
+        }
+    } else {
+        if req.name.is_empty() {
+            return Err(bad(
+                "name",
+                format!("is missing (action {})", action.as_str()),
+            ));
+        }
+        proto::validate_agent_name(&req.name).map_err(|e| bad("name", e))?;
+        if !req.svrlist.is_empty() || req.step.is_some() {
+            return Err(bad("svrlist, step", "only go with action config"));
+        }
+    }
+    let sel = selector(req.hosts, req.prefix, req.tag)?;
+    Ok((
+        OperatorJob {
+            action,
+            name: req.name,
+            svrlist: req.svrlist,
+            step: req.step,
+        },
+        sel,
+    ))
+}
+
+async fn post_jobs(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<JobsResponse>, AppError> {
+    let desired = st.current.load();
+    let bytes = read_body(&headers, body, desired.config.max_body_bytes).await?;
+    let req: JobsRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| AppError::BadRequest(format!("body format error: {e}")))?;
+    let (job, sel) = operator_job(req)?;
+    let (hosts, missing) = st.boot.select(&desired, &sel);
+    if hosts.is_empty() {
+        return Err(AppError::NothingFound(describe(&sel)));
+    }
+    let mut out = st.boot.queue(&desired, &job, &hosts, unix_now());
+    out.skipped
+        .extend(missing.into_iter().map(|host| proto::ops::SkippedHost {
+            host,
+            reason: "not registered".into(),
+        }));
+    Ok(Json(out))
+}
+
+async fn get_batch(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<BatchStatus>, AppError> {
+    st.boot
+        .batch(&id)
+        .map(Json)
+        .ok_or_else(|| AppError::NothingFound("no such job batch".into()))
+}
+
+async fn get_hosts(
+    State(st): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<HostsResponse>, AppError> {
+    if let Some(k) = q.keys().find(|k| !matches!(k.as_str(), "prefix" | "tag")) {
+        return Err(bad(
+            "query",
+            format!(
+                "unknown parameter {:?} (prefix, tag)",
+                k.chars().take(32).collect::<String>()
+            ),
+        ));
+    }
+    if let Some(t) = q.get("tag") {
+        boot::check_tags(t).map_err(|e| bad("tag", e))?;
+    }
+    let desired = st.current.load();
+    let rules = &desired.config.tag_rules;
+    let prefix = q.get("prefix").map(String::as_str).unwrap_or("");
+    let names = st.boot.registry.hostnames(|h| {
+        h.starts_with(prefix)
+            && q.get("tag")
+                .is_none_or(|t| boot::has_tags(&boot::tags_for(rules, h), t))
+    });
+    let hosts = names
+        .iter()
+        .filter_map(|h| st.boot.host_view(&desired, h))
+        .collect();
+    Ok(Json(HostsResponse { hosts }))
+}
+
+async fn get_host(
+    State(st): State<AppState>,
+    Path(hostname): Path<String>,
+) -> Result<Json<HostView>, AppError> {
+    proto::validate_hostname(&hostname)?;
+    let desired = st.current.load();
+    st.boot
+        .host_view(&desired, &hostname)
+        .map(Json)
+        .ok_or_else(|| {
+            AppError::NothingFound(format!(
+                "no BootAgent host named {hostname:?} is registered"
+            ))
+        })
+}
+
+async fn post_retry(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<RetryResponse>, AppError> {
+    let desired = st.current.load();
+    let bytes = read_body(&headers, body, desired.config.max_body_bytes).await?;
+    let req: RetryRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| AppError::BadRequest(format!("body format error: {e}")))?;
+    if !req.name.is_empty() {
+        proto::validate_agent_name(&req.name).map_err(|e| bad("name", e))?;
+    }
+    let sel = selector(req.hosts, req.prefix, req.tag)?;
+    let (hosts, _) = st.boot.select(&desired, &sel);
+    if hosts.is_empty() {
+        return Err(AppError::NothingFound(describe(&sel)));
+    }
+    let name = (!req.name.is_empty()).then_some(req.name.as_str());
+    let cleared = st.boot.retry(&hosts, name);
+    tracing::info!(
+        hosts = hosts.len(),
+        cleared,
+        "operator retry: failures and holds forgotten"
+    );
+    Ok(Json(RetryResponse {
+        hosts: hosts.len(),
+        cleared,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_peers_pass() {
+        let with = |addr: &str| {
+            let mut e = Extensions::new();
+            e.insert(ConnectInfo(addr.parse::<SocketAddr>().unwrap()));
+            peer_is_loopback(&e)
+        };
+        assert!(with("127.0.0.1:5000"));
+        assert!(with("127.8.9.1:5000"));
+        assert!(with("[::1]:5000"));
+        assert!(with("[::ffff:127.0.0.1]:5000"));
+        assert!(!with("10.0.0.1:5000"));
+        assert!(!with("192.168.1.2:5000"));
+        assert!(!with("[::ffff:10.0.0.1]:5000"));
+        assert!(!with("[2001:db8::1]:5000"));
+        assert!(!peer_is_loopback(&Extensions::new()), "no peer, no trust");
+    }
+
+    fn req(text: &str) -> JobsRequest {
+        serde_json::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn jobs_requests_name_the_bad_field() {
+        let cases = [
+            (r#"{"prefix":"web"}"#, "action: is missing"),
+            (
+                r#"{"action":"reboot","prefix":"web"}"#,
+                "action: \"reboot\" is not",
+            ),
+            (
+                r#"{"action":"install","name":"a","prefix":"web"}"#,
+                "action: install",
+            ),
+            (r#"{"action":"restart","prefix":"web"}"#, "name: is missing"),
+            (
+                r#"{"action":"restart","name":"../x","prefix":"web"}"#,
+                "name: invalid",
+            ),
+            (
+                r#"{"action":"stop","name":"a","step":60,"prefix":"w"}"#,
+                "svrlist, step: only",
+            ),
+            (
+                r#"{"action":"config","prefix":"web"}"#,
+                "svrlist, step: action config",
+            ),
+            (
+                r#"{"action":"config","step":1,"prefix":"web"}"#,
+                "step: 1 is not",
+            ),
+            (
+                r#"{"action":"config","svrlist":"nohost","prefix":"web"}"#,
+                "svrlist:",
+            ),
+            (
+                r#"{"action":"config","name":"a","step":60,"prefix":"w"}"#,
+                "name: does not",
+            ),
+            (
+                r#"{"action":"restart","name":"a"}"#,
+                "give exactly one selector, got 0",
+            ),
+            (
+                r#"{"action":"restart","name":"a","prefix":"w","tag":"a=b"}"#,
+                "got 2",
+            ),
+            (
+                r#"{"action":"restart","name":"a","hosts":[]}"#,
+                "hosts: is empty",
+            ),
+            (
+                r#"{"action":"restart","name":"a","hosts":["a/b"]}"#,
+                "hosts: invalid hostname",
+            ),
+            (
+                r#"{"action":"restart","name":"a","prefix":""}"#,
+                "prefix: is empty",
+            ),
+            (r#"{"action":"restart","name":"a","tag":"svc"}"#, "tag:"),
+        ];
+        for (text, want) in cases {
+            let got = operator_job(req(text)).unwrap_err().to_string();
+            assert!(got.contains(want), "{text}: want {want:?}, got {got:?}");
+        }
+        let (j, s) = operator_job(req(
+            r#"{"action":"config","svrlist":"10.0.0.1:80","step":60,"tag":"svc=web"}"#,
+        ))
+        .unwrap();
+        assert_eq!(j.action, Action::Config);
+        assert_eq!(j.step, Some(60));
+        assert_eq!(s, Selector::Tag("svc=web".into()));
+    }
+}

@@ -1,0 +1,114 @@
+//! In-process tests of the BootAgent and operator routes through `meta::app` with
+//! `oneshot`: what needs a faked peer address (the operator API refuses non-loopback
+//! callers) or direct access to the shared state.
+
+use std::net::SocketAddr;
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use meta::{app, AppState};
+use proto::bootagent::{RegisterResponse, StatusResponse};
+use tower::ServiceExt;
+
+fn state(dir: &std::path::Path) -> AppState {
+    let cfg = dir.join("cfg.json");
+    std::fs::write(
+        &cfg,
+        r#"{"tarballDir": "", "http": {"enabled": false},
+            "tagRules": [{"prefix": "web", "tags": "svc=web"}], "agents": []}"#,
+    )
+    .unwrap();
+    AppState::load(&cfg).unwrap().0
+}
+
+async fn call(
+    st: &AppState,
+    method: Method,
+    uri: &str,
+    body: &str,
+    peer: Option<&str>,
+) -> (StatusCode, String) {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    if let Some(p) = peer {
+        let addr: SocketAddr = p.parse().unwrap();
+        req.extensions_mut().insert(ConnectInfo(addr));
+    }
+    let r = app(st.clone()).oneshot(req).await.unwrap();
+    let code = r.status();
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    (code, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn operator_api_refuses_non_loopback_peers() {
+    let dir = test_support::tempdir().unwrap();
+    let st = state(dir.path());
+    let (code, text) = call(
+        &st,
+        Method::POST,
+        "/agent/register",
+        r#"{"hostname": "web-1", "agentsn": ""}"#,
+        Some("10.1.2.3:4000"),
+    )
+    .await;
+    // Hosts may register from anywhere.
+    assert_eq!(code, StatusCode::OK, "{text}");
+    let reg: RegisterResponse = serde_json::from_str(&text).unwrap();
+    assert_eq!(reg.tags, "svc=web");
+
+    let job = r#"{"action": "restart", "name": "basic", "prefix": "web"}"#;
+    for peer in [Some("10.1.2.3:4000"), Some("[2001:db8::1]:80"), None] {
+        for (method, uri, body) in [
+            (Method::POST, "/api/jobs", job),
+            (Method::GET, "/api/hosts", ""),
+            (Method::GET, "/api/hosts/web-1", ""),
+            (Method::GET, "/api/jobs/x", ""),
+            (Method::POST, "/api/retry", r#"{"prefix": "web"}"#),
+        ] {
+            let (code, text) = call(&st, method, uri, body, peer).await;
+            assert_eq!(code, StatusCode::FORBIDDEN, "{uri} from {peer:?}: {text}");
+            assert!(text.contains("only allowed from loopback"), "{text}");
+        }
+    }
+    // Nothing was queued by the refused calls.
+    let (code, text) = call(
+        &st,
+        Method::GET,
+        "/api/hosts/web-1",
+        "",
+        Some("127.0.0.1:1"),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["pending"], serde_json::json!([]));
+
+    // From loopback the same call works, and the job reaches the host.
+    let (code, text) = call(&st, Method::POST, "/api/jobs", job, Some("[::1]:9")).await;
+    assert_eq!(code, StatusCode::OK, "{text}");
+    let status = format!(
+        r#"{{"hostname": "web-1", "agentsn": "{}", "agents": []}}"#,
+        reg.agentsn
+    );
+    let (code, text) = call(
+        &st,
+        Method::POST,
+        "/agent/status",
+        &status,
+        Some("10.1.2.3:4000"),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{text}");
+    let r: StatusResponse = serde_json::from_str(&text).unwrap();
+    assert_eq!(r.jobs.len(), 1);
+    assert_eq!(r.jobs[0].name, "basic");
+    // The shared state saw the report.
+    assert!(st.store.host("web-1").is_some());
+    assert_eq!(st.boot.registry.len(), 1);
+}
