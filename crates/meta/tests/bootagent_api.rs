@@ -112,3 +112,44 @@ async fn operator_api_refuses_non_loopback_peers() {
     assert!(st.store.host("web-1").is_some());
     assert_eq!(st.boot.registry.len(), 1);
 }
+
+#[test]
+fn new_config_keys_are_read_and_every_problem_is_reported() {
+    let good = r#"{"tagRules": [{"prefix": "web", "tags": "svc=web,cmpt=FE"}, {"prefix": "", "tags": "all=1"}],
+        "agents": [{"default": {"name": "basic", "version": "1", "tarball": "http://d/", "cmd": "start",
+                                "envs": {"PATH": "/usr/bin"}, "limits": {"CPU": "10%", "memory": "20M"}},
+                    "others": [{"prefix": "web", "limits": {"CPU": "50%"}}]}]}"#;
+    let c = meta::config::parse(good).unwrap().config;
+    assert_eq!(c.tag_rules.len(), 2);
+    assert_eq!(c.tag_rules[0].tags, "svc=web,cmpt=FE");
+    let d = c.agents[0].default.as_ref().unwrap();
+    assert_eq!(d.envs["PATH"], "/usr/bin");
+    assert_eq!(d.limits["memory"], "20M");
+    assert_eq!(c.agents[0].others[0].limits["CPU"], "50%");
+    let desired = meta::desired::Desired::compile(std::sync::Arc::new(c), Default::default());
+    let (envs, limits) = &desired.extras_for("web-1")[0];
+    assert_eq!(envs["PATH"], "/usr/bin");
+    assert_eq!(limits.len(), 1, "an override replaces the whole object");
+    assert_eq!(limits["CPU"], "50%");
+    assert_eq!(desired.extras_for("db-1")[0].1["CPU"], "10%");
+
+    let bad = r#"{"tagRules": [{"prefix": "web", "tags": "svc"}, {"prefix": "x", "tags": "a=b c"}, 3],
+        "agents": [{"default": {"name": "basic", "version": "1", "tarball": "http://d/", "cmd": "start",
+                                "envs": {"1BAD": "x", "OK": 5}, "limits": "10%"},
+                    "others": [{"prefix": "web", "envs": {"A": "line\nbreak"}}]}]}"#;
+    let (errors, _) = meta::config::parse(bad).unwrap_err();
+    let fields: Vec<&str> = errors.iter().map(|p| p.field.as_str()).collect();
+    for f in [
+        "tagRules[0].tags",
+        "tagRules[1].tags",
+        "tagRules[2]",
+        "agents[0].default.envs",
+        "agents[0].default.envs.OK",
+        "agents[0].default.limits",
+        "agents[0].others[0].envs",
+    ] {
+        assert!(fields.contains(&f), "no error for {f}: {errors:#?}");
+    }
+    let wrong: Vec<String> = errors.iter().map(|p| p.to_string()).collect();
+    assert!(wrong.iter().any(|e| e.contains("\"1BAD\"")), "{wrong:#?}");
+}
