@@ -602,9 +602,16 @@ async fn hostile_malformed_and_oversized_requests_are_refused() {
     let m = Meta::start(r#""maxBodyBytes": 2048,"#, "[]");
     let sn = m.register("web-1", "").await.agentsn;
     for path in ["/agent/register", "/agent/status", "/api/jobs"] {
-        let (code, text) = m.post_raw(path, "{not json").await;
-        assert_eq!(code, 400, "{path}: {text}");
-        assert!(text.contains("body format error"), "{path}: {text}");
+        for body in [
+            "{not json",
+            r#"["web-1", ""]"#,
+            "null",
+            r#"{"hostname": 5, "action": 5}"#,
+        ] {
+            let (code, text) = m.post_raw(path, body).await;
+            assert_eq!(code, 400, "{path} {body}: {text}");
+            assert!(text.contains("body format error"), "{path} {body}: {text}");
+        }
         let (code, _) = m.post_raw(path, "").await;
         assert_eq!(code, 400, "{path}: blank body");
         let (code, text) = m.post_raw(path, vec![b' '; 4096]).await;
@@ -665,4 +672,27 @@ async fn hostile_malformed_and_oversized_requests_are_refused() {
     let hosts: HostsResponse = m.get_json("/api/hosts").await;
     assert_eq!(hosts.hosts.len(), 1);
     assert_eq!(hosts.hosts[0].last_seen, 0);
+}
+
+#[tokio::test]
+async fn silent_hosts_are_forgotten_and_must_register_again() {
+    let m = Meta::start(r#""staleHostSecs": 1, "sweepIntervalSecs": 1,"#, "[]");
+    let sn = m.register("web-1", "").await.agentsn;
+    assert_eq!(
+        m.status(&report("web-1", &sn, &[], vec![])).await.status,
+        STATUS_OK
+    );
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let hosts: HostsResponse = m.get_json("/api/hosts").await;
+        if hosts.hosts.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "web-1 was never forgotten");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = m.status(&report("web-1", &sn, &[], vec![])).await;
+    assert_eq!(r.status, STATUS_UNREGISTERED);
+    // Registering again with its old serial gives it back.
+    assert_eq!(m.register("web-1", &sn).await.agentsn, sn);
 }

@@ -55,6 +55,15 @@ pub(super) async fn read_body(
     Ok(bytes)
 }
 
+/// Parses a body that must be a JSON object. serde would also read a JSON list
+/// positionally into a struct (`["web-1", ""]` as a registration); only objects are taken.
+pub(super) fn parse_object<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    if bytes.trim_ascii().first() != Some(&b'{') {
+        return Err("want a JSON object".into());
+    }
+    serde_json::from_slice(bytes).map_err(|e| e.to_string())
+}
+
 fn check_hostname(h: &str) -> Result<(), AppError> {
     if h.is_empty() {
         return Err(AppError::HostnameBlank);
@@ -69,7 +78,7 @@ async fn register(
 ) -> Result<Json<RegisterResponse>, AppError> {
     let desired = st.current.load();
     let bytes = read_body(&headers, body, desired.config.max_body_bytes).await?;
-    let req: RegisterRequest = serde_json::from_slice(&bytes).map_err(|_| AppError::BodyFormat)?;
+    let req: RegisterRequest = parse_object(&bytes).map_err(|_| AppError::BodyFormat)?;
     check_hostname(&req.hostname)?;
     if !req.agentsn.is_empty() {
         bootagent::validate_agentsn(&req.agentsn)?;
@@ -101,7 +110,7 @@ async fn status(
     let desired = st.current.load();
     let cfg = &desired.config;
     let bytes = read_body(&headers, body, cfg.max_body_bytes).await?;
-    let req: StatusRequest = serde_json::from_slice(&bytes).map_err(|_| AppError::BodyFormat)?;
+    let req: StatusRequest = parse_object(&bytes).map_err(|_| AppError::BodyFormat)?;
     check_hostname(&req.hostname)?;
     if req.agents.len() as u64 > cfg.max_agents_per_heartbeat {
         return Err(AppError::TooManyAgents {

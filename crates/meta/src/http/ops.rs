@@ -18,7 +18,7 @@ use proto::bootagent::Action;
 use proto::ops::{BatchStatus, HostView, HostsResponse, JobsRequest, JobsResponse};
 use proto::ops::{RetryRequest, RetryResponse};
 
-use super::agent::read_body;
+use super::agent::{parse_object, read_body};
 use super::{unix_now, AppError, AppState};
 use crate::boot::{self, OperatorJob, Selector, MAX_STEP_SECS, MIN_STEP_SECS};
 
@@ -185,7 +185,7 @@ async fn post_jobs(
 ) -> Result<Json<JobsResponse>, AppError> {
     let desired = st.current.load();
     let bytes = read_body(&headers, body, desired.config.max_body_bytes).await?;
-    let req: JobsRequest = serde_json::from_slice(&bytes)
+    let req: JobsRequest = parse_object(&bytes)
         .map_err(|e| AppError::BadRequest(format!("body format error: {e}")))?;
     let (job, sel) = operator_job(req)?;
     let (hosts, missing) = st.boot.select(&desired, &sel);
@@ -232,8 +232,10 @@ async fn get_hosts(
     let prefix = q.get("prefix").map(String::as_str).unwrap_or("");
     let names = st.boot.registry.hostnames(|h| {
         h.starts_with(prefix)
-            && q.get("tag")
-                .is_none_or(|t| boot::has_tags(&boot::tags_for(rules, h), t))
+            && match q.get("tag") {
+                None => true,
+                Some(t) => boot::has_tags(&boot::tags_for(rules, h), t),
+            }
     });
     let hosts = names
         .iter()
@@ -265,7 +267,7 @@ async fn post_retry(
 ) -> Result<Json<RetryResponse>, AppError> {
     let desired = st.current.load();
     let bytes = read_body(&headers, body, desired.config.max_body_bytes).await?;
-    let req: RetryRequest = serde_json::from_slice(&bytes)
+    let req: RetryRequest = parse_object(&bytes)
         .map_err(|e| AppError::BadRequest(format!("body format error: {e}")))?;
     if !req.name.is_empty() {
         proto::validate_agent_name(&req.name).map_err(|e| bad("name", e))?;
