@@ -507,9 +507,16 @@ impl Parser {
         let mut out = Vec::new();
         for (i, item) in items.iter().enumerate() {
             let p = format!("tagRules[{i}]");
-            let Some(o) = self.object(item, &p, &["prefix", "tags"]) else {
+            // A section of ours alone: an unknown key is an error, not a warning.
+            let Some(o) = item.as_object() else {
+                self.error(&p, format!("want an object, got {}", kind(item)));
                 continue;
             };
+            for k in o.keys() {
+                if !["prefix", "tags"].iter().any(|n| n.eq_ignore_ascii_case(k)) {
+                    self.error(&join(&p, k), "unknown key (prefix, tags)");
+                }
+            }
             let prefix = self.string(o, &p, "prefix");
             let tags = self.string(o, &p, "tags");
             if let Err(e) = crate::boot::check_tags(&tags) {

@@ -133,7 +133,8 @@ fn new_config_keys_are_read_and_every_problem_is_reported() {
     assert_eq!(limits["CPU"], "50%");
     assert_eq!(desired.extras_for("db-1")[0].1["CPU"], "10%");
 
-    let bad = r#"{"tagRules": [{"prefix": "web", "tags": "svc"}, {"prefix": "x", "tags": "a=b c"}, 3],
+    let bad = r#"{"tagRules": [{"prefix": "web", "tags": "svc"}, {"prefix": "x", "tags": "a=b c"}, 3,
+                               {"prefix": "y", "tags": "a=b", "tag": "c=d"}],
         "agents": [{"default": {"name": "basic", "version": "1", "tarball": "http://d/", "cmd": "start",
                                 "envs": {"1BAD": "x", "OK": 5}, "limits": "10%"},
                     "others": [{"prefix": "web", "envs": {"A": "line\nbreak"}}]}]}"#;
@@ -143,6 +144,7 @@ fn new_config_keys_are_read_and_every_problem_is_reported() {
         "tagRules[0].tags",
         "tagRules[1].tags",
         "tagRules[2]",
+        "tagRules[3].tag",
         "agents[0].default.envs",
         "agents[0].default.envs.OK",
         "agents[0].default.limits",
