@@ -666,7 +666,9 @@ impl Worker {
             &self.name,
             to,
             &d.tarball_url,
-            Some(&d.md5_url),
+            // An empty md5 URL means the artifact has no `.md5` file (BootAgent jobs carry a
+            // SHA-256 instead).
+            (!d.md5_url.is_empty()).then_some(d.md5_url.as_str()),
             want,
         )
         .await
@@ -804,6 +806,96 @@ fn clean_startup_leftovers(agent_dir: &Path, name: &str) {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
+    }
+}
+
+/// One-shot actions on an agent with the worker's own machinery (install, switch with
+/// rollback, pruning, start-and-check), for callers that act on orders rather than on a
+/// desired state: BootAgent jobs ([`crate::boot`]). Control scripts run under the agent's
+/// action lock, as the worker runs them.
+pub(crate) struct Oneshot {
+    w: Worker,
+}
+
+/// Why a one-shot switch failed.
+pub(crate) enum OneshotFailure {
+    /// Nothing changed on the running side (download, checksum, unpack).
+    Install(String),
+    /// The new version did not start; the previous one was put back.
+    Start(String),
+}
+
+impl Oneshot {
+    pub(crate) fn new(ctx: Arc<Ctx>, name: &str, lock: Arc<Mutex<()>>) -> Oneshot {
+        // Never fed: a one-shot worker does not run its loop.
+        let (_tx, rx) = watch::channel(None);
+        Oneshot {
+            w: Worker {
+                ctx,
+                name: name.to_string(),
+                rx,
+                lock,
+                backoff: None,
+            },
+        }
+    }
+
+    /// Installs `d.version` and switches to it from `from` (stop, start, check, `.version`),
+    /// rolling back on failure; prunes old versions on success.
+    pub(crate) async fn switch(
+        &self,
+        d: &Desired,
+        from: Option<&str>,
+    ) -> Result<(), OneshotFailure> {
+        let to = d.version.clone();
+        self.w.busy(true);
+        let res = self.w.switch(d, from, &to).await;
+        self.w.busy(false);
+        let action = format!("upgrade {} -> {to}", from.unwrap_or("none"));
+        match res {
+            Ok(()) => {
+                self.w.record(action, Outcome::Ok, None);
+                self.w.ctx.shared.agent(&self.w.name, |v| {
+                    v.current_version = Some(to.clone());
+                });
+                self.w.prune(&to, d);
+                Ok(())
+            }
+            Err(SwitchFailure::Install(e)) => {
+                self.w
+                    .record(format!("install {to}"), Outcome::Failed, Some(e.clone()));
+                Err(OneshotFailure::Install(e))
+            }
+            Err(SwitchFailure::Start(e)) => {
+                self.w.record(action, Outcome::RolledBack, Some(e.clone()));
+                Err(OneshotFailure::Start(e))
+            }
+        }
+    }
+
+    /// `control status` of `version`; the caller holds the action lock.
+    pub(crate) async fn status(&self, version: &str) -> AgentStatus {
+        self.w.status(&self.w.dir().join(version), version).await
+    }
+
+    /// `control start` of `version`, then wait for `started`; the caller holds the lock.
+    pub(crate) async fn start_and_check(&self, version: &str) -> Result<(), String> {
+        let res = self
+            .w
+            .start_and_check(&self.w.dir().join(version), version)
+            .await;
+        let outcome = if res.is_ok() {
+            Outcome::Ok
+        } else {
+            Outcome::Failed
+        };
+        self.w
+            .record(format!("start {version}"), outcome, res.clone().err());
+        res
+    }
+
+    pub(crate) fn lock(&self) -> &Arc<Mutex<()>> {
+        &self.w.lock
     }
 }
 

@@ -80,6 +80,29 @@ pub const fn default_failed_start_retry_secs() -> u64 {
     3600
 }
 
+/// Which protocol the updater speaks (`protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// The original `POST /heartbeat` only.
+    Legacy,
+    /// BootAgent (`/agent/register`, `/agent/status`) only.
+    Bootagent,
+    /// BootAgent, falling back to the legacy heartbeat when the server answers 404/405 to
+    /// the BootAgent endpoints (see [`crate::boot`]).
+    #[default]
+    Auto,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Legacy => "legacy",
+            Protocol::Bootagent => "bootagent",
+            Protocol::Auto => "auto",
+        }
+    }
+}
+
 /// Exit code for a bad config (EX_CONFIG from sysexits.h).
 pub const EXIT_BAD_CONFIG: i32 = 78;
 
@@ -134,6 +157,11 @@ pub struct Config {
     /// `tlsInsecure` (ours): accept any certificate from an `https://` server, as the fork
     /// with a self-signed certificate needs. Off by default.
     pub tls_insecure: bool,
+    /// `protocol` (ours): `legacy`, `bootagent` or `auto` (the default).
+    pub protocol: Protocol,
+    /// `metafile` (ours): the BootAgent metafile; default `<workdir>/.ops-updater/meta.json`.
+    /// A relative path is relative to the workdir.
+    pub metafile: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -161,6 +189,8 @@ impl Default for Config {
             retry_max_secs: default_retry_max_secs(),
             failed_start_retry_secs: default_failed_start_retry_secs(),
             tls_insecure: false,
+            protocol: Protocol::default(),
+            metafile: None,
         }
     }
 }
@@ -425,6 +455,17 @@ impl Config {
         c.failed_start_retry_secs =
             f.u64("failedStartRetrySecs", default_failed_start_retry_secs());
         c.tls_insecure = f.bool("tlsInsecure", false);
+        match f.string("protocol").as_str() {
+            "" | "auto" => c.protocol = Protocol::Auto,
+            "legacy" => c.protocol = Protocol::Legacy,
+            "bootagent" => c.protocol = Protocol::Bootagent,
+            other => f.error(
+                "protocol",
+                format!("must be legacy, bootagent or auto, got {other:?}"),
+            ),
+        }
+        let metafile = f.string("metafile");
+        c.metafile = (!metafile.is_empty()).then(|| PathBuf::from(metafile));
         let http = f.get("http");
         f.warn_unknown();
 
@@ -475,7 +516,10 @@ impl Config {
             })
         };
         if self.server.is_empty() {
-            err("server", "is required (host:port of ops-meta)".into());
+            // BootAgent mode can take its servers from -S, the metafile or the binary.
+            if self.protocol != Protocol::Bootagent {
+                err("server", "is required (host:port of ops-meta)".into());
+            }
         } else if let Err(m) = heartbeat_url(&self.server) {
             err("server", m);
         }

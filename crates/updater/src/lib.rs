@@ -13,3 +13,6 @@ pub mod daemon;
 pub mod heartbeat;
 pub mod http;
 pub mod state;
+
+// BootAgent mode (register, status reports, jobs) and the protocol choice.
+pub mod boot;

@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 use updater::config::{Config, Severity, EXIT_BAD_CONFIG};
-use updater::daemon::Daemon;
 use updater::state::Shared;
 
 /// Keeps every agent on this host at the version ops-meta wants.
@@ -22,6 +21,13 @@ struct Args {
     /// Check the config, print every problem, and exit (78 when it is not usable).
     #[arg(short = 'T')]
     test: bool,
+    /// BootAgent servers for the first start, `host:port,host:port` (kept in the metafile;
+    /// ignored once a metafile exists).
+    #[arg(short = 'S', value_name = "SERVERS")]
+    servers: Option<String>,
+    /// Log to FILE (appended) instead of stderr.
+    #[arg(short = 'L', value_name = "FILE")]
+    log: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -45,14 +51,38 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG as u8);
         }
     };
+    let servers = match args
+        .servers
+        .as_deref()
+        .map(updater::boot::parse_servers_flag)
+    {
+        None => None,
+        Some(Ok(s)) => Some(s),
+        Some(Err(e)) => {
+            eprintln!("ops-updater: {e}");
+            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+        }
+    };
     if args.test {
         for w in &parsed.warnings {
             println!("  {w}");
         }
+        if parsed.config.protocol != updater::config::Protocol::Legacy {
+            match updater::boot::check_metafile(&resolved) {
+                Ok(m) => println!("  {m}"),
+                Err(e) => {
+                    eprintln!("ops-updater: {e}");
+                    return ExitCode::from(EXIT_BAD_CONFIG as u8);
+                }
+            }
+        }
         println!("config {} is ok", args.config.display());
         return ExitCode::SUCCESS;
     }
-    init_logging(parsed.config.debug);
+    if let Err(e) = init_logging(parsed.config.debug, args.log.as_deref()) {
+        eprintln!("ops-updater: {e:#}");
+        return ExitCode::FAILURE;
+    }
     for w in parsed
         .warnings
         .iter()
@@ -60,7 +90,7 @@ fn main() -> ExitCode {
     {
         tracing::warn!(field = %w.field, "config: {}", w.message);
     }
-    match run(resolved) {
+    match run(resolved, updater::boot::Options { servers }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -70,17 +100,29 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(debug: bool) {
+fn init_logging(debug: bool, file: Option<&std::path::Path>) -> anyhow::Result<()> {
     let default = if debug { "debug" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter);
+    match file {
+        // -L: append, so that an earlier log is never overwritten.
+        Some(path) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("-L {}", path.display()))?;
+            fmt.with_ansi(false)
+                .with_writer(std::sync::Mutex::new(f))
+                .init();
+        }
+        None => fmt.with_writer(std::io::stderr).init(),
+    }
+    Ok(())
 }
 
-fn run(cfg: updater::config::Resolved) -> anyhow::Result<()> {
+fn run(cfg: updater::config::Resolved, opts: updater::boot::Options) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -109,8 +151,9 @@ fn run(cfg: updater::config::Resolved) -> anyhow::Result<()> {
         } else {
             None
         };
-        let daemon = Daemon::new(cfg, shared).context("starting the daemon")?;
-        daemon.run(shutdown_signal()).await;
+        updater::boot::run(cfg, shared, opts, shutdown_signal())
+            .await
+            .context("starting the daemon")?;
         let _ = stop_tx.send(true);
         if let Some(h) = http {
             h.await

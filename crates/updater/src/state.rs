@@ -50,6 +50,9 @@ pub struct AgentView {
     pub last_action_at: Option<i64>,
     /// The version held back by a back-off, with its failure count and next try.
     pub backoff: Option<BackoffView>,
+    /// Resource limits set by BootAgent jobs: stored and shown, not enforced yet.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: BTreeMap<String, String>,
 }
 
 /// A version that failed and is not retried before `next_retry_at`.

@@ -198,6 +198,8 @@ impl Updater {
     pub fn config(server: &str, hostname: &str, http: SocketAddr, workdir: &Path) -> Value {
         json!({
             "debug": true,
+            // These tests drive the legacy heartbeat; BootAgent mode has tests/bootagent.rs.
+            "protocol": "legacy",
             "hostname": hostname,
             "desiredAgent": "",
             "server": server,

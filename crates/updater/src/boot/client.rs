@@ -1,0 +1,245 @@
+//! Client for `POST /agent/register` and `POST /agent/status` on one server at a time.
+//!
+//! A server that answers 404 or 405 does not speak BootAgent (an original ops-meta, or one
+//! of ours from before BootAgent): that is [`CallError::NotSupported`], which `auto` mode
+//! takes as the cue to fall back to the legacy heartbeat.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use proto::bootagent::{Job, RegisterRequest, RegisterResponse, StatusRequest, StatusResponse};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Most jobs taken from one status answer; more are left for the next answer.
+pub const MAX_JOBS_PER_ANSWER: usize = 256;
+
+/// Why a call failed. Display names the URL.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("{url}: server does not speak BootAgent (answered {status})")]
+    NotSupported { url: String, status: u16 },
+    #[error("{url}: {source}")]
+    Transport {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{url}: server answered {status}: {body}")]
+    Status {
+        url: String,
+        status: u16,
+        body: String,
+    },
+    #[error("{url}: response larger than {limit} bytes")]
+    TooLarge { url: String, limit: u64 },
+    #[error("{url}: response is not BootAgent JSON: {source}")]
+    Decode {
+        url: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[source] reqwest::Error),
+}
+
+/// A job entry of a status answer that could not be used, with its id when it had one (so
+/// that a failed result can be reported for it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadJob {
+    pub id: Option<String>,
+    pub error: String,
+}
+
+/// A decoded status answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatusAnswer {
+    pub response: StatusResponse,
+    pub bad_jobs: Vec<BadJob>,
+}
+
+/// Decodes a status answer job by job, so that one job with an unknown action or a wrong
+/// type costs only that job.
+pub fn decode_status(body: &[u8]) -> Result<StatusAnswer, serde_json::Error> {
+    let v: serde_json::Value = serde_json::from_slice(body)?;
+    let serde_json::Value::Object(mut obj) = v else {
+        return Err(serde::de::Error::custom(
+            "a status answer must be a JSON object",
+        ));
+    };
+    let list = obj.remove("jobs");
+    let mut response: StatusResponse = serde_json::from_value(serde_json::Value::Object(obj))?;
+    let mut bad_jobs = Vec::new();
+    match list {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::Array(items)) => {
+            for (i, item) in items.into_iter().enumerate() {
+                if response.jobs.len() + bad_jobs.len() >= MAX_JOBS_PER_ANSWER {
+                    break;
+                }
+                let id = item
+                    .get("id")
+                    .and_then(|v| v.as_str())
+                    .map(|s| s.chars().take(128).collect::<String>());
+                match serde_json::from_value::<Job>(item) {
+                    Ok(j) => response.jobs.push(j),
+                    Err(e) => bad_jobs.push(BadJob {
+                        id,
+                        error: format!("jobs[{i}]: {e}"),
+                    }),
+                }
+            }
+        }
+        Some(_) => bad_jobs.push(BadJob {
+            id: None,
+            error: "jobs: not a list".into(),
+        }),
+    }
+    Ok(StatusAnswer { response, bad_jobs })
+}
+
+/// Talks BootAgent to any server of the list.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    max_response_bytes: u64,
+}
+
+impl Client {
+    pub fn new(
+        timeout: Duration,
+        max_response_bytes: u64,
+        tls_insecure: bool,
+    ) -> Result<Client, CallError> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .danger_accept_invalid_certs(tls_insecure)
+            .user_agent(concat!("ops-updater/", env!("CARGO_PKG_VERSION")))
+            // Servers are named by the operator; following redirects elsewhere is never wanted.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(CallError::Client)?;
+        Ok(Client {
+            http,
+            max_response_bytes,
+        })
+    }
+
+    /// `POST <base>/agent/register`.
+    pub async fn register(
+        &self,
+        base: &str,
+        req: &RegisterRequest,
+    ) -> Result<RegisterResponse, CallError> {
+        let url = format!("{base}/agent/register");
+        let body = self.post(&url, req).await?;
+        decode(&url, &body)
+    }
+
+    /// `POST <base>/agent/status`.
+    pub async fn status(&self, base: &str, req: &StatusRequest) -> Result<StatusAnswer, CallError> {
+        let url = format!("{base}/agent/status");
+        let body = self.post(&url, req).await?;
+        decode_status(&body).map_err(|source| CallError::Decode { url, source })
+    }
+
+    async fn post(&self, url: &str, req: &impl Serialize) -> Result<Vec<u8>, CallError> {
+        let transport = |source| CallError::Transport {
+            url: url.to_string(),
+            source,
+        };
+        let resp = self
+            .http
+            .post(url)
+            .json(req)
+            .send()
+            .await
+            .map_err(transport)?;
+        let status = resp.status().as_u16();
+        if status == 404 || status == 405 {
+            return Err(CallError::NotSupported {
+                url: url.to_string(),
+                status,
+            });
+        }
+        let body = self.read_capped(url, resp).await?;
+        if !(200..300).contains(&status) {
+            let text: String = String::from_utf8_lossy(&body).chars().take(200).collect();
+            return Err(CallError::Status {
+                url: url.to_string(),
+                status,
+                body: text.trim().to_string(),
+            });
+        }
+        Ok(body)
+    }
+
+    /// Reads the body, failing as soon as it passes the cap rather than buffering it all.
+    async fn read_capped(&self, url: &str, resp: reqwest::Response) -> Result<Vec<u8>, CallError> {
+        let limit = self.max_response_bytes;
+        let too_large = || CallError::TooLarge {
+            url: url.to_string(),
+            limit,
+        };
+        if resp.content_length().is_some_and(|n| n > limit) {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|source| CallError::Transport {
+                url: url.to_string(),
+                source,
+            })?;
+            if body.len() as u64 + chunk.len() as u64 > limit {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+}
+
+fn decode<T: DeserializeOwned>(url: &str, body: &[u8]) -> Result<T, CallError> {
+    serde_json::from_slice(body).map_err(|source| CallError::Decode {
+        url: url.to_string(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::bootagent::Action;
+
+    #[test]
+    fn one_bad_job_costs_only_itself() {
+        let a = decode_status(
+            br#"{"status":0,"jobs":[
+                {"id":"1","action":"stop","name":"a"},
+                {"id":"2","action":"reboot","name":"a"},
+                {"action":5},
+                {"id":"3","action":"config","step":20}
+            ]}"#,
+        )
+        .unwrap();
+        let ids: Vec<_> = a.response.jobs.iter().map(|j| j.id.as_str()).collect();
+        assert_eq!(ids, ["1", "3"]);
+        assert_eq!(a.response.jobs[1].action, Action::Config);
+        assert_eq!(a.bad_jobs.len(), 2);
+        assert_eq!(a.bad_jobs[0].id.as_deref(), Some("2"));
+        assert_eq!(a.bad_jobs[1].id, None);
+    }
+
+    #[test]
+    fn answers_that_are_not_status_answers() {
+        assert!(decode_status(b"").is_err());
+        assert!(decode_status(b"[1]").is_err());
+        assert!(decode_status(br#"{"status":"x"}"#).is_err());
+        let a = decode_status(br#"{"status":1,"jobs":null}"#).unwrap();
+        assert_eq!(a.response.status, 1);
+        let a = decode_status(br#"{"jobs":{"id":"1"}}"#).unwrap();
+        assert_eq!(a.bad_jobs.len(), 1);
+    }
+}

@@ -1,0 +1,741 @@
+//! BootAgent mode: register once, then one status report per step; jobs come back in the
+//! answers and their results go out in the next report (seed 003, `docs/ops-updater.md`).
+//!
+//! [`run`] picks the protocol from the config: `legacy` runs the heartbeat daemon
+//! ([`crate::daemon`]); `bootagent` runs the loop here; `auto` runs the loop here and falls
+//! back to the heartbeat daemon when a server answers 404/405 to the BootAgent endpoints,
+//! probing BootAgent again every [`REPROBE`].
+//!
+//! Jobs run through [`exec::Runner`], which acts with the legacy path's own machinery, in
+//! their own tasks: a slow download never holds up the reports.
+
+pub mod client;
+pub mod exec;
+pub mod jobs;
+pub mod metafile;
+pub mod servers;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt as _;
+use proto::bootagent::{
+    Action, AgentStatus as WireAgent, Job, RegisterRequest, StatusRequest, STATUS_OK,
+    STATUS_SERIAL_CONFLICT, STATUS_UNREGISTERED,
+};
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::agent::{self, Ctx, RetryPolicy};
+use crate::artifact::{Fetcher, Limits};
+use crate::config::{Protocol, Resolved};
+use crate::control::ControlConfig;
+use crate::daemon::{self, Daemon, DaemonError, CONTROL_GRACE, MAX_AGENTS, STATUS_WAIT};
+use crate::state::{now_unix, Shared};
+use client::{CallError, Client, StatusAnswer};
+use jobs::{Book, Seen, ERR_FAILED, ERR_INVALID, ERR_OK};
+use metafile::Meta;
+
+/// How long `auto` mode stays on the legacy heartbeat before probing BootAgent again.
+pub const REPROBE: Duration = Duration::from_secs(3600);
+/// Folder under the workdir for the metafile (by default) and the job record.
+pub const STATE_DIR: &str = ".ops-updater";
+/// The version string reported upstream.
+pub const VERSION: &str = concat!("ops-updater-", env!("CARGO_PKG_VERSION"));
+
+/// Why BootAgent mode could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    #[error(transparent)]
+    Meta(#[from] metafile::MetaError),
+    #[error(transparent)]
+    Book(#[from] jobs::BookError),
+    #[error("bootagent client: {0}")]
+    Client(#[from] CallError),
+    #[error("download client: {0}")]
+    Artifact(#[from] crate::artifact::ArtifactError),
+    #[error("no server to talk to: set `server` in the config, pass -S on first start, or build with OPS_UPDATER_SERVERS")]
+    NoServer,
+}
+
+/// Command-line settings for BootAgent mode.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// `-S host:port,host:port`: servers for the first start (persisted in the metafile;
+    /// ignored when a metafile exists).
+    pub servers: Option<Vec<String>>,
+}
+
+/// Parses the `-S` value: a comma-separated list of `host:port` or http(s) URLs.
+pub fn parse_servers_flag(s: &str) -> Result<Vec<String>, String> {
+    let list = proto::bootagent::split_svrlist(s);
+    if list.is_empty() {
+        return Err("-S: no server given".into());
+    }
+    if list.len() > metafile::MAX_SERVERS {
+        return Err(format!(
+            "-S: {} servers, the limit is {}",
+            list.len(),
+            metafile::MAX_SERVERS
+        ));
+    }
+    for sv in &list {
+        servers::base_url(sv).map_err(|e| format!("-S: {e}"))?;
+    }
+    Ok(list)
+}
+
+/// Where the metafile is: the `metafile` key (relative to the workdir) or
+/// `<workdir>/.ops-updater/meta.json`.
+pub fn metafile_path(cfg: &Resolved) -> PathBuf {
+    match &cfg.config.metafile {
+        Some(p) => cfg.workdir.join(p),
+        None => cfg.workdir.join(STATE_DIR).join("meta.json"),
+    }
+}
+
+/// Where the job record is: `<workdir>/.ops-updater/jobs.json`.
+pub fn record_path(cfg: &Resolved) -> PathBuf {
+    cfg.workdir.join(STATE_DIR).join("jobs.json")
+}
+
+/// What `-T` says about the metafile: a description, or why it is unusable.
+pub fn check_metafile(cfg: &Resolved) -> Result<String, String> {
+    let path = metafile_path(cfg);
+    match metafile::load(&path) {
+        Ok(None) => Ok(format!(
+            "metafile {} is absent: first start, will register",
+            path.display()
+        )),
+        Ok(Some(m)) => Ok(format!(
+            "metafile {} is ok: agentsn {} ({}), {} server(s) from -S, {} pushed, step {}",
+            path.display(),
+            m.agentsn,
+            if m.confirmed {
+                "confirmed"
+            } else {
+                "not confirmed yet"
+            },
+            m.servers.len(),
+            m.pushed.len(),
+            if m.step == 0 {
+                "from the config".to_string()
+            } else {
+                format!("{} s", m.step)
+            }
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Runs the updater with the protocol the config names until `shutdown` resolves.
+pub async fn run(
+    cfg: Resolved,
+    shared: Shared,
+    opts: Options,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), BootError> {
+    if cfg.config.protocol == Protocol::Legacy {
+        Daemon::new(cfg, shared)?.run(shutdown).await;
+        return Ok(());
+    }
+    let shutdown = shutdown.boxed_local().shared();
+    let started = Instant::now();
+    let mut boot = Boot::new(cfg.clone(), shared.clone(), opts, started)?;
+    loop {
+        match boot.run(shutdown.clone()).await {
+            Exit::Shutdown => return Ok(()),
+            Exit::Fallback(server) => {
+                let mut legacy = cfg.clone();
+                legacy.heartbeat_url = crate::config::heartbeat_url(&server).unwrap_or_default();
+                tracing::warn!(server = %server, heartbeat = %legacy.heartbeat_url, reprobe_in = ?REPROBE,
+                    "server does not speak BootAgent; using the legacy heartbeat");
+                shared.daemon(|d| d.server = legacy.heartbeat_url.clone());
+                let d = Daemon::new(legacy, shared.clone())?;
+                let reprobe = Arc::new(AtomicBool::new(false));
+                let flag = reprobe.clone();
+                let sd = shutdown.clone();
+                d.run(async move {
+                    tokio::select! {
+                        _ = sd => {}
+                        _ = tokio::time::sleep(REPROBE) => flag.store(true, Ordering::SeqCst),
+                    }
+                })
+                .await;
+                if !reprobe.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                tracing::info!("probing BootAgent again");
+            }
+        }
+    }
+}
+
+enum Exit {
+    Shutdown,
+    /// `auto` mode: this server does not speak BootAgent.
+    Fallback(String),
+}
+
+/// Why a round did not complete.
+enum RoundError {
+    /// No server answered; retry with back-off.
+    Failed,
+    /// `auto`: fall back to the legacy heartbeat with this server.
+    Fallback(String),
+}
+
+enum Call<'a> {
+    Register(&'a RegisterRequest),
+    Status(&'a StatusRequest),
+}
+
+enum Reply {
+    Register(proto::bootagent::RegisterResponse),
+    Status(StatusAnswer),
+}
+
+/// A job task's end: id and outcome.
+type Finished = (String, exec::Outcome);
+
+struct Boot {
+    cfg: Resolved,
+    shared: Shared,
+    meta_path: PathBuf,
+    record_path: PathBuf,
+    meta: Meta,
+    book: Book,
+    client: Client,
+    backoff: servers::Backoff,
+    builtin: Vec<String>,
+    runner: Arc<exec::Runner>,
+    /// Jobs running now: id → (agent, task).
+    running: HashMap<String, (String, tokio::task::JoinHandle<()>)>,
+    done_tx: mpsc::UnboundedSender<Finished>,
+    done_rx: mpsc::UnboundedReceiver<Finished>,
+    /// Registered (or re-registered) during this process's life.
+    registered: bool,
+    /// The server asked for a new registration.
+    needs_register: bool,
+    started: Instant,
+}
+
+impl Boot {
+    fn new(
+        cfg: Resolved,
+        shared: Shared,
+        opts: Options,
+        started: Instant,
+    ) -> Result<Boot, BootError> {
+        let c = &cfg.config;
+        std::fs::create_dir_all(&cfg.workdir).map_err(|source| DaemonError::Workdir {
+            path: cfg.workdir.display().to_string(),
+            source,
+        })?;
+        let meta_path = metafile_path(&cfg);
+        let record_path = record_path(&cfg);
+        let meta = match metafile::load(&meta_path) {
+            Ok(Some(m)) => {
+                if let Some(s) = &opts.servers {
+                    tracing::warn!(servers = %s.join(","), metafile = %meta_path.display(),
+                        "-S is ignored: the metafile exists (it only counts on first start)");
+                }
+                m
+            }
+            Ok(None) => first_start(&cfg, &meta_path, opts.servers.clone().unwrap_or_default())?,
+            Err(
+                e @ (metafile::MetaError::Corrupt { .. } | metafile::MetaError::TooLarge { .. }),
+            ) => {
+                tracing::error!(error = %e, "starting afresh: a new serial will be registered");
+                match metafile::move_aside(&meta_path) {
+                    Ok(to) => {
+                        tracing::warn!(moved_to = %to.display(), "corrupt metafile kept for inspection")
+                    }
+                    Err(me) => {
+                        tracing::warn!(error = %me, "cannot move the corrupt metafile aside")
+                    }
+                }
+                first_start(&cfg, &meta_path, opts.servers.clone().unwrap_or_default())?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let book = match jobs::load(&record_path) {
+            Ok(b) => b,
+            Err(e @ jobs::BookError::Read { .. }) => {
+                // Losing the record costs at most one re-run of a job (they are idempotent).
+                tracing::error!(error = %e, "starting with an empty job record");
+                Book::default()
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let builtin = servers::builtin();
+        if servers::merge(&c.server, &meta, &builtin).is_empty() {
+            return Err(BootError::NoServer);
+        }
+        let client = Client::new(
+            Duration::from_secs(c.heartbeat_timeout_secs),
+            c.max_response_bytes,
+            c.tls_insecure,
+        )?;
+        let fetcher = Fetcher::new(Limits {
+            max_download_bytes: c.max_download_bytes,
+            max_unpacked_bytes: c.max_unpacked_bytes,
+            ..Limits::default()
+        })?;
+        let control_timeout = Duration::from_secs(c.control_timeout_secs);
+        let status_timeout = Duration::from_secs(c.status_timeout_secs);
+        let ctx = Ctx {
+            workdir: cfg.workdir.clone(),
+            fetcher,
+            control: ControlConfig {
+                timeout: control_timeout,
+                grace: CONTROL_GRACE.min(control_timeout),
+            },
+            status: ControlConfig {
+                timeout: status_timeout,
+                grace: CONTROL_GRACE.min(status_timeout),
+            },
+            start_timeout: Duration::from_secs(c.start_timeout_secs),
+            keep_versions: c.keep_versions.max(1) as usize,
+            retry: RetryPolicy {
+                base: Duration::from_secs(c.retry_base_secs),
+                max: Duration::from_secs(c.retry_max_secs),
+                failed_start: Duration::from_secs(c.failed_start_retry_secs),
+            },
+            shared: shared.clone(),
+            envs: Default::default(),
+        };
+        exec::clean_uninstall_leftovers(&cfg.workdir);
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Ok(Boot {
+            cfg,
+            shared,
+            meta_path,
+            record_path,
+            meta,
+            book,
+            client,
+            backoff: servers::Backoff::default(),
+            builtin,
+            runner: Arc::new(exec::Runner::new(Arc::new(ctx))),
+            running: HashMap::new(),
+            done_tx,
+            done_rx,
+            registered: false,
+            needs_register: false,
+            started,
+        })
+    }
+
+    fn step(&self) -> Duration {
+        Duration::from_secs(if self.meta.step > 0 {
+            self.meta.step
+        } else {
+            self.cfg.config.interval
+        })
+    }
+
+    fn servers(&self) -> Vec<String> {
+        servers::merge(&self.cfg.config.server, &self.meta, &self.builtin)
+    }
+
+    fn save_meta(&self) -> bool {
+        match metafile::save(&self.meta_path, &self.meta) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot save the metafile");
+                false
+            }
+        }
+    }
+
+    fn save_book(&self) {
+        if let Err(e) = jobs::save(&self.record_path, &self.book) {
+            tracing::error!(error = %e, "cannot save the job record");
+        }
+    }
+
+    async fn run(&mut self, shutdown: impl Future<Output = ()>) -> Exit {
+        let c = &self.cfg.config;
+        let step = self.step();
+        let first_cap = match c.first_delay_max_ms {
+            Some(ms) => Duration::from_millis(ms).min(step),
+            None => step,
+        };
+        let first = first_cap.mul_f64(rand::thread_rng().gen_range(0.0..1.0));
+        tracing::info!(host = %self.cfg.hostname, agentsn = %self.meta.agentsn,
+            servers = %self.servers().join(","), workdir = %self.cfg.workdir.display(),
+            metafile = %self.meta_path.display(), first_in = ?first, "ops-updater running (BootAgent)");
+        let mut next = Instant::now() + first;
+        let mut failures: u32 = 0;
+        tokio::pin!(shutdown);
+        let exit = loop {
+            tokio::select! {
+                _ = &mut shutdown => break Exit::Shutdown,
+                Some((id, (code, message))) = self.done_rx.recv() => {
+                    self.running.remove(&id);
+                    self.book.finish(&id, code, &message, now_unix());
+                    self.save_book();
+                }
+                _ = tokio::time::sleep_until(next) => {
+                    let r: f64 = rand::thread_rng().gen_range(0.0..1.0);
+                    let step = self.step();
+                    let wait = match self.round().await {
+                        Ok(()) if self.needs_register => Duration::ZERO,
+                        Ok(()) => {
+                            failures = 0;
+                            daemon::next_interval(step, self.cfg.config.jitter_percent, r)
+                        }
+                        Err(RoundError::Failed) => {
+                            failures = failures.saturating_add(1);
+                            daemon::heartbeat_backoff(failures, step, r)
+                        }
+                        Err(RoundError::Fallback(s)) => break Exit::Fallback(s),
+                    };
+                    next = Instant::now() + wait;
+                }
+            }
+        };
+        self.stop_jobs().await;
+        exit
+    }
+
+    /// Stops job tasks on the way out: one in the middle of control actions (it holds the
+    /// agent's action lock) gets time to finish them; one downloading is stopped at once
+    /// (it runs again when the server delivers the job again).
+    async fn stop_jobs(&mut self) {
+        let c = &self.cfg.config;
+        let grace = Duration::from_secs(
+            (c.control_timeout_secs * 4 + c.start_timeout_secs * 2)
+                .min(daemon::SHUTDOWN_GRACE_MAX_SECS),
+        );
+        for (id, (name, task)) in std::mem::take(&mut self.running) {
+            let lock = self.runner.lock(&name);
+            let idle = lock.try_lock_owned();
+            match idle {
+                Ok(_guard) => task.abort(),
+                Err(_) => {
+                    tracing::info!(job = %id, agent = %name, "waiting for a job's control action before exiting");
+                    let mut task = task;
+                    if tokio::time::timeout(grace, &mut task).await.is_err() {
+                        task.abort();
+                    }
+                }
+            }
+        }
+        // Results that came in meanwhile are kept for the next report.
+        while let Ok((id, (code, message))) = self.done_rx.try_recv() {
+            self.book.finish(&id, code, &message, now_unix());
+        }
+        self.save_book();
+    }
+
+    /// Sends `call` to the servers in order until one answers.
+    async fn call(&mut self, call: Call<'_>) -> Result<Reply, RoundError> {
+        let order = self.backoff.order(&self.servers(), Instant::now());
+        let auto = self.cfg.config.protocol == Protocol::Auto;
+        for server in order {
+            let base = match servers::base_url(&server) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(server = %server, error = %e, "skipping a bad server entry");
+                    continue;
+                }
+            };
+            let res = match &call {
+                Call::Register(r) => self.client.register(&base, r).await.map(Reply::Register),
+                Call::Status(r) => self.client.status(&base, r).await.map(Reply::Status),
+            };
+            match res {
+                Ok(reply) => {
+                    self.backoff.succeeded(&server);
+                    self.shared.daemon(|d| d.server = base.clone());
+                    return Ok(reply);
+                }
+                Err(CallError::NotSupported { .. }) if auto => {
+                    return Err(RoundError::Fallback(server));
+                }
+                Err(e) => {
+                    tracing::warn!(server = %server, error = %e, "server failed; trying the next");
+                    self.backoff.failed(&server, self.step(), Instant::now());
+                    self.shared
+                        .daemon(|d| d.last_heartbeat_error = Some(e.to_string()));
+                }
+            }
+        }
+        self.shared.daemon(|d| d.heartbeats_failed += 1);
+        Err(RoundError::Failed)
+    }
+
+    async fn register(&mut self) -> Result<(), RoundError> {
+        let req = RegisterRequest {
+            hostname: self.cfg.hostname.clone(),
+            agentsn: self.meta.agentsn.clone(),
+        };
+        let Reply::Register(resp) = self.call(Call::Register(&req)).await? else {
+            return Err(RoundError::Failed);
+        };
+        if resp.status != STATUS_OK {
+            tracing::warn!(status = resp.status, message = %resp.message, "registration refused");
+            return Err(RoundError::Failed);
+        }
+        if !resp.agentsn.is_empty() && resp.agentsn != self.meta.agentsn {
+            if let Err(e) = proto::bootagent::validate_agentsn(&resp.agentsn) {
+                tracing::warn!(error = %e, "server answered the registration with an unusable serial");
+                return Err(RoundError::Failed);
+            }
+            tracing::info!(old = %self.meta.agentsn, new = %resp.agentsn, "server gave this host another serial; adopting it");
+            self.meta.agentsn = resp.agentsn.clone();
+            self.meta.confirmed = false;
+        }
+        self.meta.tags = resp.tags.chars().take(1024).collect();
+        self.meta.hostname = self.cfg.hostname.clone();
+        if !self.save_meta() {
+            return Err(RoundError::Failed);
+        }
+        tracing::info!(agentsn = %self.meta.agentsn, tags = %self.meta.tags, "registered");
+        self.registered = true;
+        self.needs_register = false;
+        Ok(())
+    }
+
+    /// One round: register when needed, report, take the answer's jobs.
+    async fn round(&mut self) -> Result<(), RoundError> {
+        if self.needs_register || (!self.meta.confirmed && !self.registered) {
+            self.register().await?;
+        }
+        let agents = self.collect().await;
+        let results = self.book.report();
+        let req = StatusRequest {
+            hostname: self.cfg.hostname.clone(),
+            agentsn: self.meta.agentsn.clone(),
+            version: VERSION.to_string(),
+            uptime: self.started.elapsed().as_secs(),
+            timestamp: now_unix(),
+            step: self.step().as_secs(),
+            agents,
+            jobs: results.clone(),
+        };
+        if self.cfg.config.debug {
+            tracing::debug!(request = %serde_json::to_string(&req).unwrap_or_default(), "status report");
+        }
+        let Reply::Status(answer) = self.call(Call::Status(&req)).await? else {
+            return Err(RoundError::Failed);
+        };
+        let resp = &answer.response;
+        match resp.status {
+            STATUS_UNREGISTERED | STATUS_SERIAL_CONFLICT => {
+                tracing::info!(status = resp.status, message = %resp.message, agentsn = %self.meta.agentsn,
+                    "server does not accept this serial; registering again");
+                self.needs_register = true;
+                return Ok(());
+            }
+            STATUS_OK => {}
+            other => {
+                // Seed 003: other values are ignored for now; the answer is used as is.
+                tracing::warn!(status = other, message = %resp.message, "status answer with an unknown status");
+            }
+        }
+        if !self.meta.confirmed {
+            self.meta.confirmed = true;
+            tracing::info!(agentsn = %self.meta.agentsn, "serial confirmed by a status answer");
+            self.save_meta();
+        }
+        if self.book.acknowledge(&results) {
+            self.save_book();
+        }
+        self.shared.daemon(|d| {
+            d.heartbeats_ok += 1;
+            d.last_heartbeat_at = Some(now_unix());
+            d.last_heartbeat_error = None;
+            d.server_error = None;
+        });
+        self.take_jobs(answer);
+        Ok(())
+    }
+
+    /// Agents under the workdir (folders with a `.version`), each with its status read
+    /// under its action lock; an agent busy with a job, or whose script is slow, is
+    /// reported with the last status known.
+    async fn collect(&mut self) -> Vec<WireAgent> {
+        let names = agent_names(&self.cfg.workdir, &self.cfg.config.desired_agent);
+        let wait = STATUS_WAIT.min(self.runner_status_timeout());
+        let futs = names.into_iter().map(|n| {
+            let runner = self.runner.clone();
+            async move {
+                let ctx = runner.ctx_for(&n);
+                let lock = runner.lock(&n);
+                let read = {
+                    let (ctx, n) = (ctx.clone(), n.clone());
+                    tokio::spawn(async move { agent::collect(&ctx, &n, &lock).await })
+                };
+                let real = match tokio::time::timeout(wait, read).await {
+                    Ok(Ok(r)) => r?,
+                    Ok(Err(_)) => return None,
+                    Err(_) => {
+                        let v = crate::fsx::read_version_file(&ctx.agent_dir(&n))
+                            .ok()
+                            .flatten()
+                            .filter(|v| proto::validate_version(v).is_ok())?;
+                        let (status, timestamp) = agent::last_known(
+                            &ctx,
+                            &n,
+                            &v,
+                            &format!("control status: no answer within {wait:?}"),
+                        );
+                        proto::legacy::RealAgent {
+                            name: n.clone(),
+                            version: v,
+                            status,
+                            timestamp,
+                        }
+                    }
+                };
+                let status = exec::Runner::wire_state(&real.status);
+                let uptime = runner.uptime(&n, status == proto::bootagent::STATE_RUNNING);
+                Some(WireAgent {
+                    name: real.name,
+                    version: real.version,
+                    status,
+                    uptime,
+                })
+            }
+        });
+        futures_util::future::join_all(futs)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    fn runner_status_timeout(&self) -> Duration {
+        Duration::from_secs(self.cfg.config.status_timeout_secs)
+    }
+
+    /// Takes the jobs of a status answer: results of finished ones are re-queued, running
+    /// ones are left alone, new or interrupted ones are checked and started.
+    fn take_jobs(&mut self, answer: StatusAnswer) {
+        let mut changed = false;
+        for bad in answer.bad_jobs {
+            tracing::warn!(id = ?bad.id, error = %bad.error, "unusable job");
+            if let Some(id) = bad.id.filter(|i| !i.is_empty()) {
+                if self.book.seen(&id) != Seen::Finished && !self.running.contains_key(&id) {
+                    self.book.finish(&id, ERR_INVALID, &bad.error, now_unix());
+                    changed = true;
+                }
+            }
+        }
+        for job in answer.response.jobs {
+            if self.running.contains_key(&job.id) {
+                continue;
+            }
+            match self.book.seen(&job.id) {
+                Seen::Finished => {
+                    changed = true;
+                    continue;
+                }
+                Seen::Started => {
+                    tracing::info!(job = %job.id, action = job.action.as_str(), agent = %job.name, "running a job again: it was interrupted");
+                }
+                Seen::New => {}
+            }
+            let sha = match exec::check(&job, &self.cfg.config.desired_agent) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(job = %job.id, action = job.action.as_str(), error = %e, "refusing a job");
+                    self.book.finish(&job.id, ERR_INVALID, &e, now_unix());
+                    changed = true;
+                    continue;
+                }
+            };
+            if job.action == Action::Config {
+                let (code, message) = self.apply_config(&job);
+                self.book.finish(&job.id, code, &message, now_unix());
+                changed = true;
+                continue;
+            }
+            // One job per agent at a time; the server sends this one again.
+            if self.running.values().any(|(n, _)| *n == job.name) {
+                continue;
+            }
+            tracing::info!(job = %job.id, action = job.action.as_str(), agent = %job.name, version = %job.version, "job started");
+            self.book
+                .start(&job.id, job.action.as_str(), &job.name, now_unix());
+            // Recorded before it runs: a crash from here on runs it again on redelivery.
+            self.save_book();
+            let runner = self.runner.clone();
+            let tx = self.done_tx.clone();
+            let id = job.id.clone();
+            let name = job.name.clone();
+            let task = tokio::spawn(async move {
+                let out = runner.run(&job, sha).await;
+                let _ = tx.send((job.id.clone(), out));
+            });
+            self.running.insert(id, (name, task));
+        }
+        if changed {
+            self.save_book();
+        }
+    }
+
+    fn apply_config(&mut self, job: &Job) -> exec::Outcome {
+        let before = self.meta.clone();
+        let list = proto::bootagent::split_svrlist(&job.svrlist);
+        if !list.is_empty() {
+            self.meta.pushed = list;
+        }
+        if let Some(step) = job.step {
+            self.meta.step = step;
+        }
+        if !self.save_meta() {
+            self.meta = before;
+            return (
+                ERR_FAILED,
+                format!("cannot save the metafile {}", self.meta_path.display()),
+            );
+        }
+        tracing::info!(pushed = %self.meta.pushed.join(","), step = self.meta.step, "settings changed by the server");
+        (
+            ERR_OK,
+            format!(
+                "servers {}; step {} s",
+                self.servers().join(","),
+                self.step().as_secs()
+            ),
+        )
+    }
+}
+
+fn first_start(cfg: &Resolved, path: &Path, servers: Vec<String>) -> Result<Meta, BootError> {
+    let m = Meta::first_start(&cfg.hostname, servers);
+    metafile::save(path, &m)?;
+    tracing::info!(agentsn = %m.agentsn, metafile = %path.display(), "first start: new serial");
+    Ok(m)
+}
+
+/// Agent folders under the workdir (with a `.version`), sorted, at most [`MAX_AGENTS`].
+fn agent_names(workdir: &Path, only: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let Ok(rd) = std::fs::read_dir(workdir) else {
+        return names;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if proto::validate_agent_name(&name).is_err() || (!only.is_empty() && name != only) {
+            continue;
+        }
+        if e.path().join(crate::fsx::VERSION_FILE).is_file() {
+            names.push(name);
+        }
+    }
+    names.sort();
+    names.truncate(MAX_AGENTS);
+    names
+}
