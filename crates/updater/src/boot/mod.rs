@@ -508,7 +508,8 @@ impl Boot {
 
     /// One round: register when needed, report, take the answer's jobs.
     async fn round(&mut self) -> Result<(), RoundError> {
-        if self.needs_register || (!self.meta.confirmed && !self.registered) {
+        let registering = self.needs_register || (!self.meta.confirmed && !self.registered);
+        if registering {
             self.register().await?;
         }
         let agents = self.collect().await;
@@ -535,7 +536,12 @@ impl Boot {
                 tracing::info!(status = resp.status, message = %resp.message, agentsn = %self.meta.agentsn,
                     "server does not accept this serial; registering again");
                 self.needs_register = true;
-                return Ok(());
+                // Refused right after registering: wait (with back-off) rather than loop.
+                return if registering {
+                    Err(RoundError::Failed)
+                } else {
+                    Ok(())
+                };
             }
             STATUS_OK => {}
             other => {
@@ -738,4 +744,46 @@ fn agent_names(workdir: &Path, only: &str) -> Vec<String> {
     names.sort();
     names.truncate(MAX_AGENTS);
     names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn protocol_and_metafile_keys() {
+        let c = Config::parse(r#"{"server":"h:1"}"#).unwrap().config;
+        assert_eq!(c.protocol, Protocol::Auto);
+        for (text, want) in [
+            ("legacy", Protocol::Legacy),
+            ("bootagent", Protocol::Bootagent),
+            ("auto", Protocol::Auto),
+        ] {
+            let c = Config::parse(&format!(r#"{{"server":"h:1","protocol":"{text}"}}"#)).unwrap();
+            assert_eq!(c.config.protocol, want);
+            assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        }
+        let e = Config::parse(r#"{"server":"h:1","protocol":"grpc"}"#).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("protocol: must be legacy, bootagent or auto"),
+            "{e}"
+        );
+        // Only BootAgent mode may do without `server` (-S, metafile or built-in list).
+        assert!(Config::parse(r#"{"protocol":"bootagent"}"#).is_ok());
+        assert!(Config::parse(r#"{"protocol":"auto"}"#).is_err());
+        let c = Config::parse(r#"{"server":"h:1","metafile":"m.json","workdir":"/w"}"#).unwrap();
+        let r = c.config.resolve().unwrap();
+        assert_eq!(metafile_path(&r), Path::new("/w/m.json"));
+        assert_eq!(record_path(&r), Path::new("/w/.ops-updater/jobs.json"));
+    }
+
+    #[test]
+    fn dash_s_values() {
+        assert_eq!(parse_servers_flag("a:1, b:2,").unwrap(), ["a:1", "b:2"]);
+        assert!(parse_servers_flag("").is_err());
+        assert!(parse_servers_flag("a").unwrap_err().contains("-S"));
+        assert!(parse_servers_flag(&vec!["a:1"; 17].join(",")).is_err());
+    }
 }
