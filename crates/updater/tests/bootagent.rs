@@ -605,3 +605,106 @@ fn dash_t_checks_the_metafile() {
         "{\"agentsn\": "
     );
 }
+
+#[test]
+fn auto_speaks_bootagent_to_a_server_that_does() {
+    let meta = start_meta(json!([]), json!({}));
+    let u = Updater::start(&meta.addr.to_string(), "host-01", |c| {
+        c.as_object_mut().unwrap().remove("protocol");
+    });
+    wait_confirmed(&u);
+    u.wait_heartbeats(2);
+    assert!(host_view(&meta, "host-01").is_some());
+    assert!(!u.log_text().contains("using the legacy heartbeat"));
+}
+
+/// An agent whose control script logs the `GREETING` it was given.
+fn env_agent() -> Vec<u8> {
+    use test_support::tarball::{targz, Entry};
+    let script = r#"#!/bin/sh
+echo "$1 ${GREETING:-none}" >> env.log
+case "$1" in
+  start) touch running; echo started ;;
+  stop) rm -f running ;;
+  status) if [ -f running ]; then echo started; else echo stoped; fi ;;
+esac
+"#;
+    targz(&[Entry::exec("control", script)])
+}
+
+#[test]
+fn envs_reach_control_scripts_and_survive_a_restart_of_the_updater() {
+    let mut meta = start_meta(json!([]), json!({}));
+    let t = env_agent();
+    let (_, sha) = test_support::tarball::publish(&meta.tarball_dir(), "envy", "1.0", &t);
+    let agents = json!([entry(&meta, "envy", "1.0", &sha, "start")]);
+    set_agents(&mut meta, agents, &json!({}));
+    let mut u = boot_updater(&meta.addr.to_string(), "host-01", |_| {});
+    u.wait_running("envy", "1.0");
+    let log = u.work().join("envy/1.0/env.log");
+    let starts = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("start"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(starts(), ["start hello"]);
+    // After a restart of the updater, an operator restart (whose job carries no envs)
+    // still runs the scripts with the agent's envs.
+    u.kill9();
+    u.spawn();
+    wait_confirmed(&u);
+    let id = queue(
+        &meta,
+        "host-01",
+        json!({"action": "restart", "name": "envy"}),
+    );
+    let b = wait_batch(&meta, &id);
+    assert_eq!(b["jobs"][0]["state"], "done", "{b}");
+    assert_eq!(starts(), ["start hello", "start hello"]);
+    // (The test's own `status` checks run without envs; only the updater's runs count.)
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.lines()
+            .filter(|l| !l.starts_with("status"))
+            .all(|l| l.ends_with("hello")),
+        "a script ran without the envs:\n{text}"
+    );
+}
+
+#[test]
+fn a_failed_upgrade_job_rolls_back_and_reports_errcode_3() {
+    let mut meta = start_meta(json!([]), json!({}));
+    let (_, sha1) = publish(&meta, "basic", "1.0", Behaviour::Good);
+    let (_, sha2) = publish(&meta, "basic", "2.0", Behaviour::StartFails);
+    let agents = json!([entry(&meta, "basic", "1.0", &sha1, "start")]);
+    set_agents(&mut meta, agents, &json!({}));
+    let u = boot_updater(&meta.addr.to_string(), "host-01", |_| {});
+    u.wait_running("basic", "1.0");
+    let agents = json!([entry(&meta, "basic", "2.0", &sha2, "start")]);
+    set_agents(&mut meta, agents, &json!({}));
+    wait_for("the failed upgrade reported", CONVERGE, || {
+        host_view(&meta, "host-01").is_some_and(|v| {
+            v["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["action"] == "upgrade" && r["errcode"] == 3)
+        })
+    });
+    assert_eq!(u.version_of("basic").as_deref(), Some("1.0"));
+    assert_eq!(status_of(&u.work().join("basic/1.0")), "started");
+    let view = host_view(&meta, "host-01").unwrap();
+    let r = view["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["action"] == "upgrade")
+        .unwrap();
+    assert!(
+        r["message"].as_str().unwrap().contains("cannot start"),
+        "{r}"
+    );
+}
