@@ -81,6 +81,12 @@ pub struct DaemonView {
     pub last_heartbeat_error: Option<String>,
     /// The server's `errorMessage`, when the last answer carried one.
     pub server_error: Option<String>,
+    /// The protocol in use: `legacy`, `bootagent`, or `legacy (fallback)` in `auto` mode.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub protocol: String,
+    /// The BootAgent serial, in BootAgent mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agentsn: Option<String>,
 }
 
 /// Everything `/status` shows.

@@ -157,6 +157,9 @@ fn first_registration_writes_the_metafile_and_a_restart_keeps_the_identity() {
     );
     assert_eq!(view["step"], 1);
     u.wait_heartbeats(2);
+    let d = u.daemon_status();
+    assert_eq!(d["protocol"], "bootagent", "{d}");
+    assert_eq!(d["agentsn"], sn.as_str(), "{d}");
 
     u.kill9();
     u.spawn();
@@ -569,6 +572,7 @@ fn auto_falls_back_to_the_legacy_heartbeat_on_a_legacy_only_server() {
         .count();
     assert_eq!(later, probes);
     assert!(u.log_text().contains("using the legacy heartbeat"));
+    assert_eq!(u.daemon_status()["protocol"], "legacy (fallback)");
 }
 
 #[test]

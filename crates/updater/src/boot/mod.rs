@@ -143,6 +143,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BootError> {
     if cfg.config.protocol == Protocol::Legacy {
+        shared.daemon(|d| d.protocol = "legacy".into());
         Daemon::new(cfg, shared)?.run(shutdown).await;
         return Ok(());
     }
@@ -157,7 +158,10 @@ pub async fn run(
                 legacy.heartbeat_url = crate::config::heartbeat_url(&server).unwrap_or_default();
                 tracing::warn!(server = %server, heartbeat = %legacy.heartbeat_url, reprobe_in = ?REPROBE,
                     "server does not speak BootAgent; using the legacy heartbeat");
-                shared.daemon(|d| d.server = legacy.heartbeat_url.clone());
+                shared.daemon(|d| {
+                    d.server = legacy.heartbeat_url.clone();
+                    d.protocol = "legacy (fallback)".into();
+                });
                 let d = Daemon::new(legacy, shared.clone())?;
                 let reprobe = Arc::new(AtomicBool::new(false));
                 let flag = reprobe.clone();
@@ -373,6 +377,7 @@ impl Boot {
         tracing::info!(host = %self.cfg.hostname, agentsn = %self.meta.agentsn,
             servers = %self.servers().join(","), workdir = %self.cfg.workdir.display(),
             metafile = %self.meta_path.display(), first_in = ?first, "ops-updater running (BootAgent)");
+        self.shared.daemon(|d| d.protocol = "bootagent".into());
         let mut next = Instant::now() + first;
         let mut failures: u32 = 0;
         tokio::pin!(shutdown);
@@ -486,6 +491,8 @@ impl Boot {
             tracing::warn!(status = resp.status, message = %resp.message, "registration refused");
             return Err(RoundError::Failed);
         }
+        self.shared
+            .daemon(|d| d.agentsn = Some(self.meta.agentsn.clone()));
         if !resp.agentsn.is_empty() && resp.agentsn != self.meta.agentsn {
             if let Err(e) = proto::bootagent::validate_agentsn(&resp.agentsn) {
                 tracing::warn!(error = %e, "server answered the registration with an unusable serial");
@@ -549,6 +556,8 @@ impl Boot {
                 tracing::warn!(status = other, message = %resp.message, "status answer with an unknown status");
             }
         }
+        let sn = self.meta.agentsn.clone();
+        self.shared.daemon(|d| d.agentsn = Some(sn));
         if !self.meta.confirmed {
             self.meta.confirmed = true;
             tracing::info!(agentsn = %self.meta.agentsn, "serial confirmed by a status answer");
