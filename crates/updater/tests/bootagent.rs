@@ -712,3 +712,36 @@ fn a_failed_upgrade_job_rolls_back_and_reports_errcode_3() {
         "{r}"
     );
 }
+
+#[test]
+fn a_server_answering_garbage_or_errors_is_skipped_within_the_round() {
+    let meta = start_meta(json!([]), json!({}));
+    let n = Arc::new(AtomicUsize::new(0));
+    let count = n.clone();
+    // Alternates between a 200 that is not JSON, a 500, and a body far beyond the cap.
+    let bad = Scripted::start(move |_| match count.fetch_add(1, Ordering::SeqCst) % 3 {
+        0 => Reply::Full(200, "application/json", b"<html>not json".to_vec()),
+        1 => Reply::Full(500, "text/plain", b"internal error".to_vec()),
+        _ => Reply::Full(200, "application/json", vec![b' '; 8 << 20]),
+    });
+    let u = boot_updater(&bad.addr.to_string(), "host-01", |c| {
+        c["maxResponseBytes"] = json!(1 << 20);
+        // The good server comes from the metafile's pushed list (as after a config job).
+        let work = PathBuf::from(c["workdir"].as_str().unwrap());
+        std::fs::create_dir_all(work.join(".ops-updater")).unwrap();
+        let m = json!({"agentsn": "0b6f4f39-5d4c-4c63-9a53-5a7e0c7f2a10", "pushed": [meta.addr.to_string()]});
+        std::fs::write(work.join(".ops-updater/meta.json"), m.to_string()).unwrap();
+    });
+    wait_confirmed(&u);
+    u.wait_heartbeats(4);
+    assert!(n.load(Ordering::SeqCst) >= 3, "the bad server was tried");
+    assert_eq!(u.daemon_status()["heartbeatsFailed"], 0);
+    let log = u.log_text();
+    assert!(log.contains("not BootAgent JSON"), "{log}");
+    assert!(log.contains("server answered 500"), "{log}");
+    assert!(log.contains("larger than"), "{log}");
+    assert_eq!(
+        host_view(&meta, "host-01").unwrap()["agentsn"],
+        "0b6f4f39-5d4c-4c63-9a53-5a7e0c7f2a10"
+    );
+}
