@@ -143,6 +143,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BootError> {
     if cfg.config.protocol == Protocol::Legacy {
+        if opts.servers.is_some() {
+            tracing::warn!(
+                "-S is ignored: it only applies to BootAgent mode (protocol bootagent or auto)"
+            );
+        }
         shared.daemon(|d| d.protocol = "legacy".into());
         Daemon::new(cfg, shared)?.run(shutdown).await;
         return Ok(());
