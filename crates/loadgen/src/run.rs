@@ -93,6 +93,25 @@ struct Ctx {
     template: Template,
     live: Arc<Live>,
     stop: watch::Receiver<bool>,
+    /// BootAgent loops: one bit per host, set once the host registered (a server refuses
+    /// status reports from unknown serials). One bit per host keeps a billion hosts at
+    /// 125 MB; the legacy protocol needs none.
+    registered: Vec<AtomicU64>,
+}
+
+impl Ctx {
+    fn is_registered(&self, host: u64) -> bool {
+        self.registered[(host / 64) as usize].load(Ordering::Relaxed) & (1 << (host % 64)) != 0
+    }
+
+    fn set_registered(&self, host: u64, yes: bool) {
+        let word = &self.registered[(host / 64) as usize];
+        if yes {
+            word.fetch_or(1 << (host % 64), Ordering::Relaxed);
+        } else {
+            word.fetch_and(!(1 << (host % 64)), Ordering::Relaxed);
+        }
+    }
 }
 
 struct WorkerResult {
@@ -153,8 +172,17 @@ pub async fn run(settings: Settings, mode: Mode) -> Result<Report, RunError> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let live = Arc::new(Live::default());
+    let loops_register =
+        settings.protocol == Protocol::BootAgent && !matches!(mode, Mode::Converge(_));
     let ctx = Arc::new(Ctx {
         template: Template::report(settings.protocol, &settings.fleet),
+        registered: if loops_register {
+            (0..settings.fleet.hosts.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect()
+        } else {
+            Vec::new()
+        },
         settings,
         live: live.clone(),
         stop: stop_rx,
@@ -339,6 +367,19 @@ async fn send_report(
     intended: Instant,
     buf: &mut Vec<u8>,
 ) {
+    let boot = !ctx.registered.is_empty();
+    if boot && !ctx.is_registered(host) {
+        // A BootAgent host registers before its first report; the registration is a
+        // request of its own and is counted as one.
+        let hostname = ctx.settings.fleet.hostname(host);
+        if register(ctx, conn, rec, &hostname, &fleet::agentsn(host), intended)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        ctx.set_registered(host, true);
+    }
     buf.clear();
     ctx.template.render(host, unix_now(), buf);
     let body = Bytes::copy_from_slice(buf);
@@ -348,7 +389,13 @@ async fn send_report(
             let done = Instant::now();
             match wire::read_answer(ctx.settings.protocol, &answer) {
                 Ok(_) => rec.ok(done - intended.min(sent), done - sent, &ctx.live),
-                Err(bad) => rec.bad_answer(&bad, &ctx.live),
+                Err(bad) => {
+                    if boot && matches!(bad, wire::BadAnswer::Refused(_)) {
+                        // The server forgot or refused the serial: register again next time.
+                        ctx.set_registered(host, false);
+                    }
+                    rec.bad_answer(&bad, &ctx.live)
+                }
             }
         }
         Err(f) => {
@@ -356,6 +403,46 @@ async fn send_report(
             if matches!(f, Failure::Connect(_)) {
                 tokio::time::sleep(CONNECT_BACKOFF).await;
             }
+        }
+    }
+}
+
+/// `POST /agent/register` for one host. Returns the serial the server assigned when it
+/// differs from `serial`; a failure is recorded and returned as `Err`.
+async fn register(
+    ctx: &Ctx,
+    conn: &mut Conn,
+    rec: &mut Recorder,
+    hostname: &str,
+    serial: &str,
+    intended: Instant,
+) -> Result<Option<String>, ()> {
+    let body = serde_json::to_vec(&proto::bootagent::RegisterRequest {
+        hostname: hostname.to_string(),
+        agentsn: serial.to_string(),
+    })
+    .expect("plain struct");
+    let sent = Instant::now();
+    match conn.post("/agent/register", body.into()).await {
+        Ok(answer) => match serde_json::from_slice::<proto::bootagent::RegisterResponse>(&answer) {
+            Ok(r) if r.status == proto::bootagent::STATUS_OK => {
+                let now = Instant::now();
+                rec.ok(now - intended.min(sent), now - sent, &ctx.live);
+                Ok((!r.agentsn.is_empty() && r.agentsn != serial).then_some(r.agentsn))
+            }
+            Ok(r) => {
+                let why = format!("register status {}: {}", r.status, r.message);
+                rec.bad_answer(&wire::BadAnswer::Refused(why), &ctx.live);
+                Err(())
+            }
+            Err(e) => {
+                rec.bad_answer(&wire::BadAnswer::Body(e.to_string()), &ctx.live);
+                Err(())
+            }
+        },
+        Err(f) => {
+            rec.failure(&f, &ctx.live);
+            Err(())
         }
     }
 }
@@ -548,44 +635,14 @@ async fn converge_worker(
             if protocol == Protocol::BootAgent && !registered[p] {
                 // A BootAgent host registers once, on its first round, and retries next
                 // round when that fails.
-                let body = serde_json::to_vec(&proto::bootagent::RegisterRequest {
-                    hostname: hostname.clone(),
-                    agentsn: serial.clone(),
-                })
-                .expect("plain struct");
-                let sent = Instant::now();
-                match conn.post("/agent/register", body.into()).await {
-                    Ok(answer) => {
-                        match serde_json::from_slice::<proto::bootagent::RegisterResponse>(&answer)
-                        {
-                            Ok(r) if r.status == proto::bootagent::STATUS_OK => {
-                                let now = Instant::now();
-                                rec.ok(now - due, now - sent, &ctx.live);
-                                registered[p] = true;
-                                if !r.agentsn.is_empty() && r.agentsn != serial {
-                                    serials.insert(p, r.agentsn);
-                                }
-                            }
-                            Ok(r) => {
-                                rec.bad_answer(
-                                    &wire::BadAnswer::Refused(format!(
-                                        "register status {}: {}",
-                                        r.status, r.message
-                                    )),
-                                    &ctx.live,
-                                );
-                                continue;
-                            }
-                            Err(e) => {
-                                rec.bad_answer(&wire::BadAnswer::Body(e.to_string()), &ctx.live);
-                                continue;
-                            }
+                match register(&ctx, &mut conn, &mut rec, &hostname, &serial, due).await {
+                    Ok(adopted) => {
+                        registered[p] = true;
+                        if let Some(sn) = adopted {
+                            serials.insert(p, sn);
                         }
                     }
-                    Err(f) => {
-                        rec.failure(&f, &ctx.live);
-                        continue;
-                    }
+                    Err(()) => continue,
                 }
             }
             let serial = serials.get(&p).cloned().unwrap_or(serial);

@@ -183,6 +183,29 @@ fn open_loop_against_meta_sends_about_the_rate() {
 }
 
 #[test]
+fn bootagent_hosts_register_then_report_to_meta_without_errors() {
+    let meta = start_meta("1.0.0");
+    let url = meta.url();
+    let r = loadgen_json(&[
+        "closed",
+        "--url",
+        &url,
+        "--protocol",
+        "bootagent",
+        "--hosts",
+        "20",
+        "--requests",
+        "60",
+        "-c",
+        "4",
+    ]);
+    // 60 status reports plus one registration per host, all answered.
+    assert_eq!(num(&r, &["requests"]), 80, "{r:#}");
+    assert_eq!(num(&r, &["ok"]), 80, "{r:#}");
+    assert_eq!(num(&r, &["error_total"]), 0, "{r:#}");
+}
+
+#[test]
 fn a_stopped_meta_is_counted_as_connect_errors() {
     let meta = start_meta("1.0.0");
     let url = meta.url();

@@ -57,8 +57,16 @@ fn closed_loop_for_a_duration_over_bootagent_status() {
     assert!(num(&r, &["requests"]) > 0, "{r:#}");
     assert_eq!(num(&r, &["error_total"]), 0, "{r:#}");
     assert_eq!(r["protocol"], "bootagent");
-    // Every answer carried upgrade jobs, which are valid answers, not errors.
-    assert!(srv.seen.lock().unwrap().hosts.len() <= 20);
+    // Every answer carried upgrade jobs, which are valid answers, not errors. Each host
+    // registered once, before its first report.
+    let seen = srv.seen.lock().unwrap();
+    assert!(!seen.hosts.is_empty() && seen.hosts.len() <= 20);
+    assert_eq!(
+        seen.registers,
+        seen.hosts.len() as u64,
+        "{:?}",
+        seen.hosts.keys()
+    );
 }
 
 #[test]
