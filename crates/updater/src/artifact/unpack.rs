@@ -408,6 +408,7 @@ fn fill(
                 .map_err(ArtifactError::io(&to))?;
         }
     }
+    sync_filesystem(root)?;
     fsx::write_atomic(&root.join(MARKER), format!("{version}\n").as_bytes())
         .map_err(ArtifactError::io(&root.join(MARKER)))?;
     fsx::fsync_dir(root).map_err(ArtifactError::io(root))?;
@@ -442,10 +443,20 @@ fn write_file(
         }
         out.write_all(&buf[..n]).map_err(ctx.io(path))?;
     }
-    out.sync_all().map_err(ctx.io(path))?;
+    // No fsync per file: one `syncfs` before the completion marker makes every member
+    // durable at once (see the end of `fill`), which is what made thousands of small files slow.
     drop(out);
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(plain_mode(mode)))
         .map_err(ctx.io(path))
+}
+
+/// Flushes the file system holding `dir` (every member just written, data and metadata)
+/// with one `syncfs(2)`. The completion marker is written only after it, so a marker on
+/// disk always means a complete tree on disk.
+fn sync_filesystem(dir: &Path) -> Result<(), ArtifactError> {
+    use std::os::fd::AsRawFd;
+    let f = File::open(dir).map_err(ArtifactError::io(dir))?;
+    nix::unistd::syncfs(f.as_raw_fd()).map_err(|e| ArtifactError::io(dir)(io::Error::from(e)))
 }
 
 #[cfg(test)]
