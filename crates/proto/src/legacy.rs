@@ -141,8 +141,9 @@ pub fn format_md5_file(hex: &str, file: &str) -> String {
     format!("{hex}  {file}\n")
 }
 
-/// Go's decoder leaves a field at its zero value when the JSON holds `null`; so do we.
-fn null_default<'de, D, T>(d: D) -> Result<T, D::Error>
+/// Go's decoder leaves a field at its zero value when the JSON holds `null`; so do we
+/// (the BootAgent types share this rule).
+pub(crate) fn null_default<'de, D, T>(d: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
     T: Default + Deserialize<'de>,

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use crate::artifact::{self, Fetcher, Want};
 use crate::control::{self, AgentStatus, ControlConfig};
+use crate::daemon::CONTROL_GRACE;
 use crate::fsx;
 use crate::state::{now_unix, BackoffView, Outcome, Shared};
 
@@ -243,6 +244,43 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// The workers' context from the updater's config, shared by the legacy daemon and
+    /// BootAgent mode so both act on agents with the same limits and timeouts.
+    pub fn from_config(
+        cfg: &crate::config::Resolved,
+        shared: Shared,
+    ) -> Result<Ctx, artifact::ArtifactError> {
+        let c = &cfg.config;
+        let fetcher = Fetcher::new(artifact::Limits {
+            max_download_bytes: c.max_download_bytes,
+            max_unpacked_bytes: c.max_unpacked_bytes,
+            ..artifact::Limits::default()
+        })?;
+        let control_timeout = Duration::from_secs(c.control_timeout_secs);
+        let status_timeout = Duration::from_secs(c.status_timeout_secs);
+        Ok(Ctx {
+            workdir: cfg.workdir.clone(),
+            fetcher,
+            control: ControlConfig {
+                timeout: control_timeout,
+                grace: CONTROL_GRACE.min(control_timeout),
+            },
+            status: ControlConfig {
+                timeout: status_timeout,
+                grace: CONTROL_GRACE.min(status_timeout),
+            },
+            start_timeout: Duration::from_secs(c.start_timeout_secs),
+            keep_versions: c.keep_versions.max(1) as usize,
+            retry: RetryPolicy {
+                base: Duration::from_secs(c.retry_base_secs),
+                max: Duration::from_secs(c.retry_max_secs),
+                failed_start: Duration::from_secs(c.failed_start_retry_secs),
+            },
+            shared,
+            envs: BTreeMap::new(),
+        })
+    }
+
     pub fn agent_dir(&self, name: &str) -> PathBuf {
         self.workdir.join(name)
     }

@@ -16,10 +16,8 @@ use proto::legacy::{HeartbeatRequest, HeartbeatResponse, RealAgent};
 use rand::Rng;
 use tokio::time::Instant;
 
-use crate::agent::{self, Ctx, Desired, DesiredError, Handle, RetryPolicy};
-use crate::artifact::{Fetcher, Limits};
+use crate::agent::{self, Ctx, Desired, DesiredError, Handle};
 use crate::config::Resolved;
-use crate::control::ControlConfig;
 use crate::heartbeat::{self, HeartbeatError};
 use crate::state::{now_unix, Shared};
 
@@ -137,35 +135,7 @@ impl Daemon {
             c.max_response_bytes,
             c.tls_insecure,
         )?;
-        let limits = Limits {
-            max_download_bytes: c.max_download_bytes,
-            max_unpacked_bytes: c.max_unpacked_bytes,
-            ..Limits::default()
-        };
-        let fetcher = Fetcher::new(limits)?;
-        let control_timeout = Duration::from_secs(c.control_timeout_secs);
-        let status_timeout = Duration::from_secs(c.status_timeout_secs);
-        let ctx = Ctx {
-            workdir: cfg.workdir.clone(),
-            fetcher,
-            control: ControlConfig {
-                timeout: control_timeout,
-                grace: CONTROL_GRACE.min(control_timeout),
-            },
-            status: ControlConfig {
-                timeout: status_timeout,
-                grace: CONTROL_GRACE.min(status_timeout),
-            },
-            start_timeout: Duration::from_secs(c.start_timeout_secs),
-            keep_versions: c.keep_versions.max(1) as usize,
-            retry: RetryPolicy {
-                base: Duration::from_secs(c.retry_base_secs),
-                max: Duration::from_secs(c.retry_max_secs),
-                failed_start: Duration::from_secs(c.failed_start_retry_secs),
-            },
-            shared: shared.clone(),
-            envs: BTreeMap::new(),
-        };
+        let ctx = Ctx::from_config(&cfg, shared.clone())?;
         Ok(Daemon {
             cfg,
             shared,

@@ -101,15 +101,7 @@ impl Client {
         max_response_bytes: u64,
         tls_insecure: bool,
     ) -> Result<Client, HeartbeatError> {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .danger_accept_invalid_certs(tls_insecure)
-            .user_agent(concat!("ops-updater/", env!("CARGO_PKG_VERSION")))
-            // The server is named by the operator; following redirects elsewhere is never wanted.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(HeartbeatError::Client)?;
+        let http = http_client(timeout, tls_insecure).map_err(HeartbeatError::Client)?;
         Ok(Client {
             http,
             url: url.to_string(),
@@ -176,6 +168,22 @@ impl Client {
         }
         Ok(body)
     }
+}
+
+/// The HTTP client for every call to a server, legacy heartbeat and BootAgent alike:
+/// `timeout` bounds a whole exchange.
+pub(crate) fn http_client(
+    timeout: Duration,
+    tls_insecure: bool,
+) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .danger_accept_invalid_certs(tls_insecure)
+        .user_agent(concat!("ops-updater/", env!("CARGO_PKG_VERSION")))
+        // Servers are named by the operator; following redirects elsewhere is never wanted.
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
 }
 
 #[cfg(test)]

@@ -7,7 +7,6 @@ use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use proto::legacy::HeartbeatRequest;
 
 use super::{unix_now, AppError, AppState};
@@ -24,28 +23,7 @@ async fn heartbeat(
     let desired = st.current.load();
     let cfg = &desired.config;
     let max = cfg.max_body_bytes;
-    // Refuse an announced oversize body before reading any of it.
-    let announced = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if announced.is_some_and(|n| n > max) {
-        return Err(AppError::BodyTooLarge { max });
-    }
-    let bytes = Limited::new(body, max as usize)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.downcast_ref::<LengthLimitError>().is_some() {
-                AppError::BodyTooLarge { max }
-            } else {
-                AppError::BodyRead
-            }
-        })?
-        .to_bytes();
-    if bytes.is_empty() {
-        return Err(AppError::BodyBlank);
-    }
+    let bytes = super::agent::read_body(&headers, body, max).await?;
     // serde would read a JSON list positionally into the struct; Go's decoder refuses a
     // list, and reads `null` as the zero value (so: hostname is blank).
     let trimmed = bytes.trim_ascii();

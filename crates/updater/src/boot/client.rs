@@ -111,15 +111,8 @@ impl Client {
         max_response_bytes: u64,
         tls_insecure: bool,
     ) -> Result<Client, CallError> {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .danger_accept_invalid_certs(tls_insecure)
-            .user_agent(concat!("ops-updater/", env!("CARGO_PKG_VERSION")))
-            // Servers are named by the operator; following redirects elsewhere is never wanted.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(CallError::Client)?;
+        let http =
+            crate::heartbeat::http_client(timeout, tls_insecure).map_err(CallError::Client)?;
         Ok(Client {
             http,
             max_response_bytes,

@@ -31,11 +31,9 @@ use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::agent::{self, Ctx, RetryPolicy};
-use crate::artifact::{Fetcher, Limits};
+use crate::agent::{self, Ctx};
 use crate::config::{Protocol, Resolved};
-use crate::control::ControlConfig;
-use crate::daemon::{self, Daemon, DaemonError, CONTROL_GRACE, MAX_AGENTS, STATUS_WAIT};
+use crate::daemon::{self, Daemon, DaemonError, MAX_AGENTS, STATUS_WAIT};
 use crate::state::{now_unix, Shared};
 use client::{CallError, Client, StatusAnswer};
 use jobs::{Book, Seen, ERR_FAILED, ERR_INVALID, ERR_OK};
@@ -293,34 +291,7 @@ impl Boot {
             c.max_response_bytes,
             c.tls_insecure,
         )?;
-        let fetcher = Fetcher::new(Limits {
-            max_download_bytes: c.max_download_bytes,
-            max_unpacked_bytes: c.max_unpacked_bytes,
-            ..Limits::default()
-        })?;
-        let control_timeout = Duration::from_secs(c.control_timeout_secs);
-        let status_timeout = Duration::from_secs(c.status_timeout_secs);
-        let ctx = Ctx {
-            workdir: cfg.workdir.clone(),
-            fetcher,
-            control: ControlConfig {
-                timeout: control_timeout,
-                grace: CONTROL_GRACE.min(control_timeout),
-            },
-            status: ControlConfig {
-                timeout: status_timeout,
-                grace: CONTROL_GRACE.min(status_timeout),
-            },
-            start_timeout: Duration::from_secs(c.start_timeout_secs),
-            keep_versions: c.keep_versions.max(1) as usize,
-            retry: RetryPolicy {
-                base: Duration::from_secs(c.retry_base_secs),
-                max: Duration::from_secs(c.retry_max_secs),
-                failed_start: Duration::from_secs(c.failed_start_retry_secs),
-            },
-            shared: shared.clone(),
-            envs: Default::default(),
-        };
+        let ctx = Ctx::from_config(&cfg, shared.clone())?;
         exec::clean_uninstall_leftovers(&cfg.workdir);
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         Ok(Boot {
