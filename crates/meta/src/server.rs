@@ -2,11 +2,14 @@
 //! shutdown), the background tasks (stale-host sweep, tarball checksums), and the signal
 //! loop of the binary (SIGHUP reloads, SIGTERM/SIGINT shut down).
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
+use axum::http::Method;
+use futures_util::future::{Either, FutureExt};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
@@ -16,7 +19,7 @@ use tokio::task::JoinHandle;
 use tower::ServiceExt;
 
 use crate::config::{self, ConfigError};
-use crate::http::{app, unix_now, AppState};
+use crate::http::{app, serve_heartbeat, unix_now, AppState, HEARTBEAT_PATH};
 
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -125,10 +128,11 @@ async fn accept_loop(
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     let router = router.clone();
+                    let state = state.clone();
                     let shutdown = shutdown.clone();
                     let alive = alive.clone();
                     tokio::spawn(async move {
-                        serve_connection(stream, peer, router, shutdown, header_timeout).await;
+                        serve_connection(stream, peer, router, state, shutdown, header_timeout).await;
                         drop(alive);
                     });
                 }
@@ -156,12 +160,18 @@ async fn serve_connection(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     router: axum::Router,
+    state: AppState,
     mut shutdown: watch::Receiver<bool>,
     header_timeout: Duration,
 ) {
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-        req.extensions_mut().insert(ConnectInfo(peer));
-        router.clone().oneshot(req)
+        // The heartbeat, nearly all of the traffic, skips the router (see http::heartbeat).
+        if req.method() == Method::POST && req.uri().path() == HEARTBEAT_PATH {
+            Either::Left(serve_heartbeat(state.clone(), req).map(Ok::<_, Infallible>))
+        } else {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            Either::Right(router.clone().oneshot(req))
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())

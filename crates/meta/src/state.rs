@@ -122,14 +122,25 @@ impl Reloader {
     }
 }
 
-/// Everything request handlers share.
+/// Everything request handlers share: one `Arc`, so a request clones and drops a single
+/// reference count. Fields are reached through `Deref` (`state.store`, `state.current`).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+/// What [`AppState`] points to.
+pub struct Shared {
     pub current: Arc<Current>,
     pub store: Arc<dyn FleetStore>,
     pub reloader: Arc<Reloader>,
     /// BootAgent hosts, their jobs and operator batches.
     pub boot: Arc<crate::boot::Boot>,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
 
 impl AppState {
@@ -155,11 +166,11 @@ impl AppState {
             lock: tokio::sync::Mutex::new(()),
             sha_wanted: tokio::sync::Notify::new(),
         });
-        AppState {
+        AppState(Arc::new(Shared {
             current,
             store,
             reloader,
             boot: Arc::new(crate::boot::Boot::new()),
-        }
+        }))
     }
 }

@@ -4,13 +4,20 @@
 //! same trait. [`MemStore`] keeps everything in memory, sharded by hostname so heartbeats from
 //! different hosts do not serialize on one lock, and interns the strings every host repeats
 //! (agent names, versions, statuses) so a million hosts fit in a few hundred MiB.
+//!
+//! The heartbeat path is the hot one: the hostname is hashed once (foldhash) and that hash
+//! picks the shard and the slot inside it; a known host that reports the same agents as
+//! last time is updated in place without touching the interners' locks or allocating.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
-use std::sync::Arc;
+use std::hash::BuildHasher;
+use std::sync::OnceLock;
 
+use foldhash::fast::RandomState;
+use hashbrown::HashTable;
 use parking_lot::RwLock;
-use proto::legacy::RealAgent;
+use proto::legacy::{RealAgent, RealAgentRef};
 
 /// Longest status text stored, in bytes. Statuses are free text when a control script
 /// fails; the rest is cut (at a character boundary).
@@ -37,9 +44,9 @@ pub struct HostAgent {
 pub trait FleetStore: Send + Sync + 'static {
     /// Records that `host` was seen at `now` with exactly these agents (replacing what it
     /// reported before). A host that reports no agents is still recorded as seen.
-    fn record(&self, host: &str, agents: &[RealAgent], now: i64);
-    /// Every known host with its report of agent `name` (or `None`), sorted by hostname.
-    fn agent_status(&self, name: &str) -> Vec<HostAgent>;
+    fn record(&self, host: &str, agents: &[RealAgentRef<'_>], now: i64);
+    /// Every known host with its report of agent `name` (or none), sorted by hostname.
+    fn agent_status(&self, name: &str) -> AgentStatus;
     /// What `host` last reported, if it is known.
     fn host(&self, host: &str) -> Option<Vec<RealAgent>>;
     /// Number of known hosts.
@@ -48,63 +55,249 @@ pub trait FleetStore: Send + Sync + 'static {
     fn sweep(&self, older_than: i64) -> usize;
 }
 
-/// A bounded string interner: ids are indexes into `strings`. Reads (the common case: a
-/// version every host already reported) take only the read lock.
+/// Marks a row of [`AgentStatus`] whose host does not report the agent.
+const NO_AGENT: u32 = u32::MAX;
+
+/// One host in [`AgentStatus`]: 32 bytes, the strings live in the snapshot's buffers.
+#[derive(Debug, Clone, Copy)]
+struct StatusRow {
+    host_start: usize,
+    host_len: u32,
+    /// Index into `AgentStatus::dict`, or [`NO_AGENT`].
+    version: u32,
+    status: u32,
+    timestamp: i64,
+}
+
+/// Every known host with its report of one agent, sorted by hostname: a compact copy the
+/// status pages are written from piece by piece, after every lock is released. Hostnames
+/// sit in one buffer, versions and statuses once each in a small dictionary, so a million
+/// hosts take some 60 MiB here instead of four `String`s each.
+#[derive(Debug, Default)]
+pub struct AgentStatus {
+    name: String,
+    hosts: String,
+    dict: Vec<Box<str>>,
+    rows: Vec<StatusRow>,
+}
+
+/// One host of an [`AgentStatus`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusEntry<'a> {
+    pub hostname: &'a str,
+    /// The agent as the host reported it; `None` when it did not.
+    pub agent: Option<AgentEntry<'a>>,
+}
+
+/// The agent part of a [`StatusEntry`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentEntry<'a> {
+    pub name: &'a str,
+    pub version: &'a str,
+    pub status: &'a str,
+    pub timestamp: i64,
+}
+
+impl AgentEntry<'_> {
+    /// As the wire type, for serializing.
+    pub fn as_wire(&self) -> RealAgentRef<'_> {
+        RealAgentRef {
+            name: Cow::Borrowed(self.name),
+            version: Cow::Borrowed(self.version),
+            status: Cow::Borrowed(self.status),
+            timestamp: self.timestamp,
+        }
+    }
+}
+
+impl AgentStatus {
+    /// An empty answer for agent `name`; fill it with [`AgentStatus::push`].
+    pub fn new(name: &str) -> AgentStatus {
+        AgentStatus {
+            name: name.to_string(),
+            ..AgentStatus::default()
+        }
+    }
+
+    /// Adds a host and what it reported of the agent (version, status, timestamp). Order
+    /// does not matter; [`AgentStatus::sort`] puts hosts in order.
+    pub fn push(&mut self, hostname: &str, agent: Option<(&str, &str, i64)>) {
+        let (version, status, timestamp) = match agent {
+            Some((v, s, t)) => (self.add_word(v), self.add_word(s), t),
+            None => (NO_AGENT, NO_AGENT, 0),
+        };
+        self.push_row(hostname, version, status, timestamp);
+    }
+
+    fn add_word(&mut self, s: &str) -> u32 {
+        self.dict.push(s.into());
+        (self.dict.len() - 1) as u32
+    }
+
+    fn push_row(&mut self, hostname: &str, version: u32, status: u32, timestamp: i64) {
+        let host_start = self.hosts.len();
+        self.hosts.push_str(hostname);
+        self.rows.push(StatusRow {
+            host_start,
+            host_len: hostname.len() as u32,
+            version,
+            status,
+            timestamp,
+        });
+    }
+
+    /// Sorts hosts by hostname (bytewise, as `str` orders).
+    pub fn sort(&mut self) {
+        let hosts = &self.hosts;
+        let key = |r: &StatusRow| &hosts[r.host_start..r.host_start + r.host_len as usize];
+        self.rows.sort_unstable_by(|a, b| key(a).cmp(key(b)));
+    }
+
+    /// The agent asked for.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Number of hosts.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Host number `i` (in sorted order once sorted).
+    pub fn get(&self, i: usize) -> Option<StatusEntry<'_>> {
+        let r = self.rows.get(i)?;
+        let hostname = &self.hosts[r.host_start..r.host_start + r.host_len as usize];
+        let agent = (r.version != NO_AGENT).then(|| AgentEntry {
+            name: &self.name,
+            version: &self.dict[r.version as usize],
+            status: &self.dict[r.status as usize],
+            timestamp: r.timestamp,
+        });
+        Some(StatusEntry { hostname, agent })
+    }
+
+    /// Every host in order.
+    pub fn iter(&self) -> impl Iterator<Item = StatusEntry<'_>> + '_ {
+        (0..self.rows.len()).filter_map(|i| self.get(i))
+    }
+
+    /// The same as owned values (tests and small callers).
+    pub fn to_host_agents(&self) -> Vec<HostAgent> {
+        self.iter()
+            .map(|e| HostAgent {
+                hostname: e.hostname.to_string(),
+                agent: e.agent.map(|a| a.as_wire().to_owned_agent()),
+            })
+            .collect()
+    }
+}
+
+/// Strings appended once and never changed, readable without a lock: a slot is a
+/// `OnceLock`, so a reader pays one acquire load. Slots come in chunks allocated on
+/// first use, so an interner that holds six strings costs a few KiB, not its capacity.
+#[derive(Debug)]
+struct Strings {
+    chunks: Box<[OnceLock<Chunk>]>,
+}
+
+/// A run of [`CHUNK`] slots of [`Strings`].
+type Chunk = Box<[OnceLock<Box<str>>]>;
+
+/// Strings per chunk of [`Strings`].
+const CHUNK: usize = 256;
+
+impl Strings {
+    fn new(cap: usize) -> Strings {
+        Strings {
+            chunks: (0..cap.div_ceil(CHUNK)).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    fn get(&self, id: u32) -> &str {
+        let id = id as usize;
+        self.chunks[id / CHUNK]
+            .get()
+            .and_then(|c| c[id % CHUNK].get())
+            .expect("ids are handed out only after their string is set")
+    }
+
+    /// Sets slot `id`; each slot is set once, by the interner holding its write lock.
+    fn set(&self, id: u32, s: &str) {
+        let id = id as usize;
+        let chunk =
+            self.chunks[id / CHUNK].get_or_init(|| (0..CHUNK).map(|_| OnceLock::new()).collect());
+        let _ = chunk[id % CHUNK].set(s.into());
+    }
+}
+
+/// A bounded string interner: ids index `strings`, and `ids` finds the id of a string by
+/// its hash. Resolving an id takes no lock; looking a string up takes the read lock of
+/// `ids`, and only a new string the write lock. Ids are never reused or removed.
 #[derive(Debug)]
 struct Interner {
     cap: usize,
-    inner: RwLock<InternerInner>,
-}
-
-#[derive(Debug, Default)]
-struct InternerInner {
-    ids: HashMap<Arc<str>, u32>,
-    strings: Vec<Arc<str>>,
+    hasher: RandomState,
+    ids: RwLock<HashTable<u32>>,
+    strings: Strings,
 }
 
 impl Interner {
     fn new(cap: usize) -> Interner {
+        let cap = cap.min(LOCAL as usize);
         Interner {
             cap,
-            inner: RwLock::new(InternerInner::default()),
+            hasher: RandomState::default(),
+            ids: RwLock::new(HashTable::new()),
+            strings: Strings::new(cap),
         }
     }
 
     /// The id of `s`, interning it when there is room; `None` when the interner is full.
     fn intern(&self, s: &str) -> Option<u32> {
-        if let Some(&id) = self.inner.read().ids.get(s) {
+        let hash = self.hasher.hash_one(s);
+        let eq = |&id: &u32| self.strings.get(id) == s;
+        if let Some(&id) = self.ids.read().find(hash, eq) {
             return Some(id);
         }
-        let mut w = self.inner.write();
-        if let Some(&id) = w.ids.get(s) {
+        let mut w = self.ids.write();
+        if let Some(&id) = w.find(hash, eq) {
             return Some(id);
         }
-        if w.strings.len() >= self.cap {
+        if w.len() >= self.cap {
             return None;
         }
-        let id = w.strings.len() as u32;
-        let a: Arc<str> = Arc::from(s);
-        w.strings.push(a.clone());
-        w.ids.insert(a, id);
+        let id = w.len() as u32;
+        self.strings.set(id, s);
+        w.insert_unique(hash, id, |&id| self.hasher.hash_one(self.strings.get(id)));
         Some(id)
     }
 
     fn id_of(&self, s: &str) -> Option<u32> {
-        self.inner.read().ids.get(s).copied()
+        let hash = self.hasher.hash_one(s);
+        self.ids
+            .read()
+            .find(hash, |&id| self.strings.get(id) == s)
+            .copied()
     }
 
-    fn get(&self, id: u32) -> Arc<str> {
-        self.inner.read().strings[id as usize].clone()
+    fn get(&self, id: u32) -> &str {
+        self.strings.get(id)
     }
 
     fn len(&self) -> usize {
-        self.inner.read().strings.len()
+        self.ids.read().len()
     }
 
     fn bytes(&self) -> usize {
-        let r = self.inner.read();
-        // Each string once on the heap, an Arc header, a map entry and a vector slot.
-        r.strings.iter().map(|s| s.len() + 16 + 32 + 16).sum()
+        let r = self.ids.read();
+        // Each string once on the heap, its slot, and a table entry.
+        (0..r.len() as u32)
+            .map(|id| self.strings.get(id).len() + 24 + 8)
+            .sum()
     }
 }
 
@@ -127,15 +320,27 @@ struct HostRec {
     last_seen: i64,
     agents: Box<[AgentRec]>,
     /// Strings that did not fit in the interners; almost always `None`.
-    local: Option<Box<[Box<str>]>>,
+    local: LocalStrings,
 }
 
-type Shard = RwLock<HashMap<Box<str>, HostRec>>;
+/// A host's strings that did not fit in the interners.
+type LocalStrings = Option<Box<[Box<str>]>>;
+
+/// A slot of a shard's table.
+#[derive(Debug)]
+struct HostEntry {
+    host: Box<str>,
+    rec: HostRec,
+}
+
+type Shard = RwLock<HashTable<HostEntry>>;
 
 /// The in-memory [`FleetStore`].
 #[derive(Debug)]
 pub struct MemStore {
     shards: Box<[Shard]>,
+    /// Hashes hostnames: seeded per process. Hostnames are validated and every shard has
+    /// its own lock and table, which bounds what colliding names could cost.
     hasher: RandomState,
     names: Interner,
     statuses: Interner,
@@ -149,7 +354,7 @@ impl Default for MemStore {
 
 /// Cuts `s` to at most `max` bytes at a character boundary and replaces control
 /// characters, so one host's status can neither be huge nor forge lines of text output.
-fn clean_status(s: &str) -> std::borrow::Cow<'_, str> {
+fn clean_status(s: &str) -> Cow<'_, str> {
     let mut end = s.len().min(MAX_STATUS_LEN);
     while !s.is_char_boundary(end) {
         end -= 1;
@@ -165,6 +370,12 @@ fn clean_status(s: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// The shard of a hostname hash. Uses bits the shard's table does not: hashbrown takes the
+/// slot from the low bits and a tag from the top seven.
+fn shard_index(hash: u64) -> usize {
+    (hash >> 32) as usize & (SHARDS - 1)
+}
+
 impl MemStore {
     pub fn new() -> MemStore {
         MemStore::with_caps(MAX_INTERNED_NAMES, MAX_INTERNED_STATUSES)
@@ -173,16 +384,15 @@ impl MemStore {
     /// A store whose interners hold at most the given numbers of strings (tests use small ones).
     pub fn with_caps(names: usize, statuses: usize) -> MemStore {
         MemStore {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| RwLock::new(HashTable::new())).collect(),
+            hasher: RandomState::default(),
             names: Interner::new(names),
             statuses: Interner::new(statuses),
         }
     }
 
-    fn shard(&self, host: &str) -> &Shard {
-        let h = self.hasher.hash_one(host);
-        &self.shards[(h as usize) & (SHARDS - 1)]
+    fn hash(&self, host: &str) -> u64 {
+        self.hasher.hash_one(host)
     }
 
     /// Number of distinct strings in the name/version and status interners.
@@ -190,19 +400,19 @@ impl MemStore {
         (self.names.len(), self.statuses.len())
     }
 
-    /// The store's own estimate of the memory it holds, in bytes: map slots, hostnames,
+    /// The store's own estimate of the memory it holds, in bytes: table slots, hostnames,
     /// agent records, per-host strings and the interners. An estimate of allocations, not
     /// of allocator overhead.
     pub fn approx_bytes(&self) -> usize {
-        let slot = std::mem::size_of::<(Box<str>, HostRec)>() + 1;
+        let slot = std::mem::size_of::<HostEntry>() + 1;
         let mut total = 0;
         for shard in self.shards.iter() {
             let m = shard.read();
             total += m.capacity() * slot;
-            for (host, rec) in m.iter() {
-                total += host.len();
-                total += rec.agents.len() * std::mem::size_of::<AgentRec>();
-                if let Some(local) = &rec.local {
+            for e in m.iter() {
+                total += e.host.len();
+                total += e.rec.agents.len() * std::mem::size_of::<AgentRec>();
+                if let Some(local) = &e.rec.local {
                     total += local.iter().map(|s| s.len() + 16).sum::<usize>();
                 }
             }
@@ -210,29 +420,68 @@ impl MemStore {
         total + self.names.bytes() + self.statuses.bytes()
     }
 
-    fn resolve(&self, id: u32, interner: &Interner, rec: &HostRec) -> String {
+    fn resolve<'a>(&'a self, id: u32, interner: &'a Interner, rec: &'a HostRec) -> &'a str {
         if id >= LOCAL {
-            let local = rec.local.as_deref().unwrap_or(&[]);
-            local
-                .get((id - LOCAL) as usize)
-                .map(|s| s.to_string())
-                .unwrap_or_default()
+            rec.local
+                .as_deref()
+                .and_then(|l| l.get((id - LOCAL) as usize))
+                .map_or("", |s| s)
         } else {
-            interner.get(id).to_string()
+            interner.get(id)
         }
     }
 
     fn to_real(&self, rec: &HostRec, a: &AgentRec) -> RealAgent {
         RealAgent {
-            name: self.resolve(a.name, &self.names, rec),
-            version: self.resolve(a.version, &self.names, rec),
-            status: self.resolve(a.status, &self.statuses, rec),
+            name: self.resolve(a.name, &self.names, rec).to_string(),
+            version: self.resolve(a.version, &self.names, rec).to_string(),
+            status: self.resolve(a.status, &self.statuses, rec).to_string(),
             timestamp: a.timestamp,
         }
     }
 
-    fn agent_named<'a>(&self, rec: &'a HostRec, name: &str) -> Option<&'a AgentRec> {
-        match self.names.id_of(name) {
+    /// True when `agents` holds the same names, versions and (cleaned) statuses, in the
+    /// same order, as `rec`: only timestamps may differ.
+    fn same_report(&self, rec: &HostRec, agents: &[RealAgentRef<'_>]) -> bool {
+        rec.agents.len() == agents.len()
+            && rec.agents.iter().zip(agents).all(|(r, a)| {
+                self.resolve(r.name, &self.names, rec) == a.name
+                    && self.resolve(r.version, &self.names, rec) == a.version
+                    && self.resolve(r.status, &self.statuses, rec) == clean_status(&a.status)
+            })
+    }
+
+    /// Interns a report (outside any shard lock: interning may take an interner's write
+    /// lock). Strings that do not fit go to the host's own `local` list.
+    fn compile(&self, agents: &[RealAgentRef<'_>]) -> (Vec<AgentRec>, LocalStrings) {
+        let mut local: Vec<Box<str>> = Vec::new();
+        let mut id = |s: &str, interner: &Interner| -> u32 {
+            interner.intern(s).unwrap_or_else(|| {
+                local.push(s.into());
+                LOCAL + (local.len() as u32 - 1)
+            })
+        };
+        let recs = agents
+            .iter()
+            .map(|a| AgentRec {
+                name: id(&a.name, &self.names),
+                version: id(&a.version, &self.names),
+                status: id(&clean_status(&a.status), &self.statuses),
+                timestamp: a.timestamp,
+            })
+            .collect();
+        let local = (!local.is_empty()).then(|| local.into_boxed_slice());
+        (recs, local)
+    }
+
+    /// The agent named `name` in `rec`; `id` is the name's interned id, if any.
+    fn agent_named<'a>(
+        &self,
+        rec: &'a HostRec,
+        name: &str,
+        id: Option<u32>,
+    ) -> Option<&'a AgentRec> {
+        match id {
             Some(id) => rec.agents.iter().find(|a| a.name == id),
             None => rec
                 .agents
@@ -243,68 +492,94 @@ impl MemStore {
 }
 
 impl FleetStore for MemStore {
-    fn record(&self, host: &str, agents: &[RealAgent], now: i64) {
-        // Intern outside the shard lock: interning may take the interner's write lock.
-        let mut local: Vec<Box<str>> = Vec::new();
-        let mut id = |s: &str, interner: &Interner| -> u32 {
-            interner.intern(s).unwrap_or_else(|| {
-                local.push(s.into());
-                LOCAL + (local.len() as u32 - 1)
-            })
-        };
-        let recs: Box<[AgentRec]> = agents
-            .iter()
-            .map(|a| AgentRec {
-                name: id(&a.name, &self.names),
-                version: id(&a.version, &self.names),
-                status: id(&clean_status(&a.status), &self.statuses),
-                timestamp: a.timestamp,
-            })
-            .collect();
-        let local = if local.is_empty() {
-            None
-        } else {
-            Some(local.into_boxed_slice())
-        };
-        let mut shard = self.shard(host).write();
-        match shard.get_mut(host) {
-            Some(rec) => {
-                rec.last_seen = now;
-                rec.agents = recs;
-                rec.local = local;
+    fn record(&self, host: &str, agents: &[RealAgentRef<'_>], now: i64) {
+        let hash = self.hash(host);
+        let shard = &self.shards[shard_index(hash)];
+        let eq = |e: &HostEntry| &*e.host == host;
+        {
+            // The common case: a known host whose agents did not change but for their
+            // timestamps. Compared before interning, without allocating.
+            let mut m = shard.write();
+            if let Some(e) = m.find_mut(hash, eq) {
+                if self.same_report(&e.rec, agents) {
+                    e.rec.last_seen = now;
+                    for (r, a) in e.rec.agents.iter_mut().zip(agents) {
+                        r.timestamp = a.timestamp;
+                    }
+                    return;
+                }
+            }
+        }
+        let (recs, local) = self.compile(agents);
+        let mut m = shard.write();
+        match m.find_mut(hash, eq) {
+            Some(e) => {
+                e.rec.last_seen = now;
+                if e.rec.agents.len() == recs.len() {
+                    e.rec.agents.copy_from_slice(&recs);
+                } else {
+                    e.rec.agents = recs.into_boxed_slice();
+                }
+                e.rec.local = local;
             }
             None => {
-                shard.insert(
-                    host.into(),
-                    HostRec {
-                        last_seen: now,
-                        agents: recs,
-                        local,
+                m.insert_unique(
+                    hash,
+                    HostEntry {
+                        host: host.into(),
+                        rec: HostRec {
+                            last_seen: now,
+                            agents: recs.into_boxed_slice(),
+                            local,
+                        },
                     },
+                    |e| self.hash(&e.host),
                 );
             }
         }
     }
 
-    fn agent_status(&self, name: &str) -> Vec<HostAgent> {
-        let mut out = Vec::new();
+    fn agent_status(&self, name: &str) -> AgentStatus {
+        let mut out = AgentStatus::new(name);
+        let name_id = self.names.id_of(name);
+        // Interned versions and statuses go to the answer's dictionary once each.
+        let mut versions = HashMap::<u32, u32>::new();
+        let mut statuses = HashMap::<u32, u32>::new();
+        let word = |out: &mut AgentStatus,
+                    seen: &mut HashMap<u32, u32>,
+                    id: u32,
+                    interner: &Interner,
+                    rec: &HostRec| {
+            if id >= LOCAL {
+                return out.add_word(self.resolve(id, interner, rec));
+            }
+            *seen
+                .entry(id)
+                .or_insert_with(|| out.add_word(interner.get(id)))
+        };
         for shard in self.shards.iter() {
             let m = shard.read();
-            out.reserve(m.len());
-            for (host, rec) in m.iter() {
-                out.push(HostAgent {
-                    hostname: host.to_string(),
-                    agent: self.agent_named(rec, name).map(|a| self.to_real(rec, a)),
-                });
+            out.rows.reserve(m.len());
+            for e in m.iter() {
+                let rec = &e.rec;
+                match self.agent_named(rec, name, name_id) {
+                    Some(a) => {
+                        let v = word(&mut out, &mut versions, a.version, &self.names, rec);
+                        let s = word(&mut out, &mut statuses, a.status, &self.statuses, rec);
+                        out.push_row(&e.host, v, s, a.timestamp);
+                    }
+                    None => out.push_row(&e.host, NO_AGENT, NO_AGENT, 0),
+                }
             }
         }
-        out.sort_unstable_by(|a, b| a.hostname.cmp(&b.hostname));
+        out.sort();
         out
     }
 
     fn host(&self, host: &str) -> Option<Vec<RealAgent>> {
-        let shard = self.shard(host).read();
-        let rec = shard.get(host)?;
+        let hash = self.hash(host);
+        let m = self.shards[shard_index(hash)].read();
+        let rec = &m.find(hash, |e| &*e.host == host)?.rec;
         Some(rec.agents.iter().map(|a| self.to_real(rec, a)).collect())
     }
 
@@ -317,11 +592,11 @@ impl FleetStore for MemStore {
         for shard in self.shards.iter() {
             let mut m = shard.write();
             let before = m.len();
-            m.retain(|_, rec| rec.last_seen >= older_than);
+            m.retain(|e| e.rec.last_seen >= older_than);
             dropped += before - m.len();
             // Give memory back after a large fleet shrank.
             if m.capacity() > 64 && m.len() < m.capacity() / 4 {
-                m.shrink_to_fit();
+                m.shrink_to_fit(|e| self.hash(&e.host));
             }
         }
         dropped
@@ -331,6 +606,12 @@ impl FleetStore for MemStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records owned agents, as the BootAgent path does.
+    fn put(s: &MemStore, host: &str, agents: &[RealAgent], now: i64) {
+        let refs: Vec<RealAgentRef> = agents.iter().map(RealAgentRef::from).collect();
+        s.record(host, &refs, now);
+    }
 
     fn agent(name: &str, version: &str, status: &str, ts: i64) -> RealAgent {
         RealAgent {
@@ -344,11 +625,11 @@ mod tests {
     #[test]
     fn record_replaces_and_reports_per_agent() {
         let s = MemStore::new();
-        s.record("h1", &[agent("a", "1", "started", 10)], 100);
-        s.record("h2", &[agent("b", "2", "stoped", 11)], 100);
-        s.record("h3", &[], 100);
+        put(&s, "h1", &[agent("a", "1", "started", 10)], 100);
+        put(&s, "h2", &[agent("b", "2", "stoped", 11)], 100);
+        put(&s, "h3", &[], 100);
         assert_eq!(s.host_count(), 3);
-        let st = s.agent_status("a");
+        let st = s.agent_status("a").to_host_agents();
         assert_eq!(
             st,
             vec![
@@ -367,23 +648,169 @@ mod tests {
             ]
         );
         // A new report replaces the old one entirely.
-        s.record("h1", &[agent("b", "3", "started", 20)], 200);
+        put(&s, "h1", &[agent("b", "3", "started", 20)], 200);
         assert_eq!(s.host("h1"), Some(vec![agent("b", "3", "started", 20)]));
-        assert_eq!(s.agent_status("a")[0].agent, None);
+        assert_eq!(s.agent_status("a").get(0).unwrap().agent, None);
         assert_eq!(s.host("nope"), None);
+    }
+
+    #[test]
+    fn known_host_is_updated_in_place_and_changes_of_any_kind_are_kept() {
+        let s = MemStore::new();
+        let a1 = agent("a", "1", "started", 10);
+        let b1 = agent("b", "1", "stoped", 10);
+        put(&s, "h", &[a1.clone(), b1.clone()], 100);
+        // Nothing but timestamps changed: taken in place.
+        put(
+            &s,
+            "h",
+            &[
+                agent("a", "1", "started", 20),
+                agent("b", "1", "stoped", 21),
+            ],
+            200,
+        );
+        assert_eq!(
+            s.host("h").unwrap(),
+            vec![
+                agent("a", "1", "started", 20),
+                agent("b", "1", "stoped", 21)
+            ]
+        );
+        assert_eq!(
+            s.sweep(150),
+            0,
+            "last_seen moved on with the in-place update"
+        );
+        // Same count, one status changed.
+        put(&s, "h", &[a1.clone(), agent("b", "1", "started", 22)], 300);
+        assert_eq!(
+            s.host("h").unwrap(),
+            vec![a1.clone(), agent("b", "1", "started", 22)]
+        );
+        // Same count, order swapped: stored in the order reported.
+        put(&s, "h", &[agent("b", "1", "started", 23), a1.clone()], 300);
+        assert_eq!(
+            s.host("h").unwrap(),
+            vec![agent("b", "1", "started", 23), a1.clone()]
+        );
+        // The agent set grows, shrinks, empties and comes back.
+        let c = agent("c", "3", "started", 30);
+        put(&s, "h", &[a1.clone(), b1.clone(), c.clone()], 400);
+        assert_eq!(
+            s.host("h").unwrap(),
+            vec![a1.clone(), b1.clone(), c.clone()]
+        );
+        put(&s, "h", std::slice::from_ref(&c), 500);
+        assert_eq!(s.host("h").unwrap(), vec![c.clone()]);
+        put(&s, "h", &[], 600);
+        assert_eq!(s.host("h").unwrap(), vec![]);
+        put(&s, "h", &[], 700);
+        assert_eq!(s.host("h").unwrap(), vec![]);
+        put(&s, "h", std::slice::from_ref(&a1), 800);
+        assert_eq!(s.host("h").unwrap(), vec![a1.clone()]);
+        assert_eq!(s.sweep(750), 0);
+        assert_eq!(s.host_count(), 1);
+        // A status that differs only by the cleaning is the same report.
+        put(&s, "h", &[agent("a", "1", "bad\nline", 1)], 900);
+        put(&s, "h", &[agent("a", "1", "bad\nline", 2)], 901);
+        assert_eq!(s.host("h").unwrap(), vec![agent("a", "1", "bad line", 2)]);
+    }
+
+    #[test]
+    fn in_place_updates_keep_strings_that_overflowed_the_interners() {
+        let s = MemStore::with_caps(2, 1);
+        put(&s, "h0", &[agent("a", "1", "started", 1)], 1);
+        // Names and statuses beyond the caps are kept per host, and compared from there.
+        let odd = [agent("x", "9", "error 1", 1), agent("a", "1", "started", 1)];
+        put(&s, "h1", &odd, 1);
+        assert_eq!(s.interned(), (2, 1));
+        let mut later = odd.clone();
+        later[0].timestamp = 5;
+        put(&s, "h1", &later, 2);
+        assert_eq!(s.host("h1").unwrap(), later);
+        later[0].status = "error 2".into();
+        put(&s, "h1", &later, 3);
+        assert_eq!(s.host("h1").unwrap(), later);
+        // Back to interned strings only, then a bigger set mixing both.
+        put(&s, "h1", &[agent("a", "1", "started", 7)], 4);
+        assert_eq!(s.host("h1").unwrap(), vec![agent("a", "1", "started", 7)]);
+        put(
+            &s,
+            "h1",
+            &[agent("a", "1", "started", 8), agent("y", "2", "e", 8)],
+            5,
+        );
+        assert_eq!(
+            s.host("h1").unwrap(),
+            vec![agent("a", "1", "started", 8), agent("y", "2", "e", 8)]
+        );
+        let st = s.agent_status("y").to_host_agents();
+        assert_eq!(st[1].agent, Some(agent("y", "2", "e", 8)));
+        assert_eq!(st[0].agent, None);
+    }
+
+    #[test]
+    fn agent_status_of_many_hosts_matches_every_record_sorted() {
+        let s = MemStore::with_caps(64, 8);
+        let mut want = Vec::new();
+        for i in 0..5000 {
+            let host = format!("h-{:05}", (i * 7919) % 5000);
+            let agents = match i % 4 {
+                0 => vec![],
+                1 => vec![agent("a", &format!("v{}", i % 40), "started", i)],
+                2 => vec![
+                    agent("b", "1", "stoped", i),
+                    agent("a", "2", &format!("error {}", i % 13), i),
+                ],
+                _ => vec![agent("b", "1", "started", i)],
+            };
+            put(&s, &host, &agents, 1);
+            let a = agents.iter().find(|a| a.name == "a").cloned();
+            want.push(HostAgent {
+                hostname: host,
+                agent: a.map(|mut a| {
+                    a.status = clean_status(&a.status).into_owned();
+                    a
+                }),
+            });
+        }
+        want.sort_by(|x, y| x.hostname.cmp(&y.hostname));
+        let got = s.agent_status("a");
+        assert_eq!(got.len(), 5000);
+        assert_eq!(got.name(), "a");
+        assert_eq!(got.to_host_agents(), want);
+        assert!(s.agent_status("nope").iter().all(|e| e.agent.is_none()));
+    }
+
+    #[test]
+    fn agent_status_can_be_built_by_other_backends() {
+        let mut st = AgentStatus::new("a");
+        assert!(st.is_empty());
+        st.push("z", Some(("1", "started", 5)));
+        st.push("b", None);
+        st.push("m", Some(("2", "stoped", 6)));
+        st.sort();
+        let got: Vec<_> = st
+            .iter()
+            .map(|e| (e.hostname, e.agent.map(|a| a.version)))
+            .collect();
+        assert_eq!(got, vec![("b", None), ("m", Some("2")), ("z", Some("1"))]);
+        assert_eq!(st.get(2).unwrap().agent.unwrap().name, "a");
+        assert_eq!(st.get(3), None);
     }
 
     #[test]
     fn sweep_drops_hosts_last_seen_before_the_cutoff() {
         let s = MemStore::new();
-        s.record("old", &[agent("a", "1", "started", 1)], 100);
-        s.record("empty-old", &[], 100);
-        s.record("new", &[agent("a", "1", "started", 1)], 300);
+        put(&s, "old", &[agent("a", "1", "started", 1)], 100);
+        put(&s, "empty-old", &[], 100);
+        put(&s, "new", &[agent("a", "1", "started", 1)], 300);
         assert_eq!(s.sweep(200), 2);
         assert_eq!(s.host_count(), 1);
         assert!(s.host("new").is_some());
         // Seen again: kept even though its agents' own timestamps are ancient.
-        s.record("new", &[agent("a", "1", "started", 1)], 400);
+        put(&s, "new", &[agent("a", "1", "started", 1)], 400);
         assert_eq!(s.sweep(350), 0);
     }
 
@@ -391,11 +818,11 @@ mod tests {
     fn statuses_are_capped_and_cleaned() {
         let s = MemStore::new();
         let long = "é".repeat(300);
-        s.record("h", &[agent("a", "1", &long, 1)], 1);
+        put(&s, "h", &[agent("a", "1", &long, 1)], 1);
         let got = s.host("h").unwrap()[0].status.clone();
         assert!(got.len() <= MAX_STATUS_LEN, "{}", got.len());
         assert!(got.chars().all(|c| c == 'é'));
-        s.record("h", &[agent("a", "1", "error\nh2 1.0 started", 1)], 1);
+        put(&s, "h", &[agent("a", "1", "error\nh2 1.0 started", 1)], 1);
         assert_eq!(s.host("h").unwrap()[0].status, "error h2 1.0 started");
     }
 
@@ -403,7 +830,8 @@ mod tests {
     fn interner_is_bounded_and_overflow_is_kept_per_host() {
         let s = MemStore::with_caps(4, 2);
         for i in 0..50 {
-            s.record(
+            put(
+                &s,
                 &format!("h{i}"),
                 &[agent("a", &format!("v{i}"), &format!("error {i}"), i)],
                 1,
@@ -417,8 +845,8 @@ mod tests {
             );
         }
         // Agent names that overflowed are still found by name.
-        s.record("hx", &[agent("zzz", "1", "started", 1)], 1);
-        let st = s.agent_status("zzz");
+        put(&s, "hx", &[agent("zzz", "1", "started", 1)], 1);
+        let st = s.agent_status("zzz").to_host_agents();
         assert_eq!(st.iter().filter(|h| h.agent.is_some()).count(), 1);
     }
 
@@ -432,7 +860,7 @@ mod tests {
             agent("log-agent", "0.3.1", "stoped", 1_700_000_000),
         ];
         for i in 0..n {
-            s.record(&format!("web-{i:07}.dc1.example.com"), &agents, 1);
+            put(&s, &format!("web-{i:07}.dc1.example.com"), &agents, 1);
         }
         assert_eq!(s.host_count(), n);
         let per_host = s.approx_bytes() / n;

@@ -5,6 +5,10 @@
 //! missing or `null` field takes its zero value, so a fork that added fields still talks
 //! to us.
 
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// What a host reports every round.
@@ -30,6 +34,72 @@ pub struct RealAgent {
     /// Unix seconds at which the host looked.
     #[serde(default, deserialize_with = "null_default")]
     pub timestamp: i64,
+}
+
+/// [`HeartbeatRequest`] read without copying: the strings borrow from the request body
+/// unless they hold JSON escapes. Same field names and the same tolerance (absent, `null`,
+/// unknown fields) as the owned type; the server's hot path reads this one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct HeartbeatRequestRef<'a> {
+    #[serde(borrow, default, deserialize_with = "null_default_cow")]
+    pub hostname: Cow<'a, str>,
+    #[serde(
+        borrow,
+        rename = "realAgents",
+        default,
+        deserialize_with = "null_default"
+    )]
+    pub real_agents: Vec<RealAgentRef<'a>>,
+}
+
+/// [`RealAgent`] with borrowed strings. Serializes to exactly the bytes [`RealAgent`] does.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RealAgentRef<'a> {
+    #[serde(borrow, default, deserialize_with = "null_default_cow")]
+    pub name: Cow<'a, str>,
+    #[serde(borrow, default, deserialize_with = "null_default_cow")]
+    pub version: Cow<'a, str>,
+    #[serde(borrow, default, deserialize_with = "null_default_cow")]
+    pub status: Cow<'a, str>,
+    #[serde(default, deserialize_with = "null_default")]
+    pub timestamp: i64,
+}
+
+impl<'a> From<&'a RealAgent> for RealAgentRef<'a> {
+    fn from(a: &'a RealAgent) -> Self {
+        RealAgentRef {
+            name: Cow::Borrowed(&a.name),
+            version: Cow::Borrowed(&a.version),
+            status: Cow::Borrowed(&a.status),
+            timestamp: a.timestamp,
+        }
+    }
+}
+
+impl RealAgentRef<'_> {
+    /// The owned wire type with the same content.
+    pub fn to_owned_agent(&self) -> RealAgent {
+        RealAgent {
+            name: self.name.clone().into_owned(),
+            version: self.version.clone().into_owned(),
+            status: self.status.clone().into_owned(),
+            timestamp: self.timestamp,
+        }
+    }
+}
+
+impl HeartbeatRequestRef<'_> {
+    /// The owned wire type with the same content.
+    pub fn to_owned_request(&self) -> HeartbeatRequest {
+        HeartbeatRequest {
+            hostname: self.hostname.clone().into_owned(),
+            real_agents: self
+                .real_agents
+                .iter()
+                .map(RealAgentRef::to_owned_agent)
+                .collect(),
+        }
+    }
 }
 
 /// What the server answers.
@@ -151,6 +221,40 @@ where
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
+/// [`null_default`] for a string that borrows from the input when it can: `null` is the
+/// empty string, any other non-string is refused as for `String`.
+fn null_default_cow<'de: 'a, 'a, D>(d: D) -> Result<Cow<'a, str>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    struct CowStr;
+    impl<'de> Visitor<'de> for CowStr {
+        type Value = Cow<'de, str>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a string or null")
+        }
+        fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+            Ok(Cow::Borrowed(v))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Cow::Owned(v.to_owned()))
+        }
+        fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+            Ok(Cow::Owned(v))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Cow::Borrowed(""))
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Cow::Borrowed(""))
+        }
+        fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+            d.deserialize_str(CowStr)
+        }
+    }
+    d.deserialize_option(CowStr)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +272,66 @@ mod tests {
         .unwrap();
         assert_eq!(r.real_agents[0].version, "");
         assert_eq!(r.real_agents[0].timestamp, 5);
+    }
+
+    #[test]
+    fn borrowed_request_reads_like_the_owned_one() {
+        let bodies = [
+            r#"{"hostname":"h1"}"#,
+            r#"{"hostname":null,"realAgents":null}"#,
+            r#"{}"#,
+            r#"{"hostname":"h1","realAgents":null,"extra":[1,{"a":"b"}]}"#,
+            r#"{"hostname":"h\u0031","realAgents":[{"name":"a","version":null,"status":"err \"x\"\n","timestamp":5,"x":1},{}]}"#,
+            r#"{"realAgents":[{"name":"falcon-agent","version":"1.0.0","status":"started","timestamp":null}],"hostname":"web-1"}"#,
+        ];
+        for b in bodies {
+            let owned: HeartbeatRequest = serde_json::from_str(b).unwrap();
+            let borrowed: HeartbeatRequestRef = serde_json::from_str(b).unwrap();
+            assert_eq!(borrowed.to_owned_request(), owned, "{b}");
+        }
+        // Plain strings borrow; escaped ones are decoded into owned strings.
+        let b = r#"{"hostname":"web-1","realAgents":[{"name":"a","version":"1","status":"e\tx","timestamp":1}]}"#;
+        let r: HeartbeatRequestRef = serde_json::from_str(b).unwrap();
+        assert!(matches!(r.hostname, Cow::Borrowed("web-1")));
+        assert!(matches!(r.real_agents[0].name, Cow::Borrowed("a")));
+        assert_eq!(r.real_agents[0].status, "e\tx");
+        assert!(matches!(r.real_agents[0].status, Cow::Owned(_)));
+    }
+
+    #[test]
+    fn borrowed_request_refuses_what_the_owned_one_refuses() {
+        let bodies = [
+            r#"{"hostname":5}"#,
+            r#"{"hostname":["h"]}"#,
+            r#"{"hostname":"h","hostname":"g"}"#,
+            r#"{"hostname":"h","realAgents":{}}"#,
+            r#"{"hostname":"h","realAgents":[{"name":1}]}"#,
+            r#"{"hostname":"h","realAgents":[{"timestamp":"5"}]}"#,
+            r#"{"hostname":"h","realAgents":[{"status":true}]}"#,
+            r#"{"hostname":"h""#,
+        ];
+        for b in bodies {
+            assert!(serde_json::from_str::<HeartbeatRequest>(b).is_err(), "{b}");
+            assert!(
+                serde_json::from_str::<HeartbeatRequestRef>(b).is_err(),
+                "{b}"
+            );
+        }
+    }
+
+    #[test]
+    fn borrowed_agent_serializes_like_the_owned_one() {
+        let a = RealAgent {
+            name: "a".into(),
+            version: "1.0".into(),
+            status: "error: \"quoted\" \u{1}".into(),
+            timestamp: -3,
+        };
+        assert_eq!(
+            serde_json::to_string(&RealAgentRef::from(&a)).unwrap(),
+            serde_json::to_string(&a).unwrap()
+        );
+        assert_eq!(RealAgentRef::from(&a).to_owned_agent(), a);
     }
 
     #[test]

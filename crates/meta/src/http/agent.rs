@@ -4,6 +4,8 @@
 //! malformed JSON, hostile names and too many agents (400). A status report is also
 //! recorded in the fleet store, so `/status/json|text` show BootAgent hosts.
 
+use std::borrow::Cow;
+
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap};
@@ -13,7 +15,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use proto::bootagent::{
     self, RegisterRequest, RegisterResponse, StatusRequest, StatusResponse, STATUS_OK,
 };
-use proto::legacy::RealAgent;
+use proto::legacy::RealAgentRef;
 
 use super::{unix_now, AppError, AppState};
 use crate::boot::{Refusal, MAX_RESULTS_PER_REPORT};
@@ -26,11 +28,11 @@ pub(super) fn router() -> Router<AppState> {
 
 /// Reads a request body of at most `max` bytes: an announced larger one is refused before
 /// any of it is read, a longer stream is cut off at the limit.
-pub(super) async fn read_body(
-    headers: &HeaderMap,
-    body: Body,
-    max: u64,
-) -> Result<Bytes, AppError> {
+pub(super) async fn read_body<B>(headers: &HeaderMap, body: B, max: u64) -> Result<Bytes, AppError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let announced = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -145,13 +147,13 @@ async fn status(
     } else {
         now
     };
-    let agents: Vec<RealAgent> = req
+    let agents: Vec<RealAgentRef> = req
         .agents
         .iter()
-        .map(|a| RealAgent {
-            name: a.name.clone(),
-            version: a.version.clone(),
-            status: legacy_status(&a.status).to_string(),
+        .map(|a| RealAgentRef {
+            name: Cow::Borrowed(&a.name),
+            version: Cow::Borrowed(&a.version),
+            status: Cow::Borrowed(legacy_status(&a.status)),
             timestamp: ts,
         })
         .collect();

@@ -1,5 +1,13 @@
 //! `GET /status/json/NAME`, `GET /status/text/NAME`, `GET /health`, `GET /version`.
+//!
+//! The status pages cover every known host, which can be a million. They are written from
+//! the store's compact [`AgentStatus`] in pieces of [`PIECE`] bytes as the client reads,
+//! never whole: a page that fits in one piece goes out as one plain body.
 
+use std::convert::Infallible;
+use std::io::Write;
+
+use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
@@ -8,6 +16,10 @@ use axum::Router;
 use chrono::TimeZone;
 
 use super::{AppError, AppState};
+use crate::store::{AgentStatus, StatusEntry};
+
+/// Bytes of a status page written at a time.
+pub const PIECE: usize = 64 * 1024;
 
 pub(super) fn router() -> Router<AppState> {
     Router::new()
@@ -24,27 +36,8 @@ async fn status_json(
     Path(name): Path<String>,
 ) -> Result<Response, AppError> {
     proto::validate_agent_name(&name)?;
-    let hosts = st.store.agent_status(&name);
-    let mut out = Vec::with_capacity(16 + hosts.len() * 96);
-    out.push(b'{');
-    for (i, h) in hosts.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        serde_json::to_writer(&mut out, &h.hostname)
-            .map_err(|e| AppError::Internal(e.to_string()))?;
-        out.push(b':');
-        serde_json::to_writer(&mut out, &h.agent).map_err(|e| AppError::Internal(e.to_string()))?;
-    }
-    out.push(b'}');
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        out,
-    )
-        .into_response())
+    let status = st.store.agent_status(&name);
+    Ok(page(Page::new(status, Format::Json), "application/json"))
 }
 
 /// One line per host: `hostname version status timestamp YYYY-MM-DD HH:MM:SS` (local
@@ -54,30 +47,245 @@ async fn status_text(
     Path(name): Path<String>,
 ) -> Result<Response, AppError> {
     proto::validate_agent_name(&name)?;
-    let hosts = st.store.agent_status(&name);
-    let mut out = String::with_capacity(hosts.len() * 80);
-    for h in &hosts {
-        match &h.agent {
-            Some(a) => {
-                let when = chrono::Local
-                    .timestamp_opt(a.timestamp, 0)
-                    .single()
-                    .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
-                    .unwrap_or_else(|| "-".into());
-                out.push_str(&format!(
-                    "{} {} {} {} {}\n",
-                    h.hostname, a.version, a.status, a.timestamp, when
-                ));
-            }
-            None => out.push_str(&format!("{} not found\n", h.hostname)),
+    let status = st.store.agent_status(&name);
+    Ok(page(
+        Page::new(status, Format::Text),
+        "text/plain; charset=utf-8",
+    ))
+}
+
+/// The response for a page: one body when it fits in a piece, else a stream of pieces.
+fn page(mut p: Page, content_type: &'static str) -> Response {
+    let first = p.next().unwrap_or_default();
+    let body = if p.done {
+        Body::from(first)
+    } else {
+        let pieces = std::iter::once(first).chain(p).map(Ok::<_, Infallible>);
+        Body::from_stream(futures_util::stream::iter(pieces))
+    };
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+        body,
+    )
+        .into_response()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Text,
+}
+
+/// A status page being written: an iterator over its pieces.
+#[derive(Debug)]
+pub struct Page {
+    status: AgentStatus,
+    format: Format,
+    /// The next host to write.
+    next: usize,
+    started: bool,
+    done: bool,
+}
+
+impl Page {
+    pub fn new(status: AgentStatus, format: Format) -> Page {
+        Page {
+            status,
+            format,
+            next: 0,
+            started: false,
+            done: false,
         }
     }
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        )],
-        out,
-    )
-        .into_response())
+}
+
+impl Iterator for Page {
+    type Item = Vec<u8>;
+
+    fn next(&mut self) -> Option<Vec<u8>> {
+        if self.done {
+            return None;
+        }
+        let mut out = Vec::with_capacity(PIECE + 1024);
+        if !self.started {
+            self.started = true;
+            if self.format == Format::Json {
+                out.push(b'{');
+            }
+        }
+        while out.len() < PIECE {
+            let Some(e) = self.status.get(self.next) else {
+                if self.format == Format::Json {
+                    out.push(b'}');
+                }
+                self.done = true;
+                break;
+            };
+            match self.format {
+                Format::Json => write_json(&mut out, self.next, &e),
+                Format::Text => write_text(&mut out, &e),
+            }
+            self.next += 1;
+        }
+        Some(out)
+    }
+}
+
+/// `"host":{...}` or `"host":null`, after a comma unless it is the first.
+fn write_json(out: &mut Vec<u8>, i: usize, e: &StatusEntry<'_>) {
+    if i > 0 {
+        out.push(b',');
+    }
+    serde_json::to_writer(&mut *out, e.hostname).expect("writing to a Vec cannot fail");
+    out.push(b':');
+    match &e.agent {
+        Some(a) => {
+            serde_json::to_writer(&mut *out, &a.as_wire()).expect("writing to a Vec cannot fail")
+        }
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+fn write_text(out: &mut Vec<u8>, e: &StatusEntry<'_>) {
+    let r = match &e.agent {
+        Some(a) => {
+            let when = chrono::Local.timestamp_opt(a.timestamp, 0).single();
+            match when {
+                Some(t) => writeln!(
+                    out,
+                    "{} {} {} {} {}",
+                    e.hostname,
+                    a.version,
+                    a.status,
+                    a.timestamp,
+                    t.format("%Y-%m-%d %H:%M:%S")
+                ),
+                None => writeln!(
+                    out,
+                    "{} {} {} {} -",
+                    e.hostname, a.version, a.status, a.timestamp
+                ),
+            }
+        }
+        None => writeln!(out, "{} not found", e.hostname),
+    };
+    r.expect("writing to a Vec cannot fail");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{FleetStore, HostAgent, MemStore};
+    use proto::legacy::{RealAgent, RealAgentRef};
+
+    /// The pages as they were written before streaming: every host as owned values, the
+    /// whole answer in one buffer.
+    fn whole_json(hosts: &[HostAgent]) -> Vec<u8> {
+        let mut out = vec![b'{'];
+        for (i, h) in hosts.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            serde_json::to_writer(&mut out, &h.hostname).unwrap();
+            out.push(b':');
+            serde_json::to_writer(&mut out, &h.agent).unwrap();
+        }
+        out.push(b'}');
+        out
+    }
+
+    fn whole_text(hosts: &[HostAgent]) -> Vec<u8> {
+        let mut out = String::new();
+        for h in hosts {
+            match &h.agent {
+                Some(a) => {
+                    let when = chrono::Local
+                        .timestamp_opt(a.timestamp, 0)
+                        .single()
+                        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                        .unwrap_or_else(|| "-".into());
+                    out.push_str(&format!(
+                        "{} {} {} {} {}\n",
+                        h.hostname, a.version, a.status, a.timestamp, when
+                    ));
+                }
+                None => out.push_str(&format!("{} not found\n", h.hostname)),
+            }
+        }
+        out.into_bytes()
+    }
+
+    fn fleet(n: usize) -> MemStore {
+        let s = MemStore::with_caps(1000, 50);
+        for i in 0..n {
+            let status = match i % 5 {
+                0 => "started".to_string(),
+                1 => "stoped".to_string(),
+                2 => format!("error \"{}\" \\ é ✓", i % 97),
+                3 => "tab\there".to_string(),
+                _ => "started".to_string(),
+            };
+            let a = RealAgent {
+                name: if i % 7 == 0 { "other" } else { "falcon-agent" }.into(),
+                version: format!("1.{}", i % 11),
+                status,
+                // Some out of chrono's range, so the text page writes `-`.
+                timestamp: if i % 1000 == 3 {
+                    i64::MAX
+                } else {
+                    1_700_000_000 + i as i64
+                },
+            };
+            s.record(
+                &format!("web-{i:06}.dc{}", i % 3),
+                &[RealAgentRef::from(&a)],
+                1,
+            );
+        }
+        s
+    }
+
+    #[test]
+    fn streamed_pages_equal_the_whole_answer_for_many_hosts() {
+        let s = fleet(20_000);
+        let hosts = s.agent_status("falcon-agent").to_host_agents();
+        assert_eq!(hosts.len(), 20_000);
+        for (format, want) in [
+            (Format::Json, whole_json(&hosts)),
+            (Format::Text, whole_text(&hosts)),
+        ] {
+            let pieces: Vec<Vec<u8>> = Page::new(s.agent_status("falcon-agent"), format).collect();
+            assert!(pieces.len() > 10, "{format:?}: {} pieces", pieces.len());
+            assert!(pieces.iter().all(|p| p.len() < PIECE + 1024));
+            let got: Vec<u8> = pieces.concat();
+            assert_eq!(
+                String::from_utf8(got).unwrap(),
+                String::from_utf8(want).unwrap()
+            );
+        }
+        let v: serde_json::Value = serde_json::from_slice(
+            &Page::new(s.agent_status("falcon-agent"), Format::Json)
+                .collect::<Vec<_>>()
+                .concat(),
+        )
+        .unwrap();
+        assert_eq!(v.as_object().unwrap().len(), 20_000);
+    }
+
+    #[test]
+    fn small_and_empty_pages_are_one_piece() {
+        let s = MemStore::new();
+        let mut p = Page::new(s.agent_status("a"), Format::Json);
+        assert_eq!(p.next().unwrap(), b"{}");
+        assert!(p.done);
+        assert_eq!(p.next(), None);
+        let mut p = Page::new(s.agent_status("a"), Format::Text);
+        assert_eq!(p.next().unwrap(), b"");
+        assert!(p.done);
+        let s = fleet(10);
+        let hosts = s.agent_status("falcon-agent").to_host_agents();
+        let mut p = Page::new(s.agent_status("falcon-agent"), Format::Json);
+        assert_eq!(p.next().unwrap(), whole_json(&hosts));
+        assert!(p.done);
+    }
 }
