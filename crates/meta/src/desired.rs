@@ -8,6 +8,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use proto::legacy::{DesiredAgent, HeartbeatResponse};
 
 use crate::config::{AgentDefault, AgentOverride, Config};
@@ -22,6 +24,9 @@ pub struct Desired {
     agents: Vec<CompiledAgent>,
     /// The SHA-256 values this snapshot was compiled with (config ones aside).
     pub shas: Shas,
+    /// The whole answer for hosts that match no override: shared by reference count, so
+    /// most heartbeats neither allocate nor copy their answer.
+    default_response: Bytes,
 }
 
 #[derive(Debug)]
@@ -54,11 +59,16 @@ impl Desired {
                 .into_boxed_slice();
             agents.push(c);
         }
-        Desired {
+        let mut d = Desired {
             config,
             agents,
             shas,
-        }
+            default_response: Bytes::new(),
+        };
+        let mut out = Vec::new();
+        d.write_agents(&mut out, None);
+        d.default_response = Bytes::from(out);
+        d
     }
 
     /// Every tarball file name the config refers to, for hashing.
@@ -91,16 +101,34 @@ impl Desired {
     /// Appends the whole heartbeat answer for `hostname` to `out`: the same bytes as
     /// `serde_json::to_vec(&HeartbeatResponse{..})`, mostly copied from pre-serialized parts.
     pub fn write_response(&self, hostname: &str, out: &mut Vec<u8>) {
+        self.write_agents(out, Some(hostname));
+    }
+
+    /// The whole heartbeat answer for `hostname`, as [`Desired::write_response`] writes it;
+    /// the prebuilt one when no override matches the host.
+    pub fn response_bytes(&self, hostname: &str) -> Bytes {
+        if !self.agents.iter().any(|a| a.matches(hostname)) {
+            return self.default_response.clone();
+        }
+        let mut out = Vec::with_capacity(self.default_response.len() + 64 * self.agents.len());
+        self.write_response(hostname, &mut out);
+        Bytes::from(out)
+    }
+
+    /// The answer: each agent merged for `hostname` when one of its overrides matches it,
+    /// its prebuilt default JSON otherwise (always with `None`).
+    fn write_agents(&self, out: &mut Vec<u8>, hostname: Option<&str>) {
         out.extend_from_slice(HEAD);
         for (i, a) in self.agents.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            if a.others.iter().any(|o| hostname.starts_with(&o.prefix)) {
-                let da = a.merge(hostname, &self.shas, true);
-                serde_json::to_writer(&mut *out, &da).expect("writing to a Vec cannot fail");
-            } else {
-                out.extend_from_slice(&a.default_json);
+            match hostname {
+                Some(h) if a.matches(h) => {
+                    let da = a.merge(h, &self.shas, true);
+                    serde_json::to_writer(&mut *out, &da).expect("writing to a Vec cannot fail");
+                }
+                _ => out.extend_from_slice(&a.default_json),
             }
         }
         out.extend_from_slice(TAIL);
@@ -140,6 +168,11 @@ impl Desired {
 }
 
 impl CompiledAgent {
+    /// True when an override of this agent applies to `hostname`.
+    fn matches(&self, hostname: &str) -> bool {
+        self.others.iter().any(|o| hostname.starts_with(&o.prefix))
+    }
+
     /// Default, then every override whose prefix starts `hostname`, in order; each
     /// non-empty field wins. With `overrides` false, the default alone.
     fn merge(&self, hostname: &str, shas: &Shas, overrides: bool) -> DesiredAgent {
@@ -258,12 +291,17 @@ mod tests {
             let mut out = Vec::new();
             d.write_response(host, &mut out);
             let want = serde_json::to_vec(&d.response(host)).unwrap();
+            assert_eq!(d.response_bytes(host), want, "host {host}");
             assert_eq!(
                 String::from_utf8(out).unwrap(),
                 String::from_utf8(want).unwrap()
             );
         }
         let empty = Desired::compile(cfg(r#"{"agents": []}"#), Shas::new());
+        assert_eq!(
+            empty.response_bytes("h"),
+            &br#"{"errorMessage":"","desiredAgents":[]}"#[..]
+        );
         let mut out = Vec::new();
         empty.write_response("h", &mut out);
         assert_eq!(out, br#"{"errorMessage":"","desiredAgents":[]}"#);

@@ -202,6 +202,20 @@ async fn socket_heartbeat_keeps_body_limits_and_the_request_timeout() {
     );
     let r = raw(&f, req.as_bytes()).await;
     assert_eq!(r.matches("HTTP/1.1 200 OK").count(), 2, "{r}");
+    // A body in several chunks is put back together.
+    let body = r#"{"hostname":"chunked-1","realAgents":[{"name":"a","version":"1"}]}"#;
+    let (a, b) = body.split_at(20);
+    let (b, c) = b.split_at(25);
+    let req = format!(
+        "POST /heartbeat HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n{:x}\r\n{c}\r\n0\r\n\r\n",
+        a.len(),
+        b.len(),
+        c.len()
+    );
+    let r = raw(&f, req.as_bytes()).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let got = f.server.state().store.host("chunked-1").unwrap();
+    assert_eq!((got[0].name.as_str(), got[0].version.as_str()), ("a", "1"));
     f.server.stop().await;
 }
 

@@ -40,17 +40,39 @@ where
     if announced.is_some_and(|n| n > max) {
         return Err(AppError::BodyTooLarge { max });
     }
-    let bytes = Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.downcast_ref::<LengthLimitError>().is_some() {
-                AppError::BodyTooLarge { max }
-            } else {
-                AppError::BodyRead
+    let too_large_or_unreadable = |e: Box<dyn std::error::Error + Send + Sync>| {
+        if e.downcast_ref::<LengthLimitError>().is_some() {
+            AppError::BodyTooLarge { max }
+        } else {
+            AppError::BodyRead
+        }
+    };
+    let mut body = std::pin::pin!(Limited::new(
+        body,
+        usize::try_from(max).unwrap_or(usize::MAX)
+    ));
+    // A heartbeat body nearly always arrives as one frame: kept as it is, not copied.
+    let mut first: Option<Bytes> = None;
+    let mut more: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(too_large_or_unreadable)?.into_data() else {
+            continue; // trailers
+        };
+        match &first {
+            None => first = Some(data),
+            Some(f) => {
+                if more.is_empty() {
+                    more.extend_from_slice(f);
+                }
+                more.extend_from_slice(&data);
             }
-        })?
-        .to_bytes();
+        }
+    }
+    let bytes = if more.is_empty() {
+        first.unwrap_or_default()
+    } else {
+        Bytes::from(more)
+    };
     if bytes.is_empty() {
         return Err(AppError::BodyBlank);
     }

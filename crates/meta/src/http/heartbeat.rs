@@ -107,8 +107,7 @@ where
         proto::validate_version(&a.version)?;
     }
     st.store.record(&req.hostname, &req.real_agents, unix_now());
-    let mut out = Vec::with_capacity(64 + 192 * cfg.agents.len());
-    desired.write_response(&req.hostname, &mut out);
+    let out = desired.response_bytes(&req.hostname);
     if cfg.debug {
         tracing::info!(
             host = %req.hostname,
