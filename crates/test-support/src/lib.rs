@@ -100,7 +100,9 @@ pub fn digests(data: &[u8]) -> (String, String) {
 }
 
 /// Path of a workspace binary (`ops-meta`, `ops-updater`, ...), built on first use when
-/// the current test run did not build it (e.g. `cargo test -p updater` needs `ops-meta`).
+/// the current test run did not build it (e.g. `cargo test -p updater` needs `ops-meta`),
+/// or rebuilt when a source file of the workspace is newer than it (a binary left by an
+/// earlier `cargo test -p` of another crate would otherwise be tested stale).
 pub fn cargo_bin(name: &str) -> PathBuf {
     // Test executables live in target/<profile>/deps; binaries one level up.
     let exe = std::env::current_exe().expect("current_exe");
@@ -116,12 +118,24 @@ pub fn cargo_bin(name: &str) -> PathBuf {
         .expect("target dir")
         .to_path_buf();
     let path = profile_dir.join(name);
-    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    if !path.exists() {
+    // Names checked (and built if needed) by this test process: cargo leaves an up-to-date
+    // binary's mtime alone, so "older than a source" stays true after a no-op build.
+    static CHECKED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if checked.iter().any(|n| n == name) {
+        return path;
+    }
+    let stale = match std::fs::metadata(&path).and_then(|m| m.modified()) {
+        Ok(built) => newest_source().is_some_and(|src| src > built),
+        Err(_) => true,
+    };
+    checked.push(name.to_string());
+    if stale {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = command(Path::new(&cargo));
-        cmd.args(["build", "--bin", name]);
+        // From the workspace root: a virtual manifest finds the binary in any member.
+        cmd.current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
+            .args(["build", "--bin", name]);
         if profile_dir.ends_with("release") {
             cmd.arg("--release");
         }
@@ -129,6 +143,34 @@ pub fn cargo_bin(name: &str) -> PathBuf {
         assert!(st.success(), "cargo build --bin {name} failed");
     }
     path
+}
+
+/// Modification time of the newest `.rs` or `Cargo.toml` under `crates/`, or of `Cargo.lock`.
+fn newest_source() -> Option<std::time::SystemTime> {
+    fn walk(dir: &Path, newest: &mut Option<std::time::SystemTime>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                walk(&p, newest);
+            } else if p.extension().is_some_and(|x| x == "rs")
+                || p.file_name().is_some_and(|n| n == "Cargo.toml")
+            {
+                if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
+                    *newest = (*newest).max(Some(t));
+                }
+            }
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut newest = std::fs::metadata(root.join("Cargo.lock"))
+        .and_then(|m| m.modified())
+        .ok();
+    walk(&root.join("crates"), &mut newest);
+    newest
 }
 
 /// A `std::process::Command` for tests, with stdin closed. The daemons build their own

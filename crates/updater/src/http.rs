@@ -1,13 +1,26 @@
 //! The local endpoint: `GET /health`, `GET /version` and a JSON `GET /status` describing the
 //! daemon and each agent. Read-only; nothing here changes what the daemon does.
+//!
+//! Plain hyper rather than a router framework: three fixed paths do not need one, and every
+//! page of code the daemon links is resident on every host of the fleet.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::State;
-use axum::routing::get;
-use axum::{Json, Router};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 
-use crate::state::{Shared, StatusView};
+use crate::state::Shared;
+
+/// Most connections served at once; further ones wait to be accepted.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Longest wait for a request's headers, so an idle or slow client cannot hold a slot.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Handler state: the shared view.
 #[derive(Clone)]
@@ -15,33 +28,93 @@ pub struct AppState {
     pub shared: Shared,
 }
 
-/// The router; tests call it with `oneshot`.
-pub fn app(state: AppState) -> Router {
-    Router::new()
-        .route("/health", get(|| async { "ok" }))
-        .route("/version", get(|| async { env!("CARGO_PKG_VERSION") }))
-        .route("/status", get(status))
-        .with_state(state)
-}
-
-async fn status(State(s): State<AppState>) -> Json<StatusView> {
-    Json(s.shared.snapshot())
-}
-
 /// Binds `addr` (so that a busy port is reported at start-up, before the daemon runs).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
 }
 
-/// Serves until `shutdown` resolves.
+/// Serves until `shutdown` resolves; connections still open then are dropped (every answer
+/// is a small read-only document).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut conns = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    // Out of descriptors and the like: wait a little instead of spinning.
+                    tracing::warn!(error = %e, "local endpoint: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        conns.spawn(async move {
+            let _permit = permit;
+            let svc = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(answer(&state, &req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "local endpoint: connection ended");
+            }
+        });
+        // Reap finished connections so the set does not grow with the daemon's uptime.
+        while conns.try_join_next().is_some() {}
+    }
+    conns.shutdown().await;
+    Ok(())
+}
+
+/// The answer to one request.
+fn answer<B>(state: &AppState, req: &Request<B>) -> Response<Full<Bytes>> {
+    let known = matches!(req.uri().path(), "/health" | "/version" | "/status");
+    if known && req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+        r.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    match req.uri().path() {
+        "/health" => plain(StatusCode::OK, "ok"),
+        "/version" => plain(StatusCode::OK, env!("CARGO_PKG_VERSION")),
+        "/status" => match serde_json::to_vec(&state.shared.snapshot()) {
+            Ok(body) => {
+                let mut r = Response::new(Full::new(Bytes::from(body)));
+                r.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                r
+            }
+            Err(e) => plain(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        },
+        _ => plain(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+fn plain(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::copy_from_slice(text.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
 }
 
 #[cfg(test)]
@@ -80,6 +153,13 @@ mod tests {
         assert_eq!(v["agents"][0]["name"], "a");
         assert_eq!(v["agents"][0]["currentVersion"], "1.0.0");
         assert_eq!(get("/nope").await.0, 404);
+        let post = reqwest::Client::new()
+            .post(format!("http://{addr}/status"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(post.status().as_u16(), 405);
+        assert_eq!(post.headers()["allow"], "GET, HEAD");
         tx.send(()).unwrap();
         server.await.unwrap().unwrap();
     }

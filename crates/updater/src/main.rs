@@ -6,6 +6,9 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 use updater::config::{Config, Severity, EXIT_BAD_CONFIG};
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 use updater::state::Shared;
 
 /// Keeps every agent on this host at the version ops-meta wants.
@@ -101,10 +104,19 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(debug: bool, file: Option<&std::path::Path>) -> anyhow::Result<()> {
+    // `Targets` ("info", "updater=debug,warn") rather than `EnvFilter`: the latter compiles
+    // regular expressions and links a regex engine, a few hundred KiB of resident code in a
+    // daemon that runs on every host (docs/benchmarks.md, figure 4).
     let default = if debug { "debug" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let fmt = tracing_subscriber::fmt().with_env_filter(filter);
+    let mut bad_env = None;
+    let filter: Targets = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => v.parse().unwrap_or_else(|e| {
+            bad_env = Some(format!("RUST_LOG={v:?} ignored: {e}"));
+            default.parse().expect("a level is a valid filter")
+        }),
+        _ => default.parse().expect("a level is a valid filter"),
+    };
+    let fmt = tracing_subscriber::fmt().with_max_level(tracing::Level::TRACE);
     match file {
         // -L: append, so that an earlier log is never overwritten.
         Some(path) => {
@@ -115,16 +127,27 @@ fn init_logging(debug: bool, file: Option<&std::path::Path>) -> anyhow::Result<(
                 .with_context(|| format!("-L {}", path.display()))?;
             fmt.with_ansi(false)
                 .with_writer(std::sync::Mutex::new(f))
+                .finish()
+                .with(filter)
                 .init();
         }
-        None => fmt.with_writer(std::io::stderr).init(),
+        None => fmt
+            .with_writer(std::io::stderr)
+            .finish()
+            .with(filter)
+            .init(),
+    }
+    if let Some(w) = bad_env {
+        tracing::warn!("{w}");
     }
     Ok(())
 }
 
 fn run(cfg: updater::config::Resolved, opts: updater::boot::Options) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: the daemon waits on the network and on child processes, and anything that
+    // blocks (unpacking, hashing a file) goes to the blocking pool, whose threads exit when
+    // idle. Every extra worker thread is a stack and an allocator arena resident for good.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
