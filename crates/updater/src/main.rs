@@ -5,10 +5,10 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use updater::config::{Config, Severity, EXIT_BAD_CONFIG};
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
+use updater::config::{Config, Severity, EXIT_BAD_CONFIG};
 use updater::state::Shared;
 
 /// Keeps every agent on this host at the version ops-meta wants.
