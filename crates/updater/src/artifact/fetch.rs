@@ -10,6 +10,7 @@ use reqwest::StatusCode;
 use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::pipe::Feed;
 use super::{ArtifactError, Digests, Limits, Want};
 use crate::fsx;
 
@@ -118,6 +119,12 @@ fn content_range_start(v: &str) -> Option<u64> {
     let rest = v.trim().strip_prefix("bytes ")?;
     let (start, _) = rest.split_once('-')?;
     start.trim().parse().ok()
+}
+
+/// What a download fed to an unpacker returns when the unpacker stopped reading; the caller
+/// reports the unpacker's own error instead.
+fn unpacker_stopped() -> ArtifactError {
+    ArtifactError::Task("the unpacker stopped reading the download".to_string())
 }
 
 async fn remove_quietly(path: &Path) {
@@ -249,16 +256,36 @@ impl Fetcher {
         file_name: &str,
         want: &Want,
     ) -> Result<Digests, ArtifactError> {
-        let total = self.limits.total_timeout;
-        tokio::time::timeout(total, self.download_inner(url, dest_dir, file_name, want))
+        self.download_feeding(url, dest_dir, file_name, want, None)
             .await
-            .unwrap_or_else(|_| {
-                Err(ArtifactError::Timeout {
-                    url: url.to_string(),
-                    what: "the transfer",
-                    after: total,
-                })
+    }
+
+    /// [`Fetcher::download`] that also hands every byte of the tarball, in order and from
+    /// the first one, to `feed` (an unpacker reading it as it arrives). When the reader goes
+    /// away the transfer stops early with [`ArtifactError::Task`], keeping the `.part`, and
+    /// `feed.stopped()` says so. The feed is not ended here: the caller ends it once this
+    /// returned success, so that the reader never sees the end of a download that failed.
+    pub(crate) async fn download_feeding(
+        &self,
+        url: &str,
+        dest_dir: &Path,
+        file_name: &str,
+        want: &Want,
+        feed: Option<&mut Feed>,
+    ) -> Result<Digests, ArtifactError> {
+        let total = self.limits.total_timeout;
+        tokio::time::timeout(
+            total,
+            self.download_inner(url, dest_dir, file_name, want, feed),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(ArtifactError::Timeout {
+                url: url.to_string(),
+                what: "the transfer",
+                after: total,
             })
+        })
     }
 
     async fn download_inner(
@@ -267,6 +294,7 @@ impl Fetcher {
         dest_dir: &Path,
         file_name: &str,
         want: &Want,
+        mut feed: Option<&mut Feed>,
     ) -> Result<Digests, ArtifactError> {
         let max = self.limits.max_download_bytes;
         tokio::fs::create_dir_all(dest_dir)
@@ -345,6 +373,11 @@ impl Fetcher {
                 }
                 let n = n.min(left as usize);
                 hashers.update(&buf[..n]);
+                if let Some(feed) = feed.as_deref_mut() {
+                    if !feed.send(bytes::Bytes::copy_from_slice(&buf[..n])).await {
+                        return Err(unpacker_stopped());
+                    }
+                }
                 left -= n as u64;
             }
         }
@@ -368,6 +401,11 @@ impl Fetcher {
                 file.write_all(&chunk)
                     .await
                     .map_err(ArtifactError::io(&part))?;
+                if let Some(feed) = feed.as_deref_mut() {
+                    if !feed.send(chunk).await {
+                        return Err(unpacker_stopped());
+                    }
+                }
             }
             Ok(())
         }

@@ -10,9 +10,12 @@ use std::time::SystemTime;
 
 use md5::{Digest as _, Md5};
 
-use super::fetch::{hash_file, verify, MAX_MD5_FILE_BYTES};
-use super::unpack::{remove_tree, unpack, UNPACK_INFIX};
-use super::{ArtifactError, Fetcher, Want};
+use super::fetch::{hash_file, verify, MAX_MD5_FILE_BYTES, PART_SUFFIX};
+use super::pipe::{pipe, PIPE_BUDGET_BYTES};
+use super::unpack::{
+    discard, finish, remove_tree, temp_folder, unpack, unpack_members, UNPACK_INFIX,
+};
+use super::{ArtifactError, Digests, Fetcher, Want};
 use crate::{control, fsx};
 
 /// Written last into a version folder we unpacked: its presence means "complete".
@@ -201,11 +204,23 @@ async fn fetch_and_unpack(
     let file = proto::legacy::tarball_file(name, version);
     let dir = agent_dir.join(version);
     let tarball = dl.join(&file);
-    let digests = match reuse_download(&tarball, &file, want, fetcher).await {
-        Some(d) => d,
-        None => {
+    let part = dl.join(format!("{file}{PART_SUFFIX}"));
+    // `unpacked`: a temporary folder already holding the checked members of the verified
+    // tarball, when it was unpacked while downloading.
+    let (digests, unpacked) = match reuse_download(&tarball, &file, want, fetcher).await {
+        Some(d) => (d, None),
+        // Resuming: the bytes already on disk would have to be replayed into the unpacker
+        // before the network's; the plain path is simpler and this case is rare.
+        None if std::fs::symlink_metadata(&part).is_ok() => {
             tracing::info!(agent = %name, version = %version, url = %tarball_url, "downloading");
-            fetcher.download(tarball_url, dl, &file, want).await?
+            (fetcher.download(tarball_url, dl, &file, want).await?, None)
+        }
+        None => {
+            tracing::info!(agent = %name, version = %version, url = %tarball_url, streamed = true, "downloading");
+            let (d, tmp) =
+                download_unpacking(fetcher, agent_dir, version, tarball_url, dl, &file, want)
+                    .await?;
+            (d, Some(tmp))
         }
     };
     let md5_path = dl.join(format!("{file}.md5"));
@@ -234,8 +249,14 @@ async fn fetch_and_unpack(
         agent_dir.to_path_buf(),
         version.to_string(),
     );
-    let unpacked =
-        blocking(move || unpack(&tb, &a, &v, &[tb.as_path(), md5p.as_path()], &limits)).await;
+    let unpacked = blocking(move || {
+        let extra = [tb.as_path(), md5p.as_path()];
+        match unpacked {
+            Some(tmp) => finish(&tmp, &a, &v, &extra),
+            None => unpack(&tb, &a, &v, &extra, &limits),
+        }
+    })
+    .await;
     match (&unpacked, &aside) {
         (Err(_), Some(aside)) => {
             if let Err(e) = std::fs::rename(aside, &dir) {
@@ -256,6 +277,69 @@ async fn fetch_and_unpack(
     }
     tracing::info!(agent = %name, version = %version, md5 = %digests.md5, "installed");
     Ok(dir)
+}
+
+/// Downloads the tarball (as [`Fetcher::download`] does: to a `.part`, hashed, verified,
+/// renamed) while a blocking thread unpacks the same bytes into a new temporary folder,
+/// through a pipe of at most [`PIPE_BUDGET_BYTES`]. Returns the digests and the temporary
+/// folder, which holds the checked members but is not complete: nothing is installed until
+/// the caller [`finish`]es it, which it does only because the digests matched.
+///
+/// An error on either side stops the other (an unsafe member stops the download early) and
+/// removes the temporary folder. A download that failed for its own reasons (checksum,
+/// network) is reported as such even though the unpacker then failed too; an unpacker that
+/// stopped first is reported with its own error.
+async fn download_unpacking(
+    fetcher: &Fetcher,
+    agent_dir: &Path,
+    version: &str,
+    tarball_url: &str,
+    dl: &Path,
+    file: &str,
+    want: &Want,
+) -> Result<(Digests, PathBuf), ArtifactError> {
+    let (a, v) = (agent_dir.to_path_buf(), version.to_string());
+    let tmp = blocking(move || temp_folder(&a, &v)).await?;
+    let (mut feed, mut reader) = pipe(PIPE_BUDGET_BYTES);
+    let (root, label, limits) = (tmp.clone(), dl.join(file), fetcher.limits().clone());
+    let unpacker = tokio::task::spawn_blocking(move || {
+        unpack_members(&mut reader, &label, &root, &limits)?;
+        reader.drain().map_err(|e| ArtifactError::Archive {
+            tarball: label,
+            detail: e.to_string(),
+        })
+    });
+    let downloaded = fetcher
+        .download_feeding(tarball_url, dl, file, want, Some(&mut feed))
+        .await;
+    let stopped = feed.stopped();
+    if downloaded.is_ok() {
+        feed.end();
+    } else {
+        // The unpacker's next read fails, so it cannot take a cut-short tarball for whole.
+        drop(feed);
+    }
+    let unpacked = unpacker
+        .await
+        .map_err(|e| ArtifactError::Task(e.to_string()))
+        .and_then(|r| r);
+    let result = match (downloaded, unpacked) {
+        (Ok(d), Ok(())) => Ok(d),
+        (Ok(_), Err(u)) => Err(u),
+        (Err(_), Err(u)) if stopped => Err(u),
+        (Err(e), _) => Err(e),
+    };
+    match result {
+        Ok(d) => Ok((d, tmp)),
+        Err(e) => {
+            blocking(move || {
+                discard(&tmp);
+                Ok(())
+            })
+            .await?;
+            Err(e)
+        }
+    }
 }
 
 /// A complete download left by an install that stopped before unpacking, if it still

@@ -7,6 +7,7 @@
 
 mod fetch;
 mod install;
+mod pipe;
 mod unpack;
 
 use std::path::PathBuf;

@@ -5,12 +5,12 @@
 
 use std::cell::Cell;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::rc::Rc;
 
-use flate2::read::GzDecoder;
+use flate2::bufread::GzDecoder;
 use tar::EntryType;
 
 use super::{install::MARKER, ArtifactError, Limits};
@@ -205,29 +205,72 @@ pub fn unpack(
     if std::fs::symlink_metadata(&dest).is_ok() {
         return Err(ArtifactError::AlreadyExists { path: dest });
     }
+    let tmp = temp_folder(agent_dir, version)?;
+    let members = File::open(tarball)
+        .map_err(ArtifactError::io(tarball))
+        .and_then(|f| {
+            unpack_members(
+                BufReader::with_capacity(64 * 1024, f),
+                tarball,
+                &tmp,
+                limits,
+            )
+        });
+    if let Err(e) = members {
+        discard(&tmp);
+        return Err(e);
+    }
+    let dest = finish(&tmp, agent_dir, version, extra_files)?;
+    tracing::info!(tarball = %tarball.display(), dir = %dest.display(), "unpacked");
+    Ok(dest)
+}
+
+/// Blocking. Makes the empty temporary folder `<agent_dir>/.<version>.unpack-<rand>/` that a
+/// version is unpacked into, after checking the version name. Whether `<agent_dir>/<version>`
+/// exists is checked again by [`finish`], right before the rename.
+pub(crate) fn temp_folder(agent_dir: &Path, version: &str) -> Result<PathBuf, ArtifactError> {
+    proto::validate::validate_version(version)?;
     let tmp = agent_dir.join(format!(
         ".{version}{UNPACK_INFIX}{}",
         uuid::Uuid::new_v4().simple()
     ));
     std::fs::create_dir(&tmp).map_err(ArtifactError::io(&tmp))?;
-    let result = fill(tarball, &tmp, extra_files, limits, version).and_then(|()| {
+    Ok(tmp)
+}
+
+/// Blocking. Turns a temporary folder that [`unpack_members`] filled into
+/// `<agent_dir>/<version>/`: adds `extra_files`, makes everything durable, writes the
+/// completion marker and renames the folder into place (never over an existing one).
+/// The caller must have verified the tarball before: this is the commit point. On failure
+/// the temporary folder is removed.
+pub(crate) fn finish(
+    tmp: &Path,
+    agent_dir: &Path,
+    version: &str,
+    extra_files: &[&Path],
+) -> Result<PathBuf, ArtifactError> {
+    let dest = agent_dir.join(version);
+    let result = complete(tmp, extra_files, version).and_then(|()| {
         if std::fs::symlink_metadata(&dest).is_ok() {
             return Err(ArtifactError::AlreadyExists { path: dest.clone() });
         }
-        std::fs::rename(&tmp, &dest).map_err(ArtifactError::io(&dest))?;
+        std::fs::rename(tmp, &dest).map_err(ArtifactError::io(&dest))?;
         fsx::fsync_dir(agent_dir).map_err(ArtifactError::io(agent_dir))
     });
     match result {
-        Ok(()) => {
-            tracing::info!(tarball = %tarball.display(), dir = %dest.display(), "unpacked");
-            Ok(dest)
-        }
+        Ok(()) => Ok(dest),
         Err(e) => {
-            if let Err(rm) = remove_tree(&tmp) {
-                tracing::warn!(dir = %tmp.display(), error = %rm, "cannot remove temporary folder");
-            }
+            discard(tmp);
             Err(e)
         }
+    }
+}
+
+/// Removes a temporary folder after a failure, logging (not returning) a second failure so
+/// that the first one is what the caller sees.
+pub(crate) fn discard(tmp: &Path) {
+    if let Err(rm) = remove_tree(tmp) {
+        tracing::warn!(dir = %tmp.display(), error = %rm, "cannot remove temporary folder");
     }
 }
 
@@ -253,22 +296,24 @@ pub(crate) fn remove_tree(dir: &Path) -> io::Result<()> {
     }
 }
 
-/// Unpacks into `root` (which exists and is empty), then adds extra files and the marker.
-fn fill(
+/// Blocking. Inflates the gzip-compressed tar stream `compressed` into `root` (which exists
+/// and is empty), checking every member; then requires an executable `control` at the root
+/// and gives folders their modes. `tarball` only names the archive in errors. The source may
+/// be a file or a download still arriving: this is the one place members are checked.
+/// On failure `root` is left as it is, for the caller to remove.
+pub(crate) fn unpack_members(
+    compressed: impl BufRead,
     tarball: &Path,
     root: &Path,
-    extra_files: &[&Path],
     limits: &Limits,
-    version: &str,
 ) -> Result<(), ArtifactError> {
-    let file = File::open(tarball).map_err(ArtifactError::io(tarball))?;
     let stream_hit = Rc::new(Cell::new(false));
     let stream_cap = limits
         .max_unpacked_bytes
         .saturating_add(limits.max_entries.saturating_mul(STREAM_OVERHEAD_PER_ENTRY))
         .saturating_add(1 << 20);
     let reader = CappedReader {
-        inner: GzDecoder::new(BufReader::new(file)),
+        inner: GzDecoder::new(compressed),
         left: stream_cap,
         hit: stream_hit.clone(),
     };
@@ -387,6 +432,12 @@ fn fill(
         )
         .map_err(ArtifactError::io(dir))?;
     }
+    Ok(())
+}
+
+/// Adds `extra_files` to a fully unpacked `root`, makes the whole tree durable, then writes
+/// the completion marker.
+fn complete(root: &Path, extra_files: &[&Path], version: &str) -> Result<(), ArtifactError> {
     for extra in extra_files {
         let name = extra.file_name().ok_or_else(|| ArtifactError::Io {
             path: extra.to_path_buf(),
@@ -444,7 +495,7 @@ fn write_file(
         out.write_all(&buf[..n]).map_err(ctx.io(path))?;
     }
     // No fsync per file: one `syncfs` before the completion marker makes every member
-    // durable at once (see the end of `fill`), which is what made thousands of small files slow.
+    // durable at once (see `complete`), which is what made thousands of small files slow.
     drop(out);
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(plain_mode(mode)))
         .map_err(ctx.io(path))
