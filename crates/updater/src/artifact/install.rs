@@ -572,6 +572,232 @@ mod tests {
         assert!(tree.iter().all(|p| !p.contains(".unpack-")), "{tree:?}");
     }
 
+    /// Bytes that do not compress (xorshift), so that a tarball is about as long as its
+    /// content and a cut in the middle of the body falls in the middle of a member.
+    fn noise(len: usize) -> Vec<u8> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// An agent tarball: `control` first, then `blob` of `blob_len` random bytes.
+    fn big_agent(blob_len: usize) -> (Vec<u8>, Vec<u8>) {
+        use test_support::tarball::{targz, Entry};
+        let blob = noise(blob_len);
+        let tb = targz(&[
+            Entry::exec("control", "#!/bin/sh\necho started\n"),
+            Entry::file("blob", blob.clone()),
+        ]);
+        (tb, blob)
+    }
+
+    /// Names of temporary unpack folders in `agent`.
+    fn temp_folders(agent: &Path) -> Vec<String> {
+        std::fs::read_dir(agent)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.contains(UNPACK_INFIX))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn want_of(data: &[u8]) -> Want {
+        let (md5, sha256) = test_support::digests(data);
+        Want {
+            md5: Some(md5),
+            sha256: Some(sha256),
+        }
+    }
+
+    /// A fetcher that waits long for a stalled body: the tests below release or refuse it
+    /// long before.
+    fn patient_fetcher() -> Fetcher {
+        Fetcher::new(Limits {
+            read_timeout: Duration::from_secs(120),
+            ..Limits::default()
+        })
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn streamed_install_unpacks_while_the_body_arrives() {
+        let (tb, blob) = big_agent(1 << 20);
+        let file = proto::legacy::tarball_file(NAME, "2.0");
+        let srv = serve(files("2.0", &tb, ""), Mode::HoldAfter(tb.len() / 2)).await;
+        let root = tempfile::tempdir().unwrap();
+        let agent = root.path().join(NAME);
+        std::fs::create_dir(&agent).unwrap();
+        let task = {
+            let (agent, url, want) = (agent.clone(), srv.url(&file), want_of(&tb));
+            tokio::spawn(async move {
+                install(&patient_fetcher(), &agent, NAME, "2.0", &url, None, want).await
+            })
+        };
+        // Half the body is in: `control`, the first member, is already unpacked into the
+        // temporary folder, and nothing is installed yet.
+        let a = agent.clone();
+        let tmp = tokio::task::spawn_blocking(move || {
+            test_support::wait_for_some(
+                "control unpacked mid-download",
+                Duration::from_secs(60),
+                || {
+                    temp_folders(&a)
+                        .into_iter()
+                        .find(|t| a.join(t).join("control").is_file())
+                },
+            )
+        })
+        .await
+        .unwrap();
+        assert!(!agent.join("2.0").exists());
+        assert!(!agent.join(&tmp).join(MARKER).exists());
+        assert!(agent
+            .join(DOWNLOAD_DIR)
+            .join(format!("{file}{PART_SUFFIX}"))
+            .is_file());
+        srv.release();
+        let dir = task.await.unwrap().unwrap();
+        assert_eq!(dir, agent.join("2.0"));
+        assert!(is_installed(&agent, "2.0"));
+        assert_eq!(std::fs::read(dir.join("blob")).unwrap(), blob);
+        assert_eq!(std::fs::read(dir.join(&file)).unwrap(), tb);
+        assert!(temp_folders(&agent).is_empty());
+        assert!(test_support::tree(&agent.join(DOWNLOAD_DIR)).is_empty());
+        assert_eq!(srv.heads().len(), 1);
+    }
+
+    /// The body is larger than the pipe between download and unpacker, so the unpacker is
+    /// still at work when the digest turns out wrong after the last byte.
+    #[tokio::test]
+    async fn streamed_checksum_mismatch_leaves_no_version_and_no_temp_folder() {
+        let (tb, _) = big_agent(PIPE_BUDGET_BYTES + (2 << 20));
+        let file = proto::legacy::tarball_file(NAME, "2.0");
+        let srv = serve(files("2.0", &tb, ""), Mode::Normal).await;
+        let root = tempfile::tempdir().unwrap();
+        let agent = root.path().join(NAME);
+        std::fs::create_dir(&agent).unwrap();
+        std::fs::write(agent.join(".version"), "1.0\n").unwrap();
+        let before = test_support::tree(root.path());
+        let (md5, sha) = test_support::digests(&tb);
+        let bad = "ab".repeat(32);
+        let e = install(
+            &patient_fetcher(),
+            &agent,
+            NAME,
+            "2.0",
+            &srv.url(&file),
+            None,
+            Want {
+                md5: Some(md5),
+                sha256: Some(bad.clone()),
+            },
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("sha256 mismatch for {file}: want {bad}, got {sha}")
+        );
+        assert_eq!(test_support::tree(root.path()), before);
+    }
+
+    /// An unsafe first member stops the transfer: the server never sends the second half
+    /// of the body, and the install still fails at once with the unpacker's error rather
+    /// than waiting for the read timeout.
+    #[tokio::test]
+    async fn hostile_member_stops_the_streamed_download_early() {
+        use test_support::tarball::{targz, Entry};
+        let tb = targz(&[
+            Entry::file("../../pwned", "x"),
+            Entry::exec("control", "#!/bin/sh\n"),
+            Entry::file("blob", noise(1 << 20)),
+        ]);
+        let file = proto::legacy::tarball_file(NAME, "6.6.6");
+        let srv = serve(files("6.6.6", &tb, ""), Mode::HoldAfter(tb.len() / 2)).await;
+        let root = tempfile::tempdir().unwrap();
+        let agent = root.path().join("work").join(NAME);
+        std::fs::create_dir_all(&agent).unwrap();
+        let before = test_support::tree(root.path());
+        // Well inside the fetcher's read timeout: only stopping early returns in time.
+        let e = tokio::time::timeout(
+            Duration::from_secs(60),
+            install(
+                &patient_fetcher(),
+                &agent,
+                NAME,
+                "6.6.6",
+                &srv.url(&file),
+                None,
+                want_of(&tb),
+            ),
+        )
+        .await
+        .expect("the download did not stop when the unpacker refused the archive")
+        .unwrap_err();
+        assert!(matches!(e, ArtifactError::Unsafe { .. }), "{e:?}");
+        assert!(e.to_string().contains("../../pwned"), "{e}");
+        // What arrived stays as a `.part` for the next attempt; nothing else changed.
+        let part = agent
+            .join(DOWNLOAD_DIR)
+            .join(format!("{file}{PART_SUFFIX}"));
+        let got = std::fs::read(&part).unwrap();
+        assert!(tb.starts_with(&got) && got.len() <= tb.len() / 2);
+        let after: Vec<String> = test_support::tree(root.path())
+            .into_iter()
+            .filter(|p| !p.contains(DOWNLOAD_DIR))
+            .collect();
+        assert_eq!(after, before);
+        assert_eq!(srv.heads().len(), 1);
+    }
+
+    /// A streamed download cut in the middle leaves a `.part` and no temporary folder; the
+    /// next install resumes it with `Range` (the plain path) and installs.
+    #[tokio::test]
+    async fn interrupted_streamed_install_resumes_and_completes() {
+        let (tb, blob) = big_agent(1 << 20);
+        let half = tb.len() / 2;
+        let file = proto::legacy::tarball_file(NAME, "2.0");
+        let srv = serve(files("2.0", &tb, ""), Mode::CutFirstAfter(half)).await;
+        let root = tempfile::tempdir().unwrap();
+        let agent = root.path().join(NAME);
+        std::fs::create_dir(&agent).unwrap();
+        let url = srv.url(&file);
+        let e = install(&fetcher(), &agent, NAME, "2.0", &url, None, want_of(&tb))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ArtifactError::Http { .. }), "{e:?}");
+        let part = agent
+            .join(DOWNLOAD_DIR)
+            .join(format!("{file}{PART_SUFFIX}"));
+        assert_eq!(std::fs::read(&part).unwrap(), tb[..half]);
+        assert!(temp_folders(&agent).is_empty());
+        assert!(!agent.join("2.0").exists());
+
+        let dir = install(&fetcher(), &agent, NAME, "2.0", &url, None, want_of(&tb))
+            .await
+            .unwrap();
+        let heads = srv.heads();
+        assert_eq!(heads.len(), 2, "{heads:?}");
+        assert!(
+            heads[1].contains(&format!("range: bytes={half}-")),
+            "{}",
+            heads[1]
+        );
+        assert!(is_installed(&agent, "2.0"));
+        assert_eq!(std::fs::read(dir.join("blob")).unwrap(), blob);
+        assert_eq!(std::fs::read(dir.join(&file)).unwrap(), tb);
+        assert!(temp_folders(&agent).is_empty());
+        assert!(test_support::tree(&agent.join(DOWNLOAD_DIR)).is_empty());
+    }
+
     /// Lays out a folder the way the original updater leaves it.
     fn legacy_folder(agent: &Path, version: &str, tarball: &[u8], md5_hex: &str) -> PathBuf {
         let dir = agent.join(version);

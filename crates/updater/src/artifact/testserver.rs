@@ -1,6 +1,6 @@
 //! A tiny HTTP/1.1 file server on 127.0.0.1:0 for the artifact tests, written on raw TCP so
-//! that it can misbehave on purpose: cut a body half-way, stall, ignore `Range`, omit
-//! `Content-Length`.
+//! that it can misbehave on purpose: cut a body half-way, stall, hold it until told to go
+//! on, ignore `Range`, omit `Content-Length`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,12 +24,16 @@ pub(crate) enum Mode {
     Stall(usize),
     /// Send the whole file without `Content-Length`, ending it by closing the connection.
     NoLength,
+    /// Announce the whole length, send this many bytes, then wait for [`Server::release`]
+    /// before sending the rest.
+    HoldAfter(usize),
 }
 
 pub(crate) struct Server {
     pub addr: SocketAddr,
     /// Request heads (lowercased) in the order they arrived.
     pub requests: Arc<Mutex<Vec<String>>>,
+    release: tokio::sync::watch::Sender<bool>,
 }
 
 impl Server {
@@ -39,6 +43,10 @@ impl Server {
     pub fn heads(&self) -> Vec<String> {
         self.requests.lock().unwrap().clone()
     }
+    /// Lets bodies held by [`Mode::HoldAfter`] go on.
+    pub fn release(&self) {
+        self.release.send_replace(true);
+    }
 }
 
 pub(crate) async fn serve(files: HashMap<String, Vec<u8>>, mode: Mode) -> Server {
@@ -47,18 +55,23 @@ pub(crate) async fn serve(files: HashMap<String, Vec<u8>>, mode: Mode) -> Server
     let requests: Arc<Mutex<Vec<String>>> = Arc::default();
     let files = Arc::new(files);
     let reqs = requests.clone();
+    let (release, released) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         loop {
             let Ok((sock, _)) = listener.accept().await else {
                 return;
             };
-            let (files, reqs) = (files.clone(), reqs.clone());
+            let (files, reqs, released) = (files.clone(), reqs.clone(), released.clone());
             tokio::spawn(async move {
-                let _ = answer(sock, &files, &reqs, mode).await;
+                let _ = answer(sock, &files, &reqs, mode, released).await;
             });
         }
     });
-    Server { addr, requests }
+    Server {
+        addr,
+        requests,
+        release,
+    }
 }
 
 async fn answer(
@@ -66,6 +79,7 @@ async fn answer(
     files: &HashMap<String, Vec<u8>>,
     reqs: &Mutex<Vec<String>>,
     mode: Mode,
+    mut released: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
@@ -114,6 +128,14 @@ async fn answer(
             sock.flush().await?;
             tokio::time::sleep(Duration::from_secs(3600)).await;
             return Ok(());
+        }
+        Mode::HoldAfter(n) => {
+            sock.write_all(full.as_bytes()).await?;
+            sock.write_all(&body[..n]).await?;
+            sock.flush().await?;
+            let _ = released.wait_for(|go| *go).await;
+            sock.write_all(&body[n..]).await?;
+            return sock.flush().await;
         }
         Mode::NoLength => {
             sock.write_all(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n")
