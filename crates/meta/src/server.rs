@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tower::ServiceExt;
 
 use crate::config::{self, ConfigError};
-use crate::http::{app, serve_heartbeat, unix_now, AppState, HEARTBEAT_PATH};
+use crate::http::{app, unix_now, AppState, HeartbeatConn, HEARTBEAT_PATH};
 
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -164,10 +164,11 @@ async fn serve_connection(
     mut shutdown: watch::Receiver<bool>,
     header_timeout: Duration,
 ) {
+    let heartbeats = HeartbeatConn::new(state);
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         // The heartbeat, nearly all of the traffic, skips the router (see http::heartbeat).
         if req.method() == Method::POST && req.uri().path() == HEARTBEAT_PATH {
-            Either::Left(serve_heartbeat(state.clone(), req).map(Ok::<_, Infallible>))
+            Either::Left(heartbeats.serve(req).map(Ok::<_, Infallible>))
         } else {
             req.extensions_mut().insert(ConnectInfo(peer));
             Either::Right(router.clone().oneshot(req))

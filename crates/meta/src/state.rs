@@ -2,6 +2,7 @@
 //! reloader that swaps in a new config (from `GET /config/reload`, SIGHUP or a test).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -13,18 +14,32 @@ use crate::store::{FleetStore, MemStore};
 
 /// The snapshot heartbeats answer from. Readers clone the `Arc` under a read lock held for
 /// a few nanoseconds, so a reload never blocks heartbeats for longer than a pointer swap.
+/// A generation number counts the swaps, so a connection can keep its own copy of the
+/// `Arc` and check with one shared read per request that it is still the current one.
 #[derive(Debug)]
-pub struct Current(RwLock<Arc<Desired>>);
+pub struct Current {
+    desired: RwLock<Arc<Desired>>,
+    generation: AtomicU64,
+}
 
 impl Current {
     pub fn new(d: Desired) -> Current {
-        Current(RwLock::new(Arc::new(d)))
+        Current {
+            desired: RwLock::new(Arc::new(d)),
+            generation: AtomicU64::new(0),
+        }
     }
     pub fn load(&self) -> Arc<Desired> {
-        self.0.read().clone()
+        self.desired.read().clone()
+    }
+    /// Changes whenever a new snapshot is stored. Read it before [`Current::load`]: an
+    /// unchanged generation then means the loaded snapshot is still (at least) current.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
     fn store(&self, d: Desired) {
-        *self.0.write() = Arc::new(d);
+        *self.desired.write() = Arc::new(d);
+        self.generation.fetch_add(1, Ordering::Release);
     }
 }
 

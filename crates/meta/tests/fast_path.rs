@@ -292,3 +292,38 @@ async fn status_pages_of_many_hosts_stream_the_same_bytes() {
     assert!(r.bytes().await.unwrap().is_empty());
     f.server.stop().await;
 }
+
+#[tokio::test]
+async fn a_kept_alive_connection_answers_from_the_reloaded_config() {
+    let f = fixture("").await;
+    let addr = f.server.local_addr().unwrap();
+    // One connection for everything: at most one idle connection, requests one at a time.
+    let c = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(1)
+        .build()
+        .unwrap();
+    let beat = || async {
+        let r = c
+            .post(format!("http://{addr}/heartbeat"))
+            .body(hb("web-1", "started"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let resp: proto::legacy::HeartbeatResponse = r.json().await.unwrap();
+        resp.desired_agents[0].version.clone()
+    };
+    assert_eq!(beat().await, "1.0.0");
+    let path = f.server.state().reloader.path().to_path_buf();
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replacen("\"1.0.0\"", "\"2.0.0\"", 1)).unwrap();
+    let r = c
+        .get(format!("http://{addr}/config/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(beat().await, "2.0.0");
+    f.server.stop().await;
+}

@@ -1,15 +1,17 @@
 //! `POST /heartbeat`: the original protocol. Records what the host reports, answers what
 //! it should run.
 //!
-//! The accept loop serves this route itself ([`serve`]), ahead of the router and its
+//! The accept loop serves this route itself ([`HeartbeatConn`]), ahead of the router and its
 //! middleware: it is nearly all of the traffic. The router keeps the same route (for
 //! in-process tests and anything that drives [`crate::app`]); both run [`respond`] with
 //! the same body limit, timeout and error texts.
 
+use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::pin::pin;
+use std::sync::Arc;
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -39,31 +41,76 @@ async fn heartbeat(
     respond(&st, &desired, &headers, body).await
 }
 
-/// Serves `POST /heartbeat` straight from the connection, without the router: the same
-/// answer as through [`crate::app`], `requestTimeoutSecs` included (408 when reading the
-/// body and answering takes longer).
-pub async fn serve<B>(st: AppState, req: hyper::Request<B>) -> Response
+/// One connection's heartbeat context: the state and the config snapshot in one `Arc`
+/// that only this connection's requests clone, replaced when the config changes. Cloning
+/// the shared state and loading the snapshot per request would bounce their reference
+/// counts and lock word between the cores.
+pub struct HeartbeatConn {
+    state: AppState,
+    ctx: RefCell<Arc<ConnCtx>>,
+}
+
+struct ConnCtx {
+    state: AppState,
+    desired: Arc<Desired>,
+    /// [`crate::state::Current::generation`] when `desired` was loaded.
+    generation: u64,
+}
+
+impl ConnCtx {
+    fn load(state: &AppState) -> ConnCtx {
+        let generation = state.current.generation();
+        ConnCtx {
+            state: state.clone(),
+            desired: state.current.load(),
+            generation,
+        }
+    }
+}
+
+impl HeartbeatConn {
+    pub fn new(state: AppState) -> HeartbeatConn {
+        let ctx = RefCell::new(Arc::new(ConnCtx::load(&state)));
+        HeartbeatConn { state, ctx }
+    }
+
+    /// Serves `POST /heartbeat` straight from the connection, without the router: the
+    /// same answer as through [`crate::app`], `requestTimeoutSecs` included (408 when
+    /// reading the body and answering takes longer).
+    pub fn serve<B>(&self, req: hyper::Request<B>) -> impl Future<Output = Response> + Send
+    where
+        B: hyper::body::Body<Data = Bytes> + Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let ctx = {
+            let mut c = self.ctx.borrow_mut();
+            if self.state.current.generation() != c.generation {
+                *c = Arc::new(ConnCtx::load(&self.state));
+            }
+            c.clone()
+        };
+        serve(ctx, req)
+    }
+}
+
+async fn serve<B>(ctx: Arc<ConnCtx>, req: hyper::Request<B>) -> Response
 where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let started = Instant::now();
     let (parts, body) = req.into_parts();
-    let desired = st.current.load();
-    let secs = desired.config.request_timeout_secs;
-    let mut fut = pin!(respond(&st, &desired, &parts.headers, body));
+    let secs = ctx.desired.config.request_timeout_secs;
+    let mut fut = pin!(respond(&ctx.state, &ctx.desired, &parts.headers, body));
     // Almost always the body came with the headers and the answer is ready at the first
-    // poll: then no timer is set up at all.
+    // poll: then no timer is set up at all. Otherwise the limit counts from here, a few
+    // microseconds after the handler started.
     let first = poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
     let result = match first {
         Poll::Ready(r) => r,
-        Poll::Pending => {
-            let left = Duration::from_secs(secs).saturating_sub(started.elapsed());
-            match tokio::time::timeout(left, fut).await {
-                Ok(r) => r,
-                Err(_) => Err(AppError::Timeout { secs }),
-            }
-        }
+        Poll::Pending => match tokio::time::timeout(Duration::from_secs(secs), fut).await {
+            Ok(r) => r,
+            Err(_) => Err(AppError::Timeout { secs }),
+        },
     };
     result.unwrap_or_else(IntoResponse::into_response)
 }

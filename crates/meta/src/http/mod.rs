@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 
 pub use crate::state::AppState;
-pub use heartbeat::{serve as serve_heartbeat, PATH as HEARTBEAT_PATH};
+pub use heartbeat::{HeartbeatConn, PATH as HEARTBEAT_PATH};
 
 /// The whole application. Later areas (BootAgent registration, operator endpoints) merge
 /// their own `Router<AppState>` here.
