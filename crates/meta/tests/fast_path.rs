@@ -327,3 +327,39 @@ async fn a_kept_alive_connection_answers_from_the_reloaded_config() {
     assert_eq!(beat().await, "2.0.0");
     f.server.stop().await;
 }
+
+#[tokio::test]
+async fn bodies_that_are_not_utf8_get_the_same_answer_on_both_paths() {
+    let f = fixture("").await;
+    let addr = f.server.local_addr().unwrap();
+    let bodies: [&[u8]; 4] = [
+        // In a value that is skipped: serde does not look at it, neither does Go.
+        b"{\"hostname\":\"u-1\",\"extra\":\"\xff\"}",
+        b"{\"hostname\":\"u-\xff\"}",
+        b"{\"hostname\":\"u-2\"}\xff",
+        b"\xef\xbb\xbf{\"hostname\":\"u-3\"}",
+    ];
+    for body in bodies {
+        let r = client()
+            .post(format!("http://{addr}/heartbeat"))
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        let got = (r.status().as_u16(), r.bytes().await.unwrap().to_vec());
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri("/heartbeat")
+            .body(Body::from(body.to_vec()))
+            .unwrap();
+        let w = app(f.reference.clone()).oneshot(req).await.unwrap();
+        let status = w.status().as_u16();
+        let want = (
+            status,
+            w.into_body().collect().await.unwrap().to_bytes().to_vec(),
+        );
+        assert_eq!(got, want, "body {body:?}");
+    }
+    assert!(f.server.state().store.host("u-1").is_some());
+    f.server.stop().await;
+}

@@ -317,6 +317,18 @@ mod tests {
                 "{b}"
             );
         }
+        // Bytes that are not UTF-8: refused in a string that is read, ignored in one that
+        // is skipped, by both.
+        let raw: [&[u8]; 3] = [
+            b"{\"hostname\":\"h\xff\"}",
+            b"{\"hostname\":\"h\",\"realAgents\":[{\"status\":\"\xc3\"}]}",
+            b"{\"hostname\":\"h\",\"x\":\"\xff\"}",
+        ];
+        for b in raw {
+            let owned = serde_json::from_slice::<HeartbeatRequest>(b).ok();
+            let borrowed = serde_json::from_slice::<HeartbeatRequestRef>(b).ok();
+            assert_eq!(borrowed.map(|r| r.to_owned_request()), owned, "{b:?}");
+        }
     }
 
     #[test]
