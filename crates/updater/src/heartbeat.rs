@@ -10,12 +10,10 @@ use proto::legacy::{HeartbeatRequest, HeartbeatResponse};
 /// Why a heartbeat failed. Display names the URL.
 #[derive(Debug, thiserror::Error)]
 pub enum HeartbeatError {
-    #[error("heartbeat to {url}: {source}")]
-    Transport {
-        url: String,
-        #[source]
-        source: reqwest::Error,
-    },
+    // The whole cause chain in the message: reqwest's own Display stops at "error sending
+    // request", which hides a refused certificate or connection from the operator.
+    #[error("heartbeat to {url}: {}", error_chain(error))]
+    Transport { url: String, error: reqwest::Error },
     #[error("heartbeat to {url}: server answered {status}: {body}")]
     Status {
         url: String,
@@ -116,9 +114,9 @@ impl Client {
     /// One heartbeat. Entries of `desiredAgents` that do not decode are left out and
     /// described in [`Answer::skipped`]; the rest of the answer is still used.
     pub async fn send(&self, req: &HeartbeatRequest) -> Result<Answer, HeartbeatError> {
-        let transport = |source| HeartbeatError::Transport {
+        let transport = |error| HeartbeatError::Transport {
             url: self.url.clone(),
-            source,
+            error,
         };
         let resp = self
             .http
@@ -157,9 +155,9 @@ impl Client {
         let mut body = Vec::new();
         let mut stream = resp.bytes_stream();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|source| HeartbeatError::Transport {
+            let chunk = chunk.map_err(|error| HeartbeatError::Transport {
                 url: self.url.clone(),
-                source,
+                error,
             })?;
             if body.len() as u64 + chunk.len() as u64 > limit {
                 return Err(too_large());
@@ -168,6 +166,21 @@ impl Client {
         }
         Ok(body)
     }
+}
+
+/// An error with its causes, `a: b: c`, each cause once.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
 }
 
 /// The HTTP client for every call to a server, legacy heartbeat and BootAgent alike:

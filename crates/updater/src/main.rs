@@ -131,7 +131,9 @@ fn init_logging(debug: bool, file: Option<&std::path::Path>) -> anyhow::Result<(
                 .with(filter)
                 .init();
         }
+        // Colours only on a terminal: stderr is often a file (systemd, `2>log`).
         None => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_writer(std::io::stderr)
             .finish()
             .with(filter)

@@ -19,12 +19,8 @@ pub const MAX_JOBS_PER_ANSWER: usize = 256;
 pub enum CallError {
     #[error("{url}: server does not speak BootAgent (answered {status})")]
     NotSupported { url: String, status: u16 },
-    #[error("{url}: {source}")]
-    Transport {
-        url: String,
-        #[source]
-        source: reqwest::Error,
-    },
+    #[error("{url}: {}", crate::heartbeat::error_chain(error))]
+    Transport { url: String, error: reqwest::Error },
     #[error("{url}: server answered {status}: {body}")]
     Status {
         url: String,
@@ -138,9 +134,9 @@ impl Client {
     }
 
     async fn post(&self, url: &str, req: &impl Serialize) -> Result<Vec<u8>, CallError> {
-        let transport = |source| CallError::Transport {
+        let transport = |error| CallError::Transport {
             url: url.to_string(),
-            source,
+            error,
         };
         let resp = self
             .http
@@ -181,9 +177,9 @@ impl Client {
         let mut body = Vec::new();
         let mut stream = resp.bytes_stream();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|source| CallError::Transport {
+            let chunk = chunk.map_err(|error| CallError::Transport {
                 url: url.to_string(),
-                source,
+                error,
             })?;
             if body.len() as u64 + chunk.len() as u64 > limit {
                 return Err(too_large());
