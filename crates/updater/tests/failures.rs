@@ -220,3 +220,28 @@ fn sigterm_during_a_switch_finishes_the_rollback_before_exiting() {
         ["start 1.0.0", "stop 1.0.0", "start 1.0.0"]
     );
 }
+
+/// A server that never accepts (a hung ops-meta): the kernel queues the first connection,
+/// which then hears nothing, and drops the SYNs of later ones once its queue is full (as a
+/// black-holing firewall would). Each heartbeat gives up after `heartbeatTimeoutSecs`, says
+/// so, and the daemon keeps going.
+#[test]
+fn a_server_that_never_answers_times_out_each_round() {
+    let hole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    hole.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    hole.listen(0).unwrap();
+    let addr = hole.local_addr().unwrap().as_socket().unwrap();
+    let mut u = Updater::start(&addr.to_string(), "host-hole", |c| {
+        c["heartbeatTimeoutSecs"] = json!(1)
+    });
+    wait_for("three timed-out heartbeats", CONVERGE, || {
+        u.daemon_status()["heartbeatsFailed"].as_u64().unwrap_or(0) >= 3
+    });
+    let d = u.daemon_status();
+    assert_eq!(d["heartbeatsOk"], 0, "{d}");
+    let err = d["lastHeartbeatError"].as_str().unwrap_or_default();
+    assert!(err.contains(&addr.to_string()), "{err}");
+    assert!(err.contains("timed out"), "{err}");
+    u.assert_alive();
+}
