@@ -83,12 +83,7 @@ impl TlsFront {
 fn meta_with_falcon() -> Meta {
     let mut meta = Meta::start(json!([]));
     publish(&meta, "falcon", "1.0.0", Behaviour::Good);
-    meta.set_agents(json!([agent_entry(
-        "falcon",
-        "1.0.0",
-        &meta.base(),
-        "start"
-    )]));
+    meta.desire(&[("falcon", "1.0.0", "start")]);
     meta
 }
 
