@@ -303,11 +303,18 @@ async fn download_unpacking(
     let (mut feed, mut reader) = pipe(PIPE_BUDGET_BYTES);
     let (root, label, limits) = (tmp.clone(), dl.join(file), fetcher.limits().clone());
     let unpacker = tokio::task::spawn_blocking(move || {
-        unpack_members(&mut reader, &label, &root, &limits)?;
-        reader.drain().map_err(|e| ArtifactError::Archive {
-            tarball: label,
-            detail: e.to_string(),
-        })
+        let unpacked = unpack_members(&mut reader, &label, &root, &limits).and_then(|()| {
+            reader.drain().map_err(|e| ArtifactError::Archive {
+                tarball: label,
+                detail: e.to_string(),
+            })
+        });
+        // Removed here as well as by the caller: if the install was cancelled (its future
+        // dropped, which ends the feed), nobody else is left to do it.
+        if unpacked.is_err() {
+            discard(&root);
+        }
+        unpacked
     });
     let downloaded = fetcher
         .download_feeding(tarball_url, dl, file, want, Some(&mut feed))
