@@ -17,6 +17,9 @@ use crate::fsx;
 /// Largest `.md5` file read; `md5sum` writes 32 hex digits, two spaces and a file name.
 pub const MAX_MD5_FILE_BYTES: u64 = 4096;
 
+/// Size of the writes that append a download to its `.part` file.
+const PART_WRITE_BYTES: usize = 1 << 20;
+
 /// Suffix of a download in progress.
 pub(crate) const PART_SUFFIX: &str = ".part";
 
@@ -381,7 +384,7 @@ impl Fetcher {
                 left -= n as u64;
             }
         }
-        let mut file = tokio::fs::OpenOptions::new()
+        let file = tokio::fs::OpenOptions::new()
             .create(true)
             .write(true)
             .append(offset > 0)
@@ -389,6 +392,9 @@ impl Fetcher {
             .open(&part)
             .await
             .map_err(ArtifactError::io(&part))?;
+        // Network chunks are small (often a few KiB) and each write of a tokio file is a
+        // trip to a blocking thread: gather them into large writes.
+        let mut file = tokio::io::BufWriter::with_capacity(PART_WRITE_BYTES, file);
 
         let mut size = offset;
         let streamed: Result<(), ArtifactError> = async {
@@ -418,7 +424,7 @@ impl Fetcher {
         let flushed = async {
             file.flush().await?;
             if sync {
-                file.sync_all().await?;
+                file.get_ref().sync_all().await?;
             }
             Ok::<(), std::io::Error>(())
         }
