@@ -27,6 +27,10 @@ struct Args {
     /// Check the config file, print every problem, and exit (non-zero on error).
     #[arg(short = 'T', long = "test-config")]
     test: bool,
+    /// Runtime worker threads (default: one per CPU). Fewer leaves cores to whatever
+    /// shares the machine; one thread avoids cross-core wake-ups when it is shared.
+    #[arg(long = "threads", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
 }
 
 fn main() -> ExitCode {
@@ -47,10 +51,11 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.threads {
+        builder.worker_threads(n.into());
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ops-meta: start runtime: {e}");

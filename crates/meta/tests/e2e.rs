@@ -55,6 +55,11 @@ struct Meta {
 
 impl Meta {
     fn start(cfg_for_port: impl Fn(u16) -> String) -> Meta {
+        Meta::start_with(cfg_for_port, &[])
+    }
+
+    /// As [`Meta::start`], with extra flags.
+    fn start_with(cfg_for_port: impl Fn(u16) -> String, flags: &[&str]) -> Meta {
         let dir = test_support::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("tarball")).unwrap();
         // A decoy: were tarballDir resolved against the config's folder, this is what
@@ -66,6 +71,7 @@ impl Meta {
         let log = std::fs::File::create(dir.path().join("meta.log")).unwrap();
         let child = test_support::command(Path::new(BIN))
             .args(["-c", "conf/cfg.json"])
+            .args(flags)
             .current_dir(dir.path())
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().unwrap())
@@ -448,6 +454,47 @@ fn check_flag_version_flag_and_bad_config_exit_codes() {
 
     let (code, text) = ops_meta(&["-v"], dir.path());
     assert_eq!((code, text.trim()), (0, meta::VERSION));
+
+    for bad in ["0", "many", "99999"] {
+        let (code, text) = ops_meta(&["--threads", bad], dir.path());
+        assert_eq!(code, 2, "--threads {bad}: {text}");
+        assert!(text.contains("--threads"), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn one_runtime_thread_serves_heartbeats_and_status() {
+    let m = Meta::start_with(|p| original_cfg(p, "1.0.0", ""), &["--threads", "1"]);
+    // Several connections at once on the one thread.
+    let mut calls = Vec::new();
+    for i in 0..8 {
+        let url = m.url("/heartbeat");
+        calls.push(tokio::spawn(async move {
+            let body = format!(r#"{{"hostname":"web-{i:02}","realAgents":[]}}"#);
+            client()
+                .post(url)
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }));
+    }
+    for c in calls {
+        let answer: HeartbeatResponse = serde_json::from_str(&c.await.unwrap()).unwrap();
+        assert_eq!(answer.desired_agents[0].version, "1.0.0");
+    }
+    let text = client()
+        .get(m.url("/status/text/falcon-agent"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(text.lines().count(), 8, "{text}");
 }
 
 #[tokio::test]
