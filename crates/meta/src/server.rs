@@ -252,6 +252,10 @@ pub async fn run(path: &Path) -> Result<(), RunError> {
         tracing::warn!(config = %path.display(), problem = %w, "config warning");
     }
     let cfg = state.current.load().config.clone();
+    // Handlers before the socket: once a client can connect, SIGTERM means a clean stop.
+    let mut hup = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
+    let mut term = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
     let listener = if cfg.http.enabled {
         let addr = config::listen_addr(&cfg.http.listen).map_err(RunError::Listen)?;
         Some(
@@ -263,9 +267,6 @@ pub async fn run(path: &Path) -> Result<(), RunError> {
         tracing::warn!("http.enabled is false: not listening");
         None
     };
-    let mut hup = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
-    let mut term = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
     let server = Server::start(state.clone(), listener);
     tracing::info!(
         addr = ?server.local_addr(),

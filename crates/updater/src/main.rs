@@ -154,6 +154,9 @@ fn run(cfg: updater::config::Resolved, opts: updater::boot::Options) -> anyhow::
         .build()
         .context("starting the runtime")?;
     rt.block_on(async move {
+        // Handlers first: a SIGTERM that arrives as soon as the local endpoint listens must
+        // already mean "stop cleanly", not the default action.
+        let stop = shutdown_signal();
         let shared = Shared::new(&cfg.hostname, &cfg.heartbeat_url);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let http = if cfg.config.http_enabled {
@@ -176,7 +179,7 @@ fn run(cfg: updater::config::Resolved, opts: updater::boot::Options) -> anyhow::
         } else {
             None
         };
-        updater::boot::run(cfg, shared, opts, shutdown_signal())
+        updater::boot::run(cfg, shared, opts, stop)
             .await
             .context("starting the daemon")?;
         let _ = stop_tx.send(true);
@@ -189,19 +192,21 @@ fn run(cfg: updater::config::Resolved, opts: updater::boot::Options) -> anyhow::
     })
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now; the future resolves on either.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! {
-                _ = t.recv() => tracing::info!("SIGTERM"),
-                _ = i.recv() => tracing::info!("SIGINT"),
+    async move {
+        match (term, int) {
+            (Ok(mut t), Ok(mut i)) => {
+                tokio::select! {
+                    _ = t.recv() => tracing::info!("SIGTERM"),
+                    _ = i.recv() => tracing::info!("SIGINT"),
+                }
             }
+            // Without signal handlers the process still dies by the default action.
+            _ => std::future::pending::<()>().await,
         }
-        // Without signal handlers the process still dies by the default action.
-        _ => std::future::pending::<()>().await,
     }
 }
