@@ -12,7 +12,7 @@ use proto::legacy::{HeartbeatRequest, HeartbeatResponse};
 pub enum HeartbeatError {
     // The whole cause chain in the message: reqwest's own Display stops at "error sending
     // request", which hides a refused certificate or connection from the operator.
-    #[error("heartbeat to {url}: {}", error_chain(error))]
+    #[error("heartbeat to {url}: {}", crate::error_chain(error))]
     Transport { url: String, error: reqwest::Error },
     #[error("heartbeat to {url}: server answered {status}: {body}")]
     Status {
@@ -166,21 +166,6 @@ impl Client {
         }
         Ok(body)
     }
-}
-
-/// An error with its causes, `a: b: c`, each cause once.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 /// The HTTP client for every call to a server, legacy heartbeat and BootAgent alike:

@@ -57,22 +57,6 @@ impl Hashers {
     }
 }
 
-/// An error with its causes, `a: b: c`; reqwest's own Display stops at the first level,
-/// which hides "connection refused" behind "error sending request".
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
-}
-
 /// Checks `got` against `want` (case-insensitively) for `algo`.
 pub(crate) fn verify(file: &str, want: &Want, got: &Digests) -> Result<(), ArtifactError> {
     let pairs = [
@@ -146,7 +130,7 @@ impl Fetcher {
             .connect_timeout(limits.connect_timeout)
             .user_agent(concat!("ops-updater/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| ArtifactError::Client(chain(&e)))?;
+            .map_err(|e| ArtifactError::Client(crate::error_chain(&e)))?;
         Ok(Fetcher { client, limits })
     }
 
@@ -170,7 +154,7 @@ impl Fetcher {
             }),
             Ok(Err(e)) => Err(ArtifactError::Http {
                 url: url.to_string(),
-                detail: chain(&e),
+                detail: crate::error_chain(&e),
             }),
             Ok(Ok(r)) => Ok(r),
         }
@@ -190,7 +174,7 @@ impl Fetcher {
             }),
             Ok(Err(e)) => Err(ArtifactError::Http {
                 url: url.to_string(),
-                detail: chain(&e),
+                detail: crate::error_chain(&e),
             }),
             Ok(Ok(c)) => Ok(c),
         }

@@ -19,7 +19,7 @@ pub const MAX_JOBS_PER_ANSWER: usize = 256;
 pub enum CallError {
     #[error("{url}: server does not speak BootAgent (answered {status})")]
     NotSupported { url: String, status: u16 },
-    #[error("{url}: {}", crate::heartbeat::error_chain(error))]
+    #[error("{url}: {}", crate::error_chain(error))]
     Transport { url: String, error: reqwest::Error },
     #[error("{url}: server answered {status}: {body}")]
     Status {
