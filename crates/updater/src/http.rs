@@ -22,6 +22,22 @@ pub const MAX_CONNECTIONS: usize = 32;
 /// Longest wait for a request's headers, so an idle or slow client cannot hold a slot.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What one client may cost the endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: MAX_CONNECTIONS,
+            header_timeout: HEADER_TIMEOUT,
+        }
+    }
+}
+
 /// Handler state: the shared view.
 #[derive(Clone)]
 pub struct AppState {
@@ -33,14 +49,24 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     tokio::net::TcpListener::bind(addr).await
 }
 
-/// Serves until `shutdown` resolves; connections still open then are dropped (every answer
-/// is a small read-only document).
+/// Serves with the default [`Limits`] until `shutdown` resolves; connections still open
+/// then are dropped (every answer is a small read-only document).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    serve_with(listener, state, shutdown, Limits::default()).await
+}
+
+/// [`serve`] with explicit limits.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    limits: Limits,
+) -> std::io::Result<()> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let mut conns = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -69,7 +95,7 @@ pub async fn serve(
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
+                .header_read_timeout(limits.header_timeout)
                 .serve_connection(TokioIo::new(stream), svc);
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "local endpoint: connection ended");
@@ -162,5 +188,79 @@ mod tests {
         assert_eq!(post.headers()["allow"], "GET, HEAD");
         tx.send(()).unwrap();
         server.await.unwrap().unwrap();
+    }
+
+    /// Starts the endpoint with `limits`; the server stops when the returned sender drops.
+    async fn start(limits: Limits) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let state = AppState {
+            shared: Shared::new("h1", "http://m/heartbeat"),
+        };
+        tokio::spawn(serve_with(
+            listener,
+            state,
+            async {
+                let _ = rx.await;
+            },
+            limits,
+        ));
+        (addr, tx)
+    }
+
+    /// Reads until the peer closes; `None` if it is still open after `within`.
+    async fn read_to_close(s: &mut tokio::net::TcpStream, within: Duration) -> Option<Vec<u8>> {
+        use tokio::io::AsyncReadExt as _;
+        let mut got = Vec::new();
+        tokio::time::timeout(within, s.read_to_end(&mut got))
+            .await
+            .ok()
+            .map(|r| r.map(|_| got).unwrap_or_default())
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+        let (addr, _stop) = start(Limits {
+            header_timeout: Duration::from_millis(200),
+            ..Limits::default()
+        })
+        .await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        use tokio::io::AsyncWriteExt as _;
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let got = read_to_close(&mut s, Duration::from_secs(20)).await;
+        let got = got.expect("connection still open long after the header timeout");
+        assert!(!String::from_utf8_lossy(&got).contains("200 OK"));
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_wait_for_a_free_slot() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (addr, _stop) = start(Limits {
+            max_connections: 1,
+            ..Limits::default()
+        })
+        .await;
+        let req = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n";
+        // The first client takes the only slot and keeps its connection open.
+        let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
+        first.write_all(req).await.unwrap();
+        let mut buf = [0u8; 512];
+        let n = first.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        // The second is queued by the kernel but not served while the first holds the slot.
+        let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
+        second.write_all(req).await.unwrap();
+        let early = tokio::time::timeout(Duration::from_millis(300), second.read(&mut buf)).await;
+        assert!(early.is_err(), "served beyond the connection limit");
+        drop(first);
+        let n = tokio::time::timeout(Duration::from_secs(20), second.read(&mut buf))
+            .await
+            .expect("served once the slot is free")
+            .unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     }
 }
