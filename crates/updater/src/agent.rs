@@ -251,11 +251,14 @@ impl Ctx {
         shared: Shared,
     ) -> Result<Ctx, artifact::ArtifactError> {
         let c = &cfg.config;
-        let fetcher = Fetcher::new(artifact::Limits {
-            max_download_bytes: c.max_download_bytes,
-            max_unpacked_bytes: c.max_unpacked_bytes,
-            ..artifact::Limits::default()
-        })?;
+        let fetcher = Fetcher::with_tls(
+            artifact::Limits {
+                max_download_bytes: c.max_download_bytes,
+                max_unpacked_bytes: c.max_unpacked_bytes,
+                ..artifact::Limits::default()
+            },
+            c.tls_insecure,
+        )?;
         let control_timeout = Duration::from_secs(c.control_timeout_secs);
         let status_timeout = Duration::from_secs(c.status_timeout_secs);
         Ok(Ctx {

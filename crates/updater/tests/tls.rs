@@ -88,9 +88,16 @@ fn meta_with_falcon() -> Meta {
 }
 
 #[test]
-fn heartbeat_over_https_with_tls_insecure_installs_and_reports() {
-    let meta = meta_with_falcon();
+fn heartbeat_and_download_over_https_with_tls_insecure_install_and_report() {
+    let mut meta = meta_with_falcon();
     let front = TlsFront::start(meta.addr);
+    // The tarball comes through the same front, with the same self-signed certificate.
+    meta.set_agents(json!([agent_entry(
+        "falcon",
+        "1.0.0",
+        &front.url(),
+        "start"
+    )]));
     let u = Updater::start(&front.url(), "tls-host-01", |c| {
         c["tlsInsecure"] = json!(true)
     });
@@ -100,7 +107,9 @@ fn heartbeat_over_https_with_tls_insecure_installs_and_reports() {
         meta.reported("falcon", "tls-host-01")
             .is_some_and(|r| r["version"] == "1.0.0" && r["status"] == "started")
     });
-    assert!(front.handshakes.load(Ordering::SeqCst) >= 1);
+    // At least the heartbeat's connection and the download's (tarball and its .md5).
+    assert!(front.handshakes.load(Ordering::SeqCst) >= 2);
+    assert!(u.work().join("falcon/1.0.0/falcon-1.0.0.tar.gz").is_file());
     let d = u.daemon_status();
     assert_eq!(d["server"], format!("{}/heartbeat", front.url()));
     assert_eq!(d["lastHeartbeatError"], serde_json::Value::Null);

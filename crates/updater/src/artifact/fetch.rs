@@ -126,8 +126,16 @@ impl Fetcher {
     /// A fetcher over a rustls HTTP client with `limits.connect_timeout`. Proxies set in
     /// the environment (`http_proxy`, `no_proxy`) are honoured, as wget did for the original.
     pub fn new(limits: Limits) -> Result<Fetcher, ArtifactError> {
+        Fetcher::with_tls(limits, false)
+    }
+
+    /// As [`Fetcher::new`]; with `accept_invalid_certs` (the updater's `tlsInsecure`) any
+    /// certificate of an `https://` tarball server is accepted, as for the heartbeat: a
+    /// server with a self-signed certificate serves its tarballs with the same one.
+    pub fn with_tls(limits: Limits, accept_invalid_certs: bool) -> Result<Fetcher, ArtifactError> {
         let client = reqwest::Client::builder()
             .connect_timeout(limits.connect_timeout)
+            .danger_accept_invalid_certs(accept_invalid_certs)
             .user_agent(concat!("ops-updater/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ArtifactError::Client(crate::error_chain(&e)))?;
