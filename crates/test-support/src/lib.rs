@@ -91,6 +91,20 @@ pub fn tree(root: &Path) -> Vec<String> {
     out
 }
 
+/// `len` bytes that gzip cannot shrink (an xorshift stream from `seed`), so that a
+/// tarball is about as large as its content: for full disks, cut downloads and pipes.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).max(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// Lowercase hex MD5 and SHA-256 of `data`.
 pub fn digests(data: &[u8]) -> (String, String) {
     use md5::Digest as _;

@@ -33,19 +33,6 @@ fn agent_with_blob(version: &str, blob: Vec<u8>) -> Vec<u8> {
     ])
 }
 
-/// Bytes that gzip cannot shrink (a xorshift stream).
-fn incompressible(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// The updater process in its private mount namespace.
 struct Boxed {
     child: KillOnDrop,
@@ -107,7 +94,7 @@ fn an_upgrade_that_does_not_fit_installs_nothing_and_keeps_the_old_version() {
         &meta.tarball_dir(),
         "falcon",
         "1.2.0",
-        &agent_with_blob("1.2.0", incompressible(2 << 20)),
+        &agent_with_blob("1.2.0", test_support::noise(2 << 20, 3)),
     );
     meta.desire(&[("falcon", "1.0.0", "start")]);
 

@@ -14,24 +14,11 @@ use test_support::agent::{control_script, Behaviour};
 use test_support::tarball::{targz, Entry};
 use test_support::{digests, wait_for};
 
-/// Bytes that do not compress, so the tarball is as large as its payload.
-fn noise(len: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(2_654_435_761).max(1);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
-
 /// A fake agent with an incompressible payload of `payload` bytes.
 fn big_agent(name: &str, version: &str, payload: usize) -> Vec<u8> {
     targz(&[
         Entry::exec("control", control_script(name, version, Behaviour::Good)),
-        Entry::file("payload.bin", noise(payload, 7)),
+        Entry::file("payload.bin", test_support::noise(payload, 7)),
     ])
 }
 
@@ -120,7 +107,7 @@ fn download_cut_half_way_is_resumed() {
     });
     assert!(resumed, "second request did not resume: {:?}", files.seen());
     let payload = std::fs::read(u.work().join("falcon/1.0.0/payload.bin")).unwrap();
-    assert_eq!(payload, noise(512 << 10, 7));
+    assert_eq!(payload, test_support::noise(512 << 10, 7));
 }
 
 #[test]

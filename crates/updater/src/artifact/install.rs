@@ -579,24 +579,10 @@ mod tests {
         assert!(tree.iter().all(|p| !p.contains(".unpack-")), "{tree:?}");
     }
 
-    /// Bytes that do not compress (xorshift), so that a tarball is about as long as its
-    /// content and a cut in the middle of the body falls in the middle of a member.
-    fn noise(len: usize) -> Vec<u8> {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
-
     /// An agent tarball: `control` first, then `blob` of `blob_len` random bytes.
     fn big_agent(blob_len: usize) -> (Vec<u8>, Vec<u8>) {
         use test_support::tarball::{targz, Entry};
-        let blob = noise(blob_len);
+        let blob = test_support::noise(blob_len, 1);
         let tb = targz(&[
             Entry::exec("control", "#!/bin/sh\necho started\n"),
             Entry::file("blob", blob.clone()),
@@ -725,7 +711,7 @@ mod tests {
         let tb = targz(&[
             Entry::file("../../pwned", "x"),
             Entry::exec("control", "#!/bin/sh\n"),
-            Entry::file("blob", noise(1 << 20)),
+            Entry::file("blob", test_support::noise(1 << 20, 1)),
         ]);
         let file = proto::legacy::tarball_file(NAME, "6.6.6");
         let srv = serve(files("6.6.6", &tb, ""), Mode::HoldAfter(tb.len() / 2)).await;
