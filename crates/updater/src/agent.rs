@@ -365,6 +365,49 @@ impl Drop for Handle {
     }
 }
 
+/// [`collect`] in its own task, waited for at most `wait`. A script that takes longer keeps
+/// running in the background (until the status timeout kills it) with its result kept for
+/// the next round; meanwhile the agent is reported with the last status known. `None` when
+/// `name` is not an agent or the task failed. Shared by the legacy and BootAgent rounds.
+pub async fn collect_within(
+    ctx: Arc<Ctx>,
+    name: String,
+    lock: Arc<Mutex<()>>,
+    wait: Duration,
+) -> Option<RealAgent> {
+    let read = {
+        let (ctx, name) = (ctx.clone(), name.clone());
+        tokio::spawn(async move { collect(&ctx, &name, &lock).await })
+    };
+    // On timeout the JoinHandle is dropped, which detaches (not cancels) the read.
+    match tokio::time::timeout(wait, read).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(join)) => {
+            tracing::error!(agent = %name, error = %join, "status task failed");
+            None
+        }
+        Err(_) => {
+            let v = fsx::read_version_file(&ctx.agent_dir(&name))
+                .ok()
+                .flatten()
+                .filter(|v| proto::validate_version(v).is_ok())?;
+            let (status, timestamp) = last_known(
+                &ctx,
+                &name,
+                &v,
+                &format!("control status: no answer within {wait:?}"),
+            );
+            tracing::debug!(agent = %name, version = %v, "status still running; reporting the last known");
+            Some(RealAgent {
+                name,
+                version: v,
+                status,
+                timestamp,
+            })
+        }
+    }
+}
+
 /// Reads one agent's real state for the heartbeat. `None` when `name` is not an agent
 /// (no `.version`). If an action holds the agent's lock (a switch in progress), the last
 /// status read is reported rather than waiting: a heartbeat is never held up by one agent.

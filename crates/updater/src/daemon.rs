@@ -250,42 +250,7 @@ impl Daemon {
     async fn collect(&mut self, names: &[String]) -> Vec<RealAgent> {
         let wait = STATUS_WAIT.min(self.ctx.status.timeout);
         let futs = names.iter().map(|n| {
-            let ctx = self.ctx.clone();
-            let lock = self.workers[n].lock();
-            let n = n.clone();
-            async move {
-                let read = {
-                    let (ctx, n) = (ctx.clone(), n.clone());
-                    tokio::spawn(async move { agent::collect(&ctx, &n, &lock).await })
-                };
-                // On timeout the JoinHandle is dropped, which detaches (not cancels) the read.
-                match tokio::time::timeout(wait, read).await {
-                    Ok(Ok(r)) => r,
-                    Ok(Err(join)) => {
-                        tracing::error!(agent = %n, error = %join, "status task failed");
-                        None
-                    }
-                    Err(_) => {
-                        let v = crate::fsx::read_version_file(&ctx.agent_dir(&n))
-                            .ok()
-                            .flatten()
-                            .filter(|v| proto::validate_version(v).is_ok())?;
-                        let (status, timestamp) = agent::last_known(
-                            &ctx,
-                            &n,
-                            &v,
-                            &format!("control status: no answer within {wait:?}"),
-                        );
-                        tracing::debug!(agent = %n, version = %v, "status still running; reporting the last known");
-                        Some(RealAgent {
-                            name: n.clone(),
-                            version: v,
-                            status,
-                            timestamp,
-                        })
-                    }
-                }
-            }
+            agent::collect_within(self.ctx.clone(), n.clone(), self.workers[n].lock(), wait)
         });
         futures_util::future::join_all(futs)
             .await

@@ -142,30 +142,44 @@ impl Client {
         })
     }
 
-    /// Reads the body, failing as soon as it passes the cap rather than buffering it all.
     async fn read_capped(&self, resp: reqwest::Response) -> Result<Vec<u8>, HeartbeatError> {
-        let limit = self.max_response_bytes;
-        let too_large = || HeartbeatError::TooLarge {
-            url: self.url.clone(),
-            limit,
-        };
-        if resp.content_length().is_some_and(|n| n > limit) {
-            return Err(too_large());
-        }
-        let mut body = Vec::new();
-        let mut stream = resp.bytes_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|error| HeartbeatError::Transport {
-                url: self.url.clone(),
-                error,
-            })?;
-            if body.len() as u64 + chunk.len() as u64 > limit {
-                return Err(too_large());
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
+        read_capped(resp, self.max_response_bytes)
+            .await
+            .map_err(|e| match e {
+                Capped::TooLarge => HeartbeatError::TooLarge {
+                    url: self.url.clone(),
+                    limit: self.max_response_bytes,
+                },
+                Capped::Transport(error) => HeartbeatError::Transport {
+                    url: self.url.clone(),
+                    error,
+                },
+            })
     }
+}
+
+/// Why [`read_capped`] stopped.
+pub(crate) enum Capped {
+    TooLarge,
+    Transport(reqwest::Error),
+}
+
+/// Reads a response body of at most `limit` bytes, failing as soon as it passes the cap
+/// rather than buffering it all. Shared by the legacy heartbeat and the BootAgent client.
+pub(crate) async fn read_capped(resp: reqwest::Response, limit: u64) -> Result<Vec<u8>, Capped> {
+    if resp.content_length().is_some_and(|n| n > limit) {
+        return Err(Capped::TooLarge);
+    }
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(Capped::Transport)?;
+        if body.len() as u64 + chunk.len() as u64 > limit {
+            return Err(Capped::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// The HTTP client for every call to a server, legacy heartbeat and BootAgent alike:

@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use proto::bootagent::{Job, RegisterRequest, RegisterResponse, StatusRequest, StatusResponse};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -164,29 +163,20 @@ impl Client {
         Ok(body)
     }
 
-    /// Reads the body, failing as soon as it passes the cap rather than buffering it all.
     async fn read_capped(&self, url: &str, resp: reqwest::Response) -> Result<Vec<u8>, CallError> {
-        let limit = self.max_response_bytes;
-        let too_large = || CallError::TooLarge {
-            url: url.to_string(),
-            limit,
-        };
-        if resp.content_length().is_some_and(|n| n > limit) {
-            return Err(too_large());
-        }
-        let mut body = Vec::new();
-        let mut stream = resp.bytes_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|error| CallError::Transport {
-                url: url.to_string(),
-                error,
-            })?;
-            if body.len() as u64 + chunk.len() as u64 > limit {
-                return Err(too_large());
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
+        use crate::heartbeat::Capped;
+        crate::heartbeat::read_capped(resp, self.max_response_bytes)
+            .await
+            .map_err(|e| match e {
+                Capped::TooLarge => CallError::TooLarge {
+                    url: url.to_string(),
+                    limit: self.max_response_bytes,
+                },
+                Capped::Transport(error) => CallError::Transport {
+                    url: url.to_string(),
+                    error,
+                },
+            })
     }
 }
 

@@ -563,32 +563,7 @@ impl Boot {
             async move {
                 let ctx = runner.ctx_for(&n);
                 let lock = runner.lock(&n);
-                let read = {
-                    let (ctx, n) = (ctx.clone(), n.clone());
-                    tokio::spawn(async move { agent::collect(&ctx, &n, &lock).await })
-                };
-                let real = match tokio::time::timeout(wait, read).await {
-                    Ok(Ok(r)) => r?,
-                    Ok(Err(_)) => return None,
-                    Err(_) => {
-                        let v = crate::fsx::read_version_file(&ctx.agent_dir(&n))
-                            .ok()
-                            .flatten()
-                            .filter(|v| proto::validate_version(v).is_ok())?;
-                        let (status, timestamp) = agent::last_known(
-                            &ctx,
-                            &n,
-                            &v,
-                            &format!("control status: no answer within {wait:?}"),
-                        );
-                        proto::legacy::RealAgent {
-                            name: n.clone(),
-                            version: v,
-                            status,
-                            timestamp,
-                        }
-                    }
-                };
+                let real = agent::collect_within(ctx, n.clone(), lock, wait).await?;
                 let status = exec::Runner::wire_state(&real.status);
                 let uptime = runner.uptime(&n, status == proto::bootagent::STATE_RUNNING);
                 Some(WireAgent {
