@@ -188,10 +188,14 @@ impl Fetcher {
         }
     }
 
-    /// GET a `.md5` file (capped at 4 KiB) and parse it with proto::legacy::parse_md5_file.
-    pub async fn fetch_md5(&self, url: &str) -> Result<String, ArtifactError> {
+    /// Runs one whole transfer of `url` under [`Limits::total_timeout`].
+    async fn within_total<T>(
+        &self,
+        url: &str,
+        transfer: impl std::future::Future<Output = Result<T, ArtifactError>>,
+    ) -> Result<T, ArtifactError> {
         let total = self.limits.total_timeout;
-        tokio::time::timeout(total, self.fetch_md5_inner(url))
+        tokio::time::timeout(total, transfer)
             .await
             .unwrap_or_else(|_| {
                 Err(ArtifactError::Timeout {
@@ -200,6 +204,11 @@ impl Fetcher {
                     after: total,
                 })
             })
+    }
+
+    /// GET a `.md5` file (capped at 4 KiB) and parse it with proto::legacy::parse_md5_file.
+    pub async fn fetch_md5(&self, url: &str) -> Result<String, ArtifactError> {
+        self.within_total(url, self.fetch_md5_inner(url)).await
     }
 
     async fn fetch_md5_inner(&self, url: &str) -> Result<String, ArtifactError> {
@@ -268,19 +277,11 @@ impl Fetcher {
         want: &Want,
         feed: Option<&mut Feed>,
     ) -> Result<Digests, ArtifactError> {
-        let total = self.limits.total_timeout;
-        tokio::time::timeout(
-            total,
+        self.within_total(
+            url,
             self.download_inner(url, dest_dir, file_name, want, feed),
         )
         .await
-        .unwrap_or_else(|_| {
-            Err(ArtifactError::Timeout {
-                url: url.to_string(),
-                what: "the transfer",
-                after: total,
-            })
-        })
     }
 
     async fn download_inner(
