@@ -42,6 +42,18 @@ pub const fn default_header_read_timeout_secs() -> u64 {
 pub const fn default_sha_recheck_secs() -> u64 {
     10
 }
+/// Default largest tarball ops-meta downloads from another server to hash it: 4 GiB.
+pub const fn default_remote_hash_max_bytes() -> u64 {
+    4 << 30
+}
+/// Default time one such download may take.
+pub const fn default_remote_hash_timeout_secs() -> u64 {
+    900
+}
+/// Default time between two checks of a tarball on another server.
+pub const fn default_remote_recheck_secs() -> u64 {
+    60
+}
 /// Default time in-flight requests get to finish after SIGTERM.
 pub const fn default_shutdown_grace_secs() -> u64 {
     30
@@ -81,6 +93,23 @@ pub struct Config {
     /// `tagRules` (ours): BootAgent tags by hostname prefix; every matching rule's tags
     /// are joined in order.
     pub tag_rules: Vec<TagRule>,
+    /// `tarballUrls` (ours): base URLs under which hosts reach this server's `tarballDir`
+    /// besides its own listen address (a DNS name, a load balancer, a TLS front). A
+    /// tarball URL under one of them is read from `tarballDir` by its path; any other URL
+    /// is another server's and its digest is fetched from there.
+    pub tarball_urls: Vec<String>,
+    /// `requireSha256` (ours): hand BootAgent hosts install and upgrade jobs only with a
+    /// SHA-256. When false (the default), a job carries the MD5 of the `.md5` file until a
+    /// SHA-256 is known, as the legacy heartbeat path does.
+    pub require_sha256: bool,
+    /// `remoteHashMaxBytes` (ours): largest tarball of another server that ops-meta
+    /// downloads to hash when that server has no `.sha256` beside it; 0 never downloads.
+    pub remote_hash_max_bytes: u64,
+    /// `remoteHashTimeoutSecs` (ours): longest time one such download may take.
+    pub remote_hash_timeout_secs: u64,
+    /// `remoteRecheckSecs` (ours): how often a tarball on another server is checked for
+    /// change (its `.sha256`, or its ETag / Last-Modified / length).
+    pub remote_recheck_secs: u64,
 }
 
 /// `tagRules[]` (ours).
@@ -428,6 +457,11 @@ impl Parser {
             "shaRecheckSecs",
             "shutdownGraceSecs",
             "tagRules",
+            "tarballUrls",
+            "requireSha256",
+            "remoteHashMaxBytes",
+            "remoteHashTimeoutSecs",
+            "remoteRecheckSecs",
         ];
         let empty = Map::new();
         let m = self.object(root, "", KNOWN).unwrap_or(&empty);
@@ -492,7 +526,64 @@ impl Parser {
                 3600,
             ),
             tag_rules: self.tag_rules(m),
+            tarball_urls: self.tarball_urls(m),
+            require_sha256: self.bool(m, "", "requireSha256", false),
+            remote_hash_max_bytes: self.number(
+                m,
+                "remoteHashMaxBytes",
+                default_remote_hash_max_bytes(),
+                0,
+                1 << 40,
+            ),
+            remote_hash_timeout_secs: self.number(
+                m,
+                "remoteHashTimeoutSecs",
+                default_remote_hash_timeout_secs(),
+                1,
+                DAY,
+            ),
+            remote_recheck_secs: self.number(
+                m,
+                "remoteRecheckSecs",
+                default_remote_recheck_secs(),
+                1,
+                DAY,
+            ),
         }
+    }
+
+    /// `tarballUrls`: a list of `http://` or `https://` base URLs without query or fragment.
+    fn tarball_urls(&mut self, m: &Map<String, Value>) -> Vec<String> {
+        let Some(v) = lookup(m, "tarballUrls") else {
+            return Vec::new();
+        };
+        let Some(items) = v.as_array() else {
+            self.error("tarballUrls", format!("want a list, got {}", kind(v)));
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let field = format!("tarballUrls[{i}]");
+            let Some(s) = item.as_str() else {
+                self.error(&field, format!("want a string, got {}", kind(item)));
+                continue;
+            };
+            match url::Url::parse(s) {
+                Ok(u)
+                    if matches!(u.scheme(), "http" | "https")
+                        && u.host().is_some()
+                        && u.query().is_none()
+                        && u.fragment().is_none() =>
+                {
+                    out.push(s.to_string())
+                }
+                _ => self.error(
+                    &field,
+                    format!("{s:?} is not an http:// or https:// base URL (no query, no fragment)"),
+                ),
+            }
+        }
+        out
     }
 
     /// `tagRules`: a list of `{"prefix", "tags"}`.
@@ -918,5 +1009,42 @@ mod tests {
         assert!(listen_addr("2000").is_err());
         assert!(listen_addr("example:2000").is_err());
         assert!(listen_addr(":99999").is_err());
+    }
+
+    #[test]
+    fn digest_keys_have_defaults_and_are_checked() {
+        let l = parse(r#"{"agents": []}"#).unwrap();
+        assert!(l.config.tarball_urls.is_empty());
+        assert!(!l.config.require_sha256);
+        assert_eq!(
+            l.config.remote_hash_max_bytes,
+            default_remote_hash_max_bytes()
+        );
+        assert_eq!(l.config.remote_recheck_secs, default_remote_recheck_secs());
+        let l = parse(
+            r#"{"tarballUrls": ["http://meta.example:2000/", "https://lb.example/files"],
+                "requireSha256": true, "remoteHashMaxBytes": 0, "remoteRecheckSecs": 5}"#,
+        )
+        .unwrap();
+        assert_eq!(l.config.tarball_urls.len(), 2);
+        assert!(l.config.require_sha256);
+        assert_eq!(l.config.remote_hash_max_bytes, 0);
+        assert_eq!(l.config.remote_recheck_secs, 5);
+        let (errors, _) = parse(
+            r#"{"tarballUrls": ["ftp://x/", "http://x/?a=1", 3, "not a url"], "requireSha256": "yes",
+                "remoteRecheckSecs": 0}"#,
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = errors.iter().map(|p| p.field.as_str()).collect();
+        for f in [
+            "tarballUrls[0]",
+            "tarballUrls[1]",
+            "tarballUrls[2]",
+            "tarballUrls[3]",
+            "requireSha256",
+            "remoteRecheckSecs",
+        ] {
+            assert!(fields.contains(&f), "no error for {f}: {errors:?}");
+        }
     }
 }

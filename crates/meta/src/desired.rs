@@ -5,7 +5,7 @@
 //! compile time, through `proto::legacy::DesiredAgent`; hosts that match an override (a
 //! canary, a small share of the fleet) get their entry merged and serialized per request.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -13,17 +13,16 @@ use bytes::Bytes;
 use proto::legacy::{DesiredAgent, HeartbeatResponse};
 
 use crate::config::{AgentDefault, AgentOverride, Config};
-
-/// Computed SHA-256 of local tarballs, by file name (`{name}-{version}.tar.gz`).
-pub type Shas = HashMap<String, String>;
+use crate::digests::{Artifact, Digests, Known};
 
 /// A config ready to answer heartbeats.
 #[derive(Debug)]
 pub struct Desired {
     pub config: Arc<Config>,
     agents: Vec<CompiledAgent>,
-    /// The SHA-256 values this snapshot was compiled with (config ones aside).
-    pub shas: Shas,
+    /// What ops-meta learned of each tarball's digests (by tarball URL) when this snapshot
+    /// was compiled; configured `sha256` values win over these.
+    pub digests: Arc<Digests>,
     /// The whole answer for hosts that match no override: shared by reference count, so
     /// most heartbeats neither allocate nor copy their answer.
     default_response: Bytes,
@@ -42,8 +41,8 @@ const HEAD: &[u8] = br#"{"errorMessage":"","desiredAgents":["#;
 const TAIL: &[u8] = b"]}";
 
 impl Desired {
-    /// Compiles `config`; `shas` are SHA-256 values ops-meta computed for local tarballs.
-    pub fn compile(config: Arc<Config>, shas: Shas) -> Desired {
+    /// Compiles `config` with the digests ops-meta learned so far.
+    pub fn compile(config: Arc<Config>, digests: Arc<Digests>) -> Desired {
         let mut agents = Vec::new();
         for a in &config.agents {
             // An entry without default is skipped, as in the original.
@@ -53,7 +52,7 @@ impl Desired {
                 others: a.others.clone(),
                 default_json: Box::new([]),
             };
-            let da = c.merge("", &shas, false);
+            let da = c.merge("", &digests, false);
             c.default_json = serde_json::to_vec(&da)
                 .expect("serializing strings cannot fail")
                 .into_boxed_slice();
@@ -62,7 +61,7 @@ impl Desired {
         let mut d = Desired {
             config,
             agents,
-            shas,
+            digests,
             default_response: Bytes::new(),
         };
         let mut out = Vec::new();
@@ -71,30 +70,46 @@ impl Desired {
         d
     }
 
-    /// Every tarball file name the config refers to, for hashing.
-    pub fn tarball_files(&self) -> Vec<String> {
-        let mut out = Vec::new();
+    /// Every tarball the desired state can hand out, for learning its digests. The
+    /// overrides that match one hostname are all prefixes of it, so they are exactly the
+    /// overrides that match its longest matching prefix: merging for each override's own
+    /// prefix (and for a host no override matches) yields every answer there can be.
+    pub fn artifacts(&self) -> Vec<Artifact> {
+        let mut out = BTreeSet::new();
+        // Merged without learned digests, a `sha256` present is a configured one.
+        let none = Digests::new();
         for a in &self.agents {
-            out.push(proto::legacy::tarball_file(
-                &a.default.name,
-                &a.default.version,
-            ));
-            for o in &a.others {
-                if !o.version.is_empty() {
-                    out.push(proto::legacy::tarball_file(&a.default.name, &o.version));
+            let hosts =
+                std::iter::once(None).chain(a.others.iter().map(|o| Some(o.prefix.as_str())));
+            for h in hosts {
+                let d = match h {
+                    None => a.merge("", &none, false),
+                    Some(p) => a.merge(p, &none, true),
+                };
+                if d.tarball.is_empty() {
+                    continue;
                 }
+                out.insert(Artifact {
+                    file: d.tarball_file(),
+                    tarball_url: d.tarball_url(),
+                    md5_url: d.md5_url(),
+                    sha256_configured: d.sha256.is_some(),
+                });
             }
         }
-        out.sort();
-        out.dedup();
-        out
+        out.into_iter().collect()
+    }
+
+    /// What is known of the tarball at `url`.
+    pub fn known(&self, url: &str) -> Option<&Known> {
+        self.digests.get(url)
     }
 
     /// The desired agents for `hostname`, as proto types.
     pub fn for_host(&self, hostname: &str) -> Vec<DesiredAgent> {
         self.agents
             .iter()
-            .map(|a| a.merge(hostname, &self.shas, true))
+            .map(|a| a.merge(hostname, &self.digests, true))
             .collect()
     }
 
@@ -125,7 +140,7 @@ impl Desired {
             }
             match hostname {
                 Some(h) if a.matches(h) => {
-                    let da = a.merge(h, &self.shas, true);
+                    let da = a.merge(h, &self.digests, true);
                     serde_json::to_writer(&mut *out, &da).expect("writing to a Vec cannot fail");
                 }
                 _ => out.extend_from_slice(&a.default_json),
@@ -175,7 +190,7 @@ impl CompiledAgent {
 
     /// Default, then every override whose prefix starts `hostname`, in order; each
     /// non-empty field wins. With `overrides` false, the default alone.
-    fn merge(&self, hostname: &str, shas: &Shas, overrides: bool) -> DesiredAgent {
+    fn merge(&self, hostname: &str, digests: &Digests, overrides: bool) -> DesiredAgent {
         let d = &self.default;
         let mut version = d.version.as_str();
         // A configured sha256 belongs to the version written in the same entry; track the
@@ -204,8 +219,9 @@ impl CompiledAgent {
             }
         }
         let sha256 = sha.map(str::to_string).or_else(|| {
-            shas.get(&proto::legacy::tarball_file(&d.name, version))
-                .cloned()
+            let url =
+                proto::legacy::join_url(tarball, &proto::legacy::tarball_file(&d.name, version));
+            digests.get(&url).and_then(|k| k.sha256.clone())
         });
         DesiredAgent {
             name: d.name.clone(),
@@ -221,6 +237,20 @@ impl CompiledAgent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn digests(list: &[(&str, &str)]) -> Arc<Digests> {
+        Arc::new(
+            list.iter()
+                .map(|(url, byte)| {
+                    let k = Known {
+                        sha256: Some(byte.repeat(32)),
+                        ..Known::default()
+                    };
+                    (url.to_string(), k)
+                })
+                .collect(),
+        )
+    }
 
     fn cfg(text: &str) -> Arc<Config> {
         Arc::new(crate::config::parse(text).unwrap().config)
@@ -241,7 +271,7 @@ mod tests {
 
     #[test]
     fn prefix_overrides_apply_in_order_and_later_wins() {
-        let d = Desired::compile(cfg(TWO), Shas::new());
+        let d = Desired::compile(cfg(TWO), Default::default());
         // (hostname, version, tarball, md5, cmd) of falcon.
         let table = [
             ("web-1", "1.0", "http://d/t", "http://d/m", "start"),
@@ -284,9 +314,7 @@ mod tests {
 
     #[test]
     fn fast_writer_matches_proto_serialization() {
-        let mut shas = Shas::new();
-        shas.insert("falcon-2.0.tar.gz".into(), "ab".repeat(32));
-        let d = Desired::compile(cfg(TWO), shas);
+        let d = Desired::compile(cfg(TWO), digests(&[("http://d/t/falcon-2.0.tar.gz", "ab")]));
         for host in ["web-1", "lg-1", "lg-falcon-99", "db-1", "\"quote"] {
             let mut out = Vec::new();
             d.write_response(host, &mut out);
@@ -297,7 +325,7 @@ mod tests {
                 String::from_utf8(want).unwrap()
             );
         }
-        let empty = Desired::compile(cfg(r#"{"agents": []}"#), Shas::new());
+        let empty = Desired::compile(cfg(r#"{"agents": []}"#), Default::default());
         assert_eq!(
             empty.response_bytes("h"),
             &br#"{"errorMessage":"","desiredAgents":[]}"#[..]
@@ -318,10 +346,10 @@ mod tests {
                          {{"prefix": "canary-b", "version": "3", "sha256": "{b}"}},
                          {{"prefix": "canary-bt", "tarball": "http://other"}}]}}]}}"#
         );
-        let mut shas = Shas::new();
-        shas.insert("f-2.tar.gz".into(), c.clone());
-        shas.insert("f-1.tar.gz".into(), "dd".repeat(32));
-        let d = Desired::compile(cfg(&text), shas);
+        let d = Desired::compile(
+            cfg(&text),
+            digests(&[("http://d/f-2.tar.gz", "cc"), ("http://d/f-1.tar.gz", "dd")]),
+        );
         let sha = |h: &str| d.for_host(h)[0].sha256.clone();
         // Configured values win over computed ones.
         assert_eq!(sha("web"), Some(a.clone()));
@@ -329,11 +357,24 @@ mod tests {
         assert_eq!(sha("canary-1"), Some(c));
         assert_eq!(sha("canary-b1"), Some(b.clone()));
         assert_eq!(sha("canary-bt"), Some(b));
-        let none = Desired::compile(cfg(&text), Shas::new());
+        let none = Desired::compile(cfg(&text), Default::default());
         assert_eq!(none.for_host("canary-1")[0].sha256, None);
+        // A digest learned for one URL is not used for the same file name at another.
+        let elsewhere = Desired::compile(cfg(&text), digests(&[("http://other/f-2.tar.gz", "ee")]));
+        assert_eq!(elsewhere.for_host("canary-1")[0].sha256, None);
+        let urls: Vec<String> = none
+            .artifacts()
+            .into_iter()
+            .map(|a| a.tarball_url)
+            .collect();
         assert_eq!(
-            none.tarball_files(),
-            vec!["f-1.tar.gz", "f-2.tar.gz", "f-3.tar.gz"]
+            urls,
+            vec![
+                "http://d/f-1.tar.gz",
+                "http://d/f-2.tar.gz",
+                "http://d/f-3.tar.gz",
+                "http://other/f-3.tar.gz"
+            ]
         );
     }
 }

@@ -8,11 +8,12 @@
 pub mod boot;
 pub mod config;
 pub mod desired;
+pub mod digests;
 pub mod http;
 pub mod server;
-pub mod sha;
 pub mod state;
 pub mod store;
+pub mod tarfs;
 
 pub use http::{app, AppError};
 pub use server::{run, RunError, Server};

@@ -219,8 +219,8 @@ async fn sweeper(state: AppState, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// Keeps the checksums of local tarballs current: at start, after every reload, and
-/// every `shaRecheckSecs`.
+/// Keeps the tarballs' digests current: at start, after every reload, when a background
+/// download finished, and every `shaRecheckSecs`.
 async fn checksums(state: AppState, mut shutdown: watch::Receiver<bool>) {
     loop {
         tokio::select! {
@@ -233,6 +233,7 @@ async fn checksums(state: AppState, mut shutdown: watch::Receiver<bool>) {
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = state.reloader.sha_wanted.notified() => {}
+            _ = state.reloader.digests.learned.notified() => {}
             _ = stopped(&mut shutdown) => return,
         }
     }

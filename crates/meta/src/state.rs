@@ -8,8 +8,8 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 
 use crate::config::{self, ConfigError, Problem};
-use crate::desired::{Desired, Shas};
-use crate::sha::ShaCache;
+use crate::desired::Desired;
+use crate::digests::{DigestCache, PassConfig};
 use crate::store::{FleetStore, MemStore};
 
 /// The snapshot heartbeats answer from. Readers clone the `Arc` under a read lock held for
@@ -50,15 +50,16 @@ pub struct Reloaded {
     pub warnings: Vec<Problem>,
 }
 
-/// Reloads the config file and recomputes tarball checksums; one reload or checksum
+/// Reloads the config file and keeps the tarballs' digests current; one reload or digest
 /// update at a time.
 #[derive(Debug)]
 pub struct Reloader {
     path: PathBuf,
     current: Arc<Current>,
-    sha: Arc<ShaCache>,
+    /// What is known of every tarball's digests (local and remote caches).
+    pub digests: Arc<DigestCache>,
     lock: tokio::sync::Mutex<()>,
-    /// Wakes the checksum task after a reload.
+    /// Wakes the digest task after a reload.
     pub sha_wanted: tokio::sync::Notify,
 }
 
@@ -102,9 +103,11 @@ impl Reloader {
             .iter()
             .filter(|a| a.default.is_some())
             .count();
-        // Keep the checksums known so far; the checksum task fills in new files.
-        self.current
-            .store(Desired::compile(Arc::new(loaded.config), old.shas.clone()));
+        // Keep the digests known so far; the digest task fills in new tarballs.
+        self.current.store(Desired::compile(
+            Arc::new(loaded.config),
+            old.digests.clone(),
+        ));
         self.sha_wanted.notify_one();
         tracing::info!(config = %self.path.display(), agents, "config reloaded");
         Ok(Reloaded {
@@ -113,26 +116,18 @@ impl Reloader {
         })
     }
 
-    /// Hashes the local tarballs the config names (on the blocking pool) and, when any
-    /// checksum changed, swaps in a snapshot that carries them.
+    /// Looks at every tarball the desired state can hand out (see [`DigestCache::pass`])
+    /// and, when anything learned changed, swaps in a snapshot that carries it.
     pub async fn refresh_shas(&self) {
         let d = self.current.load();
-        let shas = if d.config.sha_recheck_secs == 0 {
-            Shas::new()
-        } else {
-            let files = d.tarball_files();
-            let dir = d.config.tarball_dir.clone();
-            let cache = self.sha.clone();
-            tokio::task::spawn_blocking(move || cache.refresh_blocking(&dir, &files))
-                .await
-                .expect("hashing does not panic")
-        };
+        let cfg = PassConfig::new(&d.config);
+        let found = self.digests.pass(&cfg, &d.artifacts()).await;
         let _g = self.lock.lock().await;
         let now = self.current.load();
         // A reload in the meantime already asked for another round.
-        if Arc::ptr_eq(&now.config, &d.config) && now.shas != shas {
+        if Arc::ptr_eq(&now.config, &d.config) && *now.digests != found {
             self.current
-                .store(Desired::compile(now.config.clone(), shas));
+                .store(Desired::compile(now.config.clone(), Arc::new(found)));
         }
     }
 }
@@ -172,12 +167,12 @@ impl AppState {
     pub fn new(path: &Path, config: config::Config, store: Arc<dyn FleetStore>) -> AppState {
         let current = Arc::new(Current::new(Desired::compile(
             Arc::new(config),
-            Shas::new(),
+            Default::default(),
         )));
         let reloader = Arc::new(Reloader {
             path: path.to_path_buf(),
             current: current.clone(),
-            sha: Arc::new(ShaCache::default()),
+            digests: Arc::new(DigestCache::new()),
             lock: tokio::sync::Mutex::new(()),
             sha_wanted: tokio::sync::Notify::new(),
         });

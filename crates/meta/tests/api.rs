@@ -491,7 +491,9 @@ async fn reload_swaps_a_good_config_and_refuses_a_bad_one_with_every_error() {
 
 #[tokio::test]
 async fn sha256_is_computed_for_local_tarballs_and_configured_ones_win() {
-    let f = fixture("", AGENTS);
+    // The in-process server listens on an ephemeral port: name the URL the config uses.
+    const SELF: &str = r#""tarballUrls": ["http://127.0.0.1:2000/"],"#;
+    let f = fixture(SELF, AGENTS);
     let (_, sha_100) =
         test_support::tarball::publish(&f.tarballs(), "falcon-agent", "1.0.0", b"v100");
     let (_, sha_101) =
@@ -524,7 +526,7 @@ async fn sha256_is_computed_for_local_tarballs_and_configured_ones_win() {
     // A configured value wins.
     let configured = "ab".repeat(32);
     f.write_cfg(
-        "",
+        SELF,
         &AGENTS.replace(
             r#""cmd": "start"}"#,
             &format!(r#""cmd": "start", "sha256": "{configured}"}}"#),

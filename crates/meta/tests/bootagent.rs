@@ -27,7 +27,7 @@ struct Meta {
 fn cfg_text(dir: &Path, port: u16, extra: &str, agents: &str) -> String {
     format!(
         r#"{{"tarballDir": {tb:?}, "http": {{"enabled": true, "listen": "127.0.0.1:{port}"}},
-            "shaRecheckSecs": 1, {extra} "agents": {agents}}}"#,
+            "shaRecheckSecs": 1, "tarballUrls": ["http://127.0.0.1:9/pkgs/"], {extra} "agents": {agents}}}"#,
         tb = dir.join("tarball").display().to_string()
     )
 }
@@ -333,8 +333,24 @@ async fn no_checksum_means_no_install_job() {
     let sn = m.register("web-1", "").await.agentsn;
     let req = report("web-1", &sn, &[], vec![]);
     for _ in 0..3 {
-        assert!(m.status(&req).await.jobs.is_empty());
+        let r = m.status(&req).await;
+        assert!(r.jobs.is_empty());
+        // The host is told why, and so are operators.
+        assert_eq!(r.waiting.len(), 1, "{:?}", r.waiting);
+        assert!(
+            r.waiting[0]
+                .reason
+                .contains("no checksum for basic-1.0.tar.gz yet"),
+            "{:?}",
+            r.waiting
+        );
     }
+    let hosts: HostsResponse = m.get_json("/api/hosts").await;
+    let why = &hosts.hosts[0].waiting[0].reason;
+    assert!(
+        why.contains("basic-1.0.tar.gz is not in tarballDir"),
+        "{why}"
+    );
     // Once the tarball is there, the job comes with its checksum.
     let sha = m.publish("basic", "1.0");
     let jobs = m.status_until_jobs(&req).await;

@@ -133,6 +133,35 @@ pub struct StatusResponse {
     pub message: String,
     #[serde(default, deserialize_with = "null_default")]
     pub jobs: Vec<Job>,
+    /// Extension: the agents the server wants changed on this host but cannot hand a job
+    /// for yet, with why (e.g. no checksum known yet). Hosts log it; others ignore it.
+    #[serde(
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub waiting: Vec<Waiting>,
+}
+
+/// Longest `waiting` reason, in bytes.
+pub const MAX_WAITING_REASON_LEN: usize = 512;
+/// Most `waiting` entries in one status answer.
+pub const MAX_WAITING: usize = 64;
+
+/// An agent the server cannot hand a job for yet.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Waiting {
+    #[serde(default, deserialize_with = "null_default")]
+    pub name: String,
+    #[serde(
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub version: String,
+    /// In words, e.g. `waiting: no checksum for falcon-agent-3.1.3.tar.gz yet`.
+    #[serde(default, deserialize_with = "null_default")]
+    pub reason: String,
 }
 
 /// What a job asks the host to do.
@@ -174,9 +203,13 @@ pub struct Job {
     /// Full artifact URL.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub url: String,
-    /// `SHA256:<hex>`.
+    /// `SHA256:<hex>`, or `MD5:<hex>` when the server knows no SHA-256 of the artifact.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub checksum: String,
+    /// Extension: the MD5 of the artifact's `.md5` file (32 hex digits) beside a SHA-256
+    /// `checksum`, so a host checks the same `.md5` the legacy heartbeat path checks.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub md5: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub envs: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -200,6 +233,35 @@ pub fn parse_checksum(s: &str) -> Option<String> {
     } else {
         None
     }
+}
+
+/// A job's `checksum`, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checksum {
+    /// Lowercase hex of 64 digits.
+    Sha256(String),
+    /// Lowercase hex of 32 digits.
+    Md5(String),
+}
+
+/// Parses `SHA256:<64 hex>` or `MD5:<32 hex>` (prefix case-insensitive).
+pub fn parse_any_checksum(s: &str) -> Option<Checksum> {
+    if let Some(h) = parse_checksum(s) {
+        return Some(Checksum::Sha256(h));
+    }
+    let (algo, hex) = s.split_once(':')?;
+    (algo.eq_ignore_ascii_case("md5") && is_hex(hex, 32))
+        .then(|| Checksum::Md5(hex.to_ascii_lowercase()))
+}
+
+/// True when `s` is `len` hexadecimal digits.
+pub fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Formats a lowercase hex MD5 as `MD5:<hex>`.
+pub fn format_md5_checksum(hex: &str) -> String {
+    format!("MD5:{hex}")
 }
 
 /// Formats a lowercase hex SHA-256 as `SHA256:<hex>`.
@@ -261,6 +323,21 @@ mod tests {
         assert_eq!(parse_checksum("SHA256:4a34"), None);
         assert_eq!(parse_checksum(&h), None);
         assert_eq!(format_checksum(&h), format!("SHA256:{h}"));
+        let m = "0f".repeat(16);
+        assert_eq!(
+            parse_any_checksum(&format!("md5:{}", m.to_uppercase())),
+            Some(Checksum::Md5(m.clone()))
+        );
+        assert_eq!(
+            parse_any_checksum(&format_md5_checksum(&m)),
+            Some(Checksum::Md5(m.clone()))
+        );
+        assert_eq!(
+            parse_any_checksum(&format!("SHA256:{h}")),
+            Some(Checksum::Sha256(h.clone()))
+        );
+        assert_eq!(parse_any_checksum(&format!("MD5:{}", &m[..31])), None);
+        assert_eq!(parse_any_checksum(&format!("SHA1:{m}")), None);
     }
 
     #[test]

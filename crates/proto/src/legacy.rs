@@ -206,6 +206,17 @@ pub fn parse_md5_file(text: &str) -> Option<String> {
     }
 }
 
+/// Reads the checksum out of a `.sha256` file as written by `sha256sum FILE`
+/// (`<64 hex>  <file>`), or a bare hex digest. Returns it lowercase.
+pub fn parse_sha256_file(text: &str) -> Option<String> {
+    let first = text.split_whitespace().next()?;
+    if first.len() == 64 && first.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Some(first.to_ascii_lowercase())
+    } else {
+        None
+    }
+}
+
 /// Writes a `.md5` file body the way `md5sum` does.
 pub fn format_md5_file(hex: &str, file: &str) -> String {
     format!("{hex}  {file}\n")
@@ -412,6 +423,14 @@ mod tests {
         assert_eq!(parse_md5_file(""), None);
         assert_eq!(parse_md5_file("<html>not found</html>"), None);
         assert_eq!(parse_md5_file("9e107d9d372bb6826bd81d3542a419d"), None);
+        let sha = "ab".repeat(32);
+        assert_eq!(
+            parse_sha256_file(&format!("{}  a-1.tar.gz\n", sha.to_uppercase())),
+            Some(sha.clone())
+        );
+        assert_eq!(parse_sha256_file(&sha), Some(sha.clone()));
+        assert_eq!(parse_sha256_file(&sha[..63]), None);
+        assert_eq!(parse_sha256_file("<html>404</html>"), None);
     }
 
     #[test]

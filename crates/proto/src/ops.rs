@@ -155,6 +155,11 @@ pub struct HostView {
     /// Agents derivation keeps off until the desired state changes or `POST /api/retry`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub blocked: Vec<BlockedAgent>,
+    /// Agents whose desired state asks for a job that the server cannot hand out now, with
+    /// why, as of the host's last report (`waiting: no checksum for ... yet`, a full queue,
+    /// an earlier failure or an operator hold).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting: Vec<crate::bootagent::Waiting>,
 }
 
 /// An agent no job is derived for, and why.

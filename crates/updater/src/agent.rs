@@ -35,6 +35,9 @@ pub struct Desired {
     pub cmd: Cmd,
     pub tarball_url: String,
     pub md5_url: String,
+    /// Lowercase hex MD5 the artifact must have, when already known (a BootAgent job
+    /// carries it); otherwise it is read from `md5_url`.
+    pub md5: Option<String>,
     /// Lowercase hex, when the server sent one.
     pub sha256: Option<String>,
 }
@@ -105,6 +108,7 @@ impl Desired {
             cmd,
             tarball_url: d.tarball_url(),
             md5_url: d.md5_url(),
+            md5: None,
             sha256,
         })
     }
@@ -741,7 +745,7 @@ impl Worker {
             v.last_action = Some(format!("install {to}"));
         });
         let want = Want {
-            md5: None,
+            md5: d.md5.clone(),
             sha256: d.sha256.clone(),
         };
         let vdir = artifact::install(
@@ -994,6 +998,7 @@ mod tests {
             cmd,
             tarball_url: format!("http://m/a-{version}.tar.gz"),
             md5_url: format!("http://m/a-{version}.tar.gz.md5"),
+            md5: None,
             sha256: None,
         }
     }

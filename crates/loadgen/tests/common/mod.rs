@@ -214,6 +214,7 @@ async fn handle(
                     version: want.clone(),
                     url: format!("http://127.0.0.1:1/{}-{want}.tar.gz", a.name),
                     checksum: String::new(),
+                    md5: String::new(),
                     envs: Default::default(),
                     limits: Default::default(),
                     svrlist: String::new(),
@@ -224,6 +225,7 @@ async fn handle(
                 status: 0,
                 message: String::new(),
                 jobs,
+                waiting: Vec::new(),
             };
             reply(StatusCode::OK, serde_json::to_vec(&answer).unwrap())
         }

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use proto::bootagent::{Action, AgentStatus, Job, JobResult, STATE_FATAL, STATE_KILLED};
+use proto::bootagent::{Action, AgentStatus, Job, JobResult, Waiting, STATE_FATAL, STATE_KILLED};
 use proto::bootagent::{STATE_RUNNING, STATE_STOPED};
 use proto::legacy::Cmd;
 
@@ -35,8 +35,13 @@ pub struct Want {
     pub cmd: Option<Cmd>,
     /// Full artifact URL.
     pub url: String,
-    /// `SHA256:<hex>`, when known.
+    /// `SHA256:<hex>`, or `MD5:<hex>` while no SHA-256 is known (unless `requireSha256`);
+    /// `None` when neither can be had.
     pub checksum: Option<String>,
+    /// MD5 of the `.md5` file, sent beside a SHA-256 checksum.
+    pub md5: Option<String>,
+    /// Why `checksum` is `None`, in words.
+    pub no_checksum: String,
     pub envs: BTreeMap<String, String>,
     pub limits: BTreeMap<String, String>,
 }
@@ -51,6 +56,7 @@ impl Want {
             self.cmd.map(|c| c == Cmd::Start),
             &self.url,
             &self.checksum,
+            &self.md5,
             &self.envs,
             &self.limits,
         )
@@ -94,8 +100,12 @@ pub struct Outcome {
 /// Why derivation left an agent alone this time (for the log).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Skip {
-    /// Install or upgrade wanted but the artifact's SHA-256 is not known yet.
-    NoChecksum { name: String, version: String },
+    /// Install or upgrade wanted but no checksum of the artifact is known yet.
+    NoChecksum {
+        name: String,
+        version: String,
+        why: String,
+    },
     /// The host's queue is full.
     QueueFull { name: String },
 }
@@ -108,10 +118,12 @@ enum MemoKind {
     Held,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Memo {
     fingerprint: u64,
     kind: MemoKind,
+    /// What happened, for operators (`install 1.2.0 failed (errcode 2): ...`).
+    why: String,
 }
 
 /// Where one job id stands on this host.
@@ -128,6 +140,8 @@ pub struct HostJobs {
     pending: Vec<Pending>,
     results: VecDeque<Outcome>,
     memos: HashMap<String, Memo>,
+    /// Agents the last derivation wanted a job for and could not hand one out, with why.
+    waiting: Vec<Waiting>,
 }
 
 /// Cuts `s` to `max` bytes at a character boundary, replacing control characters.
@@ -159,7 +173,18 @@ impl HostJobs {
             let p = self.pending.remove(i);
             if r.errcode != 0 {
                 if let Origin::Derived { fingerprint } = p.origin {
-                    self.remember(&p.job.name, fingerprint, MemoKind::Failed);
+                    let version = if p.job.version.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" {}", p.job.version)
+                    };
+                    let why = format!(
+                        "{}{version} failed (errcode {}): {}",
+                        p.job.action.as_str(),
+                        r.errcode,
+                        clean_text(&r.message, 256)
+                    );
+                    self.remember(&p.job.name, fingerprint, MemoKind::Failed, why);
                 }
             }
             self.push_outcome(Outcome {
@@ -183,15 +208,21 @@ impl HostJobs {
         self.results.push_back(o);
     }
 
-    fn remember(&mut self, name: &str, fingerprint: u64, kind: MemoKind) {
+    fn remember(&mut self, name: &str, fingerprint: u64, kind: MemoKind, why: String) {
         if self.memos.len() >= MAX_MEMOS && !self.memos.contains_key(name) {
             // Keep the bound; losing a memo only means one more attempt.
             if let Some(k) = self.memos.keys().next().cloned() {
                 self.memos.remove(&k);
             }
         }
-        self.memos
-            .insert(name.to_string(), Memo { fingerprint, kind });
+        self.memos.insert(
+            name.to_string(),
+            Memo {
+                fingerprint,
+                kind,
+                why,
+            },
+        );
     }
 
     /// Derives jobs from what the desired state wants and what the host reported, and
@@ -199,31 +230,51 @@ impl HostJobs {
     /// (recorded as superseded), since the host would otherwise act on a stale order.
     pub fn derive(&mut self, wants: &[Want], reported: &[AgentStatus], now: i64) -> Vec<Skip> {
         let mut skips = Vec::new();
+        self.waiting.clear();
         self.drop_superseded(wants, now);
         for w in wants {
             if self.pending.iter().any(|p| p.job.name == w.name) {
                 continue;
             }
             let fp = w.fingerprint();
-            if let Some(m) = self.memos.get(&w.name) {
-                if m.fingerprint == fp {
-                    continue;
-                }
+            if self.memos.get(&w.name).is_some_and(|m| m.fingerprint != fp) {
                 // The desired state changed since the failure or hold: derive again.
                 self.memos.remove(&w.name);
             }
             let Some(action) = wanted_action(w, reported.iter().find(|a| a.name == w.name)) else {
                 continue;
             };
+            if let Some(m) = self.memos.get(&w.name) {
+                let why = match m.kind {
+                    MemoKind::Failed => format!(
+                        "not retried: {}; POST /api/retry or change the desired state to try again",
+                        m.why
+                    ),
+                    MemoKind::Held => format!(
+                        "held: {}; POST /api/retry or change the desired state to release it",
+                        m.why
+                    ),
+                };
+                self.wait(w, why);
+                continue;
+            }
             let artifact = matches!(action, Action::Install | Action::Upgrade);
             if artifact && w.checksum.is_none() {
+                self.wait(w, w.no_checksum.clone());
                 skips.push(Skip::NoChecksum {
                     name: w.name.clone(),
                     version: w.version.clone(),
+                    why: w.no_checksum.clone(),
                 });
                 continue;
             }
             if self.pending.len() >= MAX_PENDING_JOBS {
+                self.wait(
+                    w,
+                    format!(
+                        "waiting: the host's job queue is full ({MAX_PENDING_JOBS} jobs pending)"
+                    ),
+                );
                 skips.push(Skip::QueueFull {
                     name: w.name.clone(),
                 });
@@ -236,6 +287,7 @@ impl HostJobs {
                 version: String::new(),
                 url: String::new(),
                 checksum: String::new(),
+                md5: String::new(),
                 envs: BTreeMap::new(),
                 limits: BTreeMap::new(),
                 svrlist: String::new(),
@@ -245,6 +297,7 @@ impl HostJobs {
                 job.version = w.version.clone();
                 job.url = w.url.clone();
                 job.checksum = w.checksum.clone().unwrap_or_default();
+                job.md5 = w.md5.clone().unwrap_or_default();
             }
             if action != Action::Stop {
                 // Env vars and limits are set at install and refreshed by later jobs.
@@ -259,6 +312,21 @@ impl HostJobs {
             });
         }
         skips
+    }
+
+    fn wait(&mut self, w: &Want, reason: String) {
+        if self.waiting.len() < proto::bootagent::MAX_WAITING {
+            self.waiting.push(Waiting {
+                name: w.name.clone(),
+                version: w.version.clone(),
+                reason: clean_text(&reason, proto::bootagent::MAX_WAITING_REASON_LEN),
+            });
+        }
+    }
+
+    /// What the last derivation could not hand out, and why.
+    pub fn waiting(&self) -> &[Waiting] {
+        &self.waiting
     }
 
     fn drop_superseded(&mut self, wants: &[Want], now: i64) {
@@ -307,7 +375,11 @@ impl HostJobs {
             return Err("the host's job queue is full");
         }
         if let Some(fp) = hold {
-            self.remember(&job.name, fp, MemoKind::Held);
+            let why = format!(
+                "an operator job ({} in batch {batch}) stopped or removed it",
+                job.action.as_str()
+            );
+            self.remember(&job.name, fp, MemoKind::Held, why);
         }
         self.pending.push(Pending {
             job,
@@ -409,6 +481,8 @@ mod tests {
             cmd,
             url: format!("http://d/basic-{version}.tar.gz"),
             checksum: sha.then(|| format!("SHA256:{}", "a".repeat(64))),
+            md5: sha.then(|| "b".repeat(32)),
+            no_checksum: format!("waiting: no checksum for basic-{version}.tar.gz yet"),
             envs: [("PATH".to_string(), "/usr/bin".to_string())].into(),
             limits: [("CPU".to_string(), "10%".to_string())].into(),
         }
@@ -521,6 +595,11 @@ mod tests {
             h.derive(&w1, &[], t);
             assert!(h.to_send().is_empty(), "round {t}");
         }
+        let why = &h.waiting()[0].reason;
+        assert!(
+            why.starts_with("not retried: install 1 failed (errcode 3): boom;"),
+            "{why}"
+        );
         let w2 = [want("2", Some(Cmd::Start), true)];
         h.derive(&w2, &[], 6);
         let again = h.to_send();
@@ -544,10 +623,17 @@ mod tests {
             skips,
             vec![Skip::NoChecksum {
                 name: "basic".into(),
-                version: "1".into()
+                version: "1".into(),
+                why: "waiting: no checksum for basic-1.tar.gz yet".into(),
             }]
         );
         assert!(h.to_send().is_empty());
+        // Operators see why nothing happens.
+        assert_eq!(h.waiting().len(), 1);
+        assert_eq!(
+            h.waiting()[0].reason,
+            "waiting: no checksum for basic-1.tar.gz yet"
+        );
         // A restart needs no artifact.
         h.derive(
             &[want("1", Some(Cmd::Start), false)],
@@ -585,6 +671,7 @@ mod tests {
             version: String::new(),
             url: String::new(),
             checksum: String::new(),
+            md5: String::new(),
             envs: BTreeMap::new(),
             limits: BTreeMap::new(),
             svrlist: String::new(),
@@ -604,6 +691,9 @@ mod tests {
         h.apply_results(&[result(&stop.id, 0), result(&uninstall.id, 0)], 2);
         h.derive(&w, &[rep("1", STATE_STOPED)], 3);
         assert!(h.to_send().is_empty(), "held after an operator stop");
+        assert!(h.waiting()[0]
+            .reason
+            .starts_with("held: an operator job (uninstall in batch b)"));
         assert_eq!(h.blocked(), vec![("basic".to_string(), "held")]);
         for i in 0..MAX_PENDING_JOBS {
             let mut j = stop.clone();

@@ -9,7 +9,7 @@
 pub mod jobs;
 pub mod registry;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -39,8 +39,12 @@ pub const MAX_STEP_SECS: u64 = 86_400;
 pub const MAX_BATCHES: usize = 1024;
 /// Most job results one status report may carry.
 pub const MAX_RESULTS_PER_REPORT: usize = 256;
-/// (agent, version) pairs remembered for "no checksum" warnings; later ones log at debug.
+/// (agent, version, reason) keys whose warnings are rate-limited; past this many, new
+/// keys log at debug only.
 const MAX_WARNED: usize = 4096;
+/// The same warning about one agent version is logged at most once in this long; the
+/// next line says how many reports it stood for meanwhile.
+const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Checks a tag list: comma-separated `key=value`, both sides of `[A-Za-z0-9._-]`.
 pub fn check_tags(s: &str) -> Result<(), String> {
@@ -145,20 +149,45 @@ pub fn has_tags(tags: &str, wanted: &str) -> bool {
 }
 
 /// What the desired state wants on `hostname`, per agent, computed by the same code that
-/// answers legacy heartbeats (defaults, prefix overrides, `sha256`).
+/// answers legacy heartbeats (defaults, prefix overrides, `sha256`), with the digests
+/// ops-meta learned: the SHA-256 when known (and the `.md5` beside it), else the MD5 of
+/// the `.md5` file unless the config sets `requireSha256`.
 pub fn wants_for(desired: &Desired, hostname: &str) -> Vec<Want> {
+    let require = desired.config.require_sha256;
     desired
         .for_host(hostname)
         .into_iter()
         .zip(desired.extras_for(hostname))
-        .map(|(d, (envs, limits))| Want {
-            url: d.tarball_url(),
-            checksum: d.sha256.as_deref().map(bootagent::format_checksum),
-            cmd: Cmd::parse(&d.cmd),
-            name: d.name,
-            version: d.version,
-            envs,
-            limits,
+        .map(|(d, (envs, limits))| {
+            let url = d.tarball_url();
+            let known = desired.known(&url).cloned().unwrap_or_default();
+            let file = d.tarball_file();
+            let checksum = match (&d.sha256, &known.md5) {
+                (Some(sha), _) => Some(bootagent::format_checksum(sha)),
+                (None, Some(md5)) if !require => Some(bootagent::format_md5_checksum(md5)),
+                _ => None,
+            };
+            let detail = known.problem.map(|p| format!(": {p}")).unwrap_or_default();
+            let no_checksum = match (&known.md5, require) {
+                (Some(_), true) => format!(
+                    "waiting: no SHA-256 for {file} yet, and requireSha256 refuses the MD5{detail}"
+                ),
+                (None, _) if !require => format!(
+                    "waiting: no checksum for {file} yet (neither a SHA-256 nor its .md5){detail}"
+                ),
+                _ => format!("waiting: no checksum for {file} yet{detail}"),
+            };
+            Want {
+                url,
+                md5: d.sha256.as_ref().and(known.md5),
+                checksum,
+                no_checksum,
+                cmd: Cmd::parse(&d.cmd),
+                name: d.name,
+                version: d.version,
+                envs,
+                limits,
+            }
         })
         .collect()
 }
@@ -199,7 +228,14 @@ struct Batches {
 pub struct Boot {
     pub registry: Registry,
     batches: Mutex<Batches>,
-    warned: Mutex<HashSet<String>>,
+    warned: Mutex<HashMap<String, Warned>>,
+}
+
+/// When a rate-limited warning was last logged, and how many were held back since.
+#[derive(Debug, Clone, Copy)]
+struct Warned {
+    at: std::time::Instant,
+    held: u64,
 }
 
 impl Boot {
@@ -228,9 +264,9 @@ impl Boot {
         desired: &Desired,
         req: &StatusRequest,
         now: i64,
-    ) -> Result<Vec<Job>, Refusal> {
+    ) -> Result<(Vec<Job>, Vec<bootagent::Waiting>), Refusal> {
         let wants = wants_for(desired, &req.hostname);
-        let (jobs, skips, applied) =
+        let (jobs, waiting, skips, applied) =
             self.registry
                 .with_host(&req.hostname, &req.agentsn, |rec| {
                     rec.last_seen = now;
@@ -250,7 +286,12 @@ impl Boot {
                     });
                     let applied = rec.jobs.apply_results(&req.jobs, now);
                     let skips = rec.jobs.derive(&wants, &req.agents, now);
-                    (rec.jobs.to_send(), skips, applied)
+                    (
+                        rec.jobs.to_send(),
+                        rec.jobs.waiting().to_vec(),
+                        skips,
+                        applied,
+                    )
                 })?;
         if applied > 0 {
             tracing::debug!(host = %req.hostname, applied, "job results applied");
@@ -258,27 +299,49 @@ impl Boot {
         for s in skips {
             self.log_skip(&req.hostname, s);
         }
-        Ok(jobs)
+        Ok((jobs, waiting))
+    }
+
+    /// True when the warning `key` is due: the first time, then once per [`WARN_EVERY`];
+    /// returns how many were held back since the last one.
+    fn warn_due(&self, key: String) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let mut w = self.warned.lock();
+        if let Some(e) = w.get_mut(&key) {
+            if now.duration_since(e.at) < WARN_EVERY {
+                e.held += 1;
+                return None;
+            }
+            let held = e.held;
+            *e = Warned { at: now, held: 0 };
+            return Some(held);
+        }
+        if w.len() >= MAX_WARNED {
+            return None;
+        }
+        w.insert(key, Warned { at: now, held: 0 });
+        Some(0)
     }
 
     fn log_skip(&self, host: &str, s: Skip) {
         match s {
-            Skip::NoChecksum { name, version } => {
-                let first = {
-                    let mut w = self.warned.lock();
-                    let key = proto::legacy::tarball_file(&name, &version);
-                    w.len() < MAX_WARNED && w.insert(key)
-                };
-                if first {
-                    tracing::warn!(agent = %name, version = %version, host = %host,
-                        "no install/upgrade job: the SHA-256 of the tarball is not known (set sha256 in the config or put the tarball in tarballDir)");
-                } else {
-                    tracing::debug!(agent = %name, version = %version, host = %host, "no job: SHA-256 unknown");
+            Skip::NoChecksum { name, version, why } => {
+                let key = format!("{name}\0{version}\0{why}");
+                match self.warn_due(key) {
+                    Some(held) => {
+                        tracing::warn!(agent = %name, version = %version, host = %host, held,
+                        "no install/upgrade job yet: {why} (the same for {held} more reports since the last such line)")
+                    }
+                    None => {
+                        tracing::debug!(agent = %name, version = %version, host = %host, "no job: {why}")
+                    }
                 }
             }
-            Skip::QueueFull { name } => {
-                tracing::warn!(agent = %name, host = %host, "no job derived: the host's job queue is full");
-            }
+            Skip::QueueFull { name } => match self.warn_due(format!("{name}\0queue")) {
+                Some(held) => tracing::warn!(agent = %name, host = %host, held,
+                    "no job derived: the host's job queue is full (and {held} more like it since the last such line)"),
+                None => tracing::debug!(agent = %name, host = %host, "no job: queue full"),
+            },
         }
     }
 
@@ -346,6 +409,7 @@ impl Boot {
                 version: String::new(),
                 url: String::new(),
                 checksum: String::new(),
+                md5: String::new(),
                 envs: Default::default(),
                 limits: Default::default(),
                 svrlist: job.svrlist.clone(),
@@ -503,6 +567,7 @@ impl Boot {
                         reason: why.into(),
                     })
                     .collect(),
+                waiting: rec.jobs.waiting().to_vec(),
             }
         })
     }

@@ -157,7 +157,7 @@ async fn status(
     }
     bootagent::validate_agentsn(&req.agentsn)?;
     let now = unix_now();
-    let jobs = match st.boot.status(&desired, &req, now) {
+    let (jobs, waiting) = match st.boot.status(&desired, &req, now) {
         Ok(jobs) => jobs,
         Err(r) => {
             tracing::info!(host = %req.hostname, agentsn = %req.agentsn, refusal = ?r, "bootagent status refused: register again");
@@ -184,6 +184,7 @@ async fn status(
         status: STATUS_OK,
         message: String::new(),
         jobs,
+        waiting,
     };
     if cfg.debug {
         tracing::info!(
@@ -211,6 +212,7 @@ fn refused(r: Refusal) -> StatusResponse {
         status,
         message: message.into(),
         jobs: Vec::new(),
+        waiting: Vec::new(),
     }
 }
 

@@ -7,7 +7,7 @@
 //! inside the canonical `tarballDir`. Files are streamed, with ranges, validators and
 //! conditional requests; folders are never listed.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
@@ -18,6 +18,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::{AppError, AppState};
+use crate::tarfs::TarfsError;
 
 /// Size of one chunk read from disk and sent.
 const CHUNK: usize = 128 * 1024;
@@ -31,27 +32,30 @@ pub(super) async fn serve(State(st): State<AppState>, req: Request) -> Result<Re
     if dir.as_os_str().is_empty() {
         return Err(AppError::NotFound);
     }
-    let rel = safe_relative(req.uri().path())?;
-    let root = tokio::fs::canonicalize(&dir)
+    // Resolution and opening are one blocking step with the file server's rules
+    // (`tarfs`): a FIFO or device in tarballDir is refused, never waited on.
+    let path = req.uri().path().to_string();
+    let opened = tokio::task::spawn_blocking(move || crate::tarfs::open(&dir, &path))
         .await
-        .map_err(|_| AppError::NotFound)?;
-    let full = tokio::fs::canonicalize(root.join(&rel))
-        .await
-        .map_err(|_| AppError::NotFound)?;
-    match full.strip_prefix(&root) {
-        Ok(inside) if !has_hidden(inside) => {}
-        _ => {
+        .map_err(|e| AppError::Internal(e.to_string()))?;
+    let (file, full, md) = match opened {
+        Ok(o) => o,
+        Err(TarfsError::BadPath(why)) => return Err(AppError::BadPath(why)),
+        Err(TarfsError::Outside) => {
             tracing::warn!(path = %req.uri().path(), "refused: resolves outside tarballDir or to a hidden file");
             return Err(AppError::NotFound);
         }
-    }
-    let mut file = tokio::fs::File::open(&full)
-        .await
-        .map_err(|_| AppError::NotFound)?;
-    let md = file.metadata().await.map_err(|_| AppError::NotFound)?;
-    if !md.is_file() {
-        return Err(AppError::NotFound);
-    }
+        Err(TarfsError::NotRegular) => {
+            tracing::warn!(path = %req.uri().path(), "refused: not a regular file");
+            return Err(AppError::NotFound);
+        }
+        Err(TarfsError::NotFound) => return Err(AppError::NotFound),
+        Err(TarfsError::Io(e)) => {
+            tracing::warn!(path = %req.uri().path(), error = %e, "cannot open file");
+            return Err(AppError::NotFound);
+        }
+    };
+    let mut file = tokio::fs::File::from_std(file);
     let len = md.len();
     let mtime = md.modified().unwrap_or(UNIX_EPOCH);
     let etag = etag(len, mtime);
@@ -122,64 +126,6 @@ fn stream_file(
         buf.truncate(got);
         Ok(Some((buf.freeze(), (f, left - got as u64))))
     })
-}
-
-/// The request path as a safe relative path below `tarballDir`.
-pub(crate) fn safe_relative(raw: &str) -> Result<PathBuf, AppError> {
-    let lower = raw.to_ascii_lowercase();
-    if lower.contains("%2f") || lower.contains("%5c") || lower.contains("%00") {
-        return Err(AppError::BadPath("encoded '/', '\\' or NUL"));
-    }
-    let Some(rest) = raw.strip_prefix('/') else {
-        return Err(AppError::BadPath("not absolute"));
-    };
-    let decoded = percent_decode(rest).ok_or(AppError::BadPath("bad percent-encoding"))?;
-    if decoded.contains('\\') || decoded.contains('\0') {
-        return Err(AppError::BadPath("'\\' or NUL"));
-    }
-    if decoded.is_empty() {
-        // The root: no listings.
-        return Err(AppError::NotFound);
-    }
-    let mut out = PathBuf::new();
-    for seg in decoded.split('/') {
-        match seg {
-            "" => return Err(AppError::BadPath("empty segment")),
-            "." | ".." => return Err(AppError::BadPath("dot segment")),
-            s if s.starts_with('.') => return Err(AppError::NotFound),
-            s => out.push(s),
-        }
-    }
-    // Belt and braces: what we built must be plain names only.
-    if !out.components().all(|c| matches!(c, Component::Normal(_))) {
-        return Err(AppError::BadPath("not a plain relative path"));
-    }
-    Ok(out)
-}
-
-fn has_hidden(p: &Path) -> bool {
-    p.components().any(|c| match c {
-        Component::Normal(s) => s.to_string_lossy().starts_with('.'),
-        _ => true,
-    })
-}
-
-/// Decodes `%XX`; `None` for a malformed escape or a result that is not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 fn content_type(p: &Path) -> &'static str {
@@ -322,41 +268,5 @@ mod tests {
         for (h, len, want) in cases {
             assert_eq!(parse_range(h, len), want, "{h} of {len}");
         }
-    }
-
-    #[test]
-    fn hostile_paths_are_refused() {
-        let bad = [
-            "/../etc/passwd",
-            "/a/../../x",
-            "/%2e%2e/etc/passwd",
-            "/%2E%2E/%2e%2e/x",
-            "/a%2f..%2f..%2fx",
-            "/..%5cx",
-            "/a\\..\\x",
-            "/x%00.tar.gz",
-            "//etc/passwd",
-            "/./x",
-            "/%zz",
-            "/%c3",
-            "relative",
-        ];
-        for p in bad {
-            assert!(safe_relative(p).is_err(), "{p} accepted");
-        }
-        for hidden in ["/.env", "/a/.git/config", "/%2egit"] {
-            assert!(
-                matches!(safe_relative(hidden), Err(AppError::NotFound)),
-                "{hidden}"
-            );
-        }
-        assert_eq!(
-            safe_relative("/falcon/a-1.0.tar.gz").unwrap(),
-            PathBuf::from("falcon/a-1.0.tar.gz")
-        );
-        assert_eq!(
-            safe_relative("/a%20b.tar.gz").unwrap(),
-            PathBuf::from("a b.tar.gz")
-        );
     }
 }

@@ -6,7 +6,10 @@
 
 use std::time::Duration;
 
-use proto::bootagent::{Job, RegisterRequest, RegisterResponse, StatusRequest, StatusResponse};
+use proto::bootagent::{
+    Job, RegisterRequest, RegisterResponse, StatusRequest, StatusResponse, Waiting, MAX_WAITING,
+    MAX_WAITING_REASON_LEN,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -63,7 +66,21 @@ pub fn decode_status(body: &[u8]) -> Result<StatusAnswer, serde_json::Error> {
         ));
     };
     let list = obj.remove("jobs");
+    // `waiting` is our extension and only informs the log: a malformed one is dropped, never
+    // a reason to refuse the answer.
+    let waiting = obj.remove("waiting");
     let mut response: StatusResponse = serde_json::from_value(serde_json::Value::Object(obj))?;
+    response.waiting = waiting
+        .and_then(|w| serde_json::from_value::<Vec<Waiting>>(w).ok())
+        .unwrap_or_default()
+        .into_iter()
+        .take(MAX_WAITING)
+        .map(|w| Waiting {
+            name: clean(&w.name, 128),
+            version: clean(&w.version, 128),
+            reason: clean(&w.reason, MAX_WAITING_REASON_LEN),
+        })
+        .collect();
     let mut bad_jobs = Vec::new();
     match list {
         None | Some(serde_json::Value::Null) => {}
@@ -91,6 +108,19 @@ pub fn decode_status(body: &[u8]) -> Result<StatusAnswer, serde_json::Error> {
         }),
     }
     Ok(StatusAnswer { response, bad_jobs })
+}
+
+/// `s` cut to `max` bytes (at a character boundary), control characters replaced, so that
+/// what a server says cannot forge log lines.
+fn clean(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end]
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// Talks BootAgent to any server of the list.
@@ -220,5 +250,31 @@ mod tests {
         assert_eq!(a.response.status, 1);
         let a = decode_status(br#"{"jobs":{"id":"1"}}"#).unwrap();
         assert_eq!(a.bad_jobs.len(), 1);
+    }
+
+    #[test]
+    fn waiting_is_read_cleaned_and_never_fatal() {
+        let a = decode_status(
+            br#"{"status":0,"jobs":[],"waiting":[{"name":"falcon","version":"3.1.3",
+                "reason":"waiting: no checksum\nFORGED LINE"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(a.response.waiting.len(), 1);
+        assert_eq!(
+            a.response.waiting[0].reason,
+            "waiting: no checksum FORGED LINE"
+        );
+        for junk in [r#""yes""#, "7", r#"[{"name": 1}]"#, "null"] {
+            let body = format!(r#"{{"status":0,"waiting":{junk}}}"#);
+            let a = decode_status(body.as_bytes()).unwrap();
+            assert!(a.response.waiting.is_empty(), "{junk}");
+        }
+        let many: Vec<String> = (0..1000)
+            .map(|i| format!(r#"{{"name":"a{i}","reason":"{}"}}"#, "x".repeat(2000)))
+            .collect();
+        let body = format!(r#"{{"status":0,"waiting":[{}]}}"#, many.join(","));
+        let a = decode_status(body.as_bytes()).unwrap();
+        assert_eq!(a.response.waiting.len(), MAX_WAITING);
+        assert!(a.response.waiting[0].reason.len() <= MAX_WAITING_REASON_LEN);
     }
 }

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex};
 
-use proto::bootagent::{Action, Job, STATE_RUNNING, STATE_STOPED};
+use proto::bootagent::{Action, Checksum, Job, STATE_RUNNING, STATE_STOPED};
 use proto::legacy::Cmd;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
@@ -117,7 +117,19 @@ fn check_map(field: &str, m: &BTreeMap<String, String>, env_names: bool) -> Resu
 
 /// Checks a job before anything is done for it. `only` is the config's `desiredAgent`.
 /// Returns the SHA-256 (lowercase hex) for install and upgrade.
-pub fn check(job: &Job, only: &str) -> Result<Option<String>, String> {
+/// The digests an install or upgrade job carries, checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobDigests {
+    /// Lowercase hex SHA-256, from `checksum: SHA256:...`.
+    pub sha256: Option<String>,
+    /// Lowercase hex MD5, from `checksum: MD5:...` or the `md5` extension.
+    pub md5: Option<String>,
+}
+
+/// Checks a job. For install and upgrade, returns its digests: at least one of a SHA-256
+/// or an MD5 (`checksum: MD5:...` is what ops-meta sends while it knows no SHA-256 of the
+/// artifact, the same check the legacy path makes with the `.md5` file).
+pub fn check(job: &Job, only: &str) -> Result<Option<JobDigests>, String> {
     if job.id.is_empty() || job.id.len() > MAX_ID_LEN || job.id.chars().any(char::is_control) {
         return Err(format!(
             "job id {:?} is empty, too long or holds control characters",
@@ -175,14 +187,43 @@ pub fn check(job: &Job, only: &str) -> Result<Option<String>, String> {
                 cut64(&job.url)
             ));
         }
-        let sha = proto::bootagent::parse_checksum(&job.checksum).ok_or_else(|| {
-            format!(
-                "agent {:?}: checksum {:?} is not SHA256:<64 hex digits>; refusing to install without one",
-                job.name,
-                cut64(&job.checksum)
-            )
-        })?;
-        return Ok(Some(sha));
+        let mut digests = match proto::bootagent::parse_any_checksum(&job.checksum) {
+            Some(Checksum::Sha256(h)) => JobDigests {
+                sha256: Some(h),
+                md5: None,
+            },
+            Some(Checksum::Md5(h)) => JobDigests {
+                sha256: None,
+                md5: Some(h),
+            },
+            None => {
+                return Err(format!(
+                    "agent {:?}: checksum {:?} is neither SHA256:<64 hex digits> nor MD5:<32 hex digits>; refusing to install without one",
+                    job.name,
+                    cut64(&job.checksum)
+                ))
+            }
+        };
+        if !job.md5.is_empty() {
+            if !proto::bootagent::is_hex(&job.md5, 32) {
+                return Err(format!(
+                    "agent {:?}: md5 {:?} is not 32 hex digits",
+                    job.name,
+                    cut64(&job.md5)
+                ));
+            }
+            let md5 = job.md5.to_ascii_lowercase();
+            if digests.md5.as_ref().is_some_and(|m| *m != md5) {
+                return Err(format!(
+                    "agent {:?}: checksum {:?} and md5 {:?} disagree",
+                    job.name,
+                    cut64(&job.checksum),
+                    cut64(&job.md5)
+                ));
+            }
+            digests.md5 = Some(md5);
+        }
+        return Ok(Some(digests));
     }
     Ok(None)
 }
@@ -287,8 +328,8 @@ impl Runner {
             .filter(|v| proto::validate_version(v).is_ok() && dir.join(v).is_dir())
     }
 
-    /// Runs one checked job (not `config`); `sha256` from [`check`].
-    pub async fn run(&self, job: &Job, sha256: Option<String>) -> Outcome {
+    /// Runs one checked job (not `config`); `digests` from [`check`].
+    pub async fn run(&self, job: &Job, digests: Option<JobDigests>) -> Outcome {
         let name = job.name.as_str();
         // Env vars and limits are set by install and may be updated by any later job.
         if !job.envs.is_empty() || !job.limits.is_empty() {
@@ -302,7 +343,9 @@ impl Runner {
             }
         }
         let out = match job.action {
-            Action::Install | Action::Upgrade => self.install(job, sha256).await,
+            Action::Install | Action::Upgrade => {
+                self.install(job, digests.unwrap_or_default()).await
+            }
             Action::Stop => self.stop(name).await,
             Action::Restart => self.restart(name).await,
             Action::Uninstall => self.uninstall(name).await,
@@ -327,7 +370,7 @@ impl Runner {
         Ok(())
     }
 
-    async fn install(&self, job: &Job, sha256: Option<String>) -> Outcome {
+    async fn install(&self, job: &Job, digests: JobDigests) -> Outcome {
         let name = job.name.as_str();
         let version = job.version.as_str();
         let once = Oneshot::new(self.ctx_for(name), name, self.lock(name));
@@ -361,9 +404,11 @@ impl Runner {
             version: version.to_string(),
             cmd: Cmd::Start,
             tarball_url: job.url.clone(),
-            // BootAgent artifacts have no `.md5` file: the SHA-256 is the check.
+            // The job carries the digests (the MD5 of the `.md5` file among them, when the
+            // server read one): nothing more is fetched to check the artifact.
             md5_url: String::new(),
-            sha256,
+            md5: digests.md5,
+            sha256: digests.sha256,
         };
         match once.switch(&d, current.as_deref()).await {
             Ok(()) => {
@@ -506,6 +551,7 @@ mod tests {
             version: "1.0".into(),
             url: "http://127.0.0.1:1/basic-1.0.tar.gz".into(),
             checksum: format!("SHA256:{}", "A".repeat(64)),
+            md5: String::new(),
             envs: BTreeMap::new(),
             limits: BTreeMap::new(),
             svrlist: String::new(),
@@ -515,7 +561,27 @@ mod tests {
 
     #[test]
     fn jobs_are_checked_before_anything_runs() {
-        assert_eq!(check(&job(Action::Install), ""), Ok(Some("a".repeat(64))));
+        let sha_only = JobDigests {
+            sha256: Some("a".repeat(64)),
+            md5: None,
+        };
+        assert_eq!(check(&job(Action::Install), ""), Ok(Some(sha_only)));
+        // While ops-meta knows no SHA-256 it sends the MD5 of the `.md5` file, and the MD5
+        // beside a SHA-256 when it knows both: every digest sent is checked.
+        let mut j = job(Action::Install);
+        j.checksum = format!("md5:{}", "B".repeat(32));
+        let md5_only = JobDigests {
+            sha256: None,
+            md5: Some("b".repeat(32)),
+        };
+        assert_eq!(check(&j, ""), Ok(Some(md5_only)));
+        let mut j = job(Action::Install);
+        j.md5 = "c".repeat(32);
+        let both = JobDigests {
+            sha256: Some("a".repeat(64)),
+            md5: Some("c".repeat(32)),
+        };
+        assert_eq!(check(&j, ""), Ok(Some(both)));
         assert_eq!(check(&job(Action::Stop), ""), Ok(None));
         let bad = |f: &dyn Fn(&mut Job)| {
             let mut j = job(Action::Upgrade);
@@ -527,6 +593,13 @@ mod tests {
         assert!(bad(&|j| j.name = "../etc".into()).contains("name"));
         assert!(bad(&|j| j.checksum.clear()).contains("refusing to install"));
         assert!(bad(&|j| j.checksum = "MD5:abc".into()).contains("checksum"));
+        assert!(bad(&|j| j.checksum = format!("SHA1:{}", "a".repeat(40))).contains("checksum"));
+        assert!(bad(&|j| j.md5 = "xyz".into()).contains("md5"));
+        assert!(bad(&|j| {
+            j.checksum = format!("MD5:{}", "a".repeat(32));
+            j.md5 = "b".repeat(32);
+        })
+        .contains("disagree"));
         assert!(bad(&|j| j.url = "ftp://x/a.rpm".into()).contains("url"));
         assert!(bad(&|j| j.id.clear()).contains("job id"));
         assert!(bad(&|j| {

@@ -232,6 +232,8 @@ struct Boot {
     /// The server asked for a new registration.
     needs_register: bool,
     started: Instant,
+    /// What the server last said it cannot hand a job for yet; logged when it changes.
+    waiting: Vec<proto::bootagent::Waiting>,
 }
 
 impl Boot {
@@ -311,6 +313,7 @@ impl Boot {
             registered: false,
             needs_register: false,
             started,
+            waiting: Vec::new(),
         })
     }
 
@@ -581,6 +584,25 @@ impl Boot {
             .collect()
     }
 
+    /// Logs what the server says it cannot hand this host a job for yet, once per change
+    /// (a server says it every report), and when it stops waiting.
+    fn note_waiting(&mut self, now: &[proto::bootagent::Waiting]) {
+        if self.waiting == now {
+            return;
+        }
+        for w in now.iter().filter(|w| !self.waiting.contains(w)) {
+            tracing::info!(agent = %w.name, version = %w.version, "the server has no job for this agent yet: {}", w.reason);
+        }
+        for w in self
+            .waiting
+            .iter()
+            .filter(|w| !now.iter().any(|n| n.name == w.name))
+        {
+            tracing::info!(agent = %w.name, "the server no longer waits on this agent");
+        }
+        self.waiting = now.to_vec();
+    }
+
     fn runner_status_timeout(&self) -> Duration {
         Duration::from_secs(self.cfg.config.status_timeout_secs)
     }
@@ -588,6 +610,7 @@ impl Boot {
     /// Takes the jobs of a status answer: results of finished ones are re-queued, running
     /// ones are left alone, new or interrupted ones are checked and started.
     fn take_jobs(&mut self, answer: StatusAnswer) {
+        self.note_waiting(&answer.response.waiting);
         let mut changed = false;
         for bad in answer.bad_jobs {
             tracing::warn!(id = ?bad.id, error = %bad.error, "unusable job");
