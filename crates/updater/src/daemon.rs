@@ -194,32 +194,13 @@ impl Daemon {
         futures_util::future::join_all(workers.into_values().map(|w| w.shutdown(grace))).await;
     }
 
-    /// The agent names under the workdir (folders with a `.version`), filtered.
+    /// The agents under the workdir ([`crate::workdir::agent_names`]), filtered.
     fn scan_agents(&mut self) -> Vec<String> {
-        let mut names = Vec::new();
-        let rd = match std::fs::read_dir(&self.cfg.workdir) {
-            Ok(rd) => rd,
-            Err(e) => {
-                tracing::warn!(workdir = %self.cfg.workdir.display(), error = %e, "cannot list workdir");
-                return names;
-            }
-        };
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if proto::validate_agent_name(&name).is_err() {
-                continue;
-            }
-            let filter = &self.cfg.config.desired_agent;
-            if !filter.is_empty() && &name != filter {
-                continue;
-            }
-            // A folder without `.version` is not an agent (the original's rule).
-            if !e.path().join(crate::fsx::VERSION_FILE).is_file() {
-                continue;
-            }
-            names.push(name);
-        }
-        names.sort();
+        let mut names = crate::workdir::agent_names(
+            &self.cfg.workdir,
+            &self.ctx.own,
+            &self.cfg.config.desired_agent,
+        );
         if names.len() > MAX_AGENTS {
             tracing::warn!(
                 found = names.len(),

@@ -5,6 +5,7 @@ pub mod artifact;
 pub mod control;
 pub mod fsx;
 pub mod process;
+pub mod workdir;
 
 // The daemon: config, main loop, per-agent workers, heartbeat client, local endpoint.
 pub mod agent;

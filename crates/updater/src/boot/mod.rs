@@ -552,11 +552,16 @@ impl Boot {
         Ok(())
     }
 
-    /// Agents under the workdir (folders with a `.version`), each with its status read
+    /// Agents under the workdir ([`crate::workdir::agent_names`]), each with its status read
     /// under its action lock; an agent busy with a job, or whose script is slow, is
     /// reported with the last status known.
     async fn collect(&mut self) -> Vec<WireAgent> {
-        let names = agent_names(&self.cfg.workdir, &self.cfg.config.desired_agent);
+        let mut names = crate::workdir::agent_names(
+            &self.cfg.workdir,
+            &self.runner.own(),
+            &self.cfg.config.desired_agent,
+        );
+        names.truncate(MAX_AGENTS);
         let wait = STATUS_WAIT.min(self.runner_status_timeout());
         let futs = names.into_iter().map(|n| {
             let runner = self.runner.clone();
@@ -684,26 +689,6 @@ fn first_start(cfg: &Resolved, path: &Path, servers: Vec<String>) -> Result<Meta
     metafile::save(path, &m)?;
     tracing::info!(agentsn = %m.agentsn, metafile = %path.display(), "first start: new serial");
     Ok(m)
-}
-
-/// Agent folders under the workdir (with a `.version`), sorted, at most [`MAX_AGENTS`].
-fn agent_names(workdir: &Path, only: &str) -> Vec<String> {
-    let mut names = Vec::new();
-    let Ok(rd) = std::fs::read_dir(workdir) else {
-        return names;
-    };
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if proto::validate_agent_name(&name).is_err() || (!only.is_empty() && name != only) {
-            continue;
-        }
-        if e.path().join(crate::fsx::VERSION_FILE).is_file() {
-            names.push(name);
-        }
-    }
-    names.sort();
-    names.truncate(MAX_AGENTS);
-    names
 }
 
 #[cfg(test)]
