@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod heartbeat;
 pub mod http;
+pub mod logcap;
 pub mod state;
 
 // BootAgent mode (register, status reports, jobs) and the protocol choice.

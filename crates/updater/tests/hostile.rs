@@ -159,3 +159,39 @@ fn error_message_means_nothing_is_done() {
     assert_eq!(test_support::tree(&u.work()), [updater::workdir::LOCK_FILE]);
     assert!(server.seen().iter().all(|s| s.path == "/heartbeat"));
 }
+
+/// Every skipped entry of an answer was logged again every round: 40,000 bad entries at
+/// interval 1 wrote megabytes of log per round, enough to fill a host's disk.
+#[test]
+fn a_flood_of_bad_entries_is_logged_a_few_lines_a_round() {
+    let entries: Vec<serde_json::Value> = (0..40_000)
+        .map(|i| {
+            let (name, cmd) = if i % 2 == 0 {
+                (format!("../bad-{i}"), "start")
+            } else {
+                (format!("agent-{i}"), "reboot")
+            };
+            json!({"name": name, "version": "1", "tarball": "http://127.0.0.1:9", "md5": "", "cmd": cmd})
+        })
+        .collect();
+    let body = json!({"errorMessage": "", "desiredAgents": entries})
+        .to_string()
+        .into_bytes();
+    let server = Scripted::start(move |req| {
+        if req.path != "/heartbeat" {
+            return Reply::Full(404, "text/plain", b"not found".to_vec());
+        }
+        Reply::Full(200, "application/json", body.clone())
+    });
+    let u = Updater::start(&server.addr.to_string(), "host-01", |_| {});
+    u.wait_heartbeats(5);
+    let log = u.log_text();
+    assert!(
+        log.contains("more like it"),
+        "{}",
+        &log[..log.len().min(4000)]
+    );
+    // Five rounds of 40,000 bad entries each (RUST_LOG=debug, debug: true).
+    assert!(log.len() < 200_000, "{} bytes of log", log.len());
+    assert!(log.contains("unknown cmd"), "no unknown cmd line");
+}

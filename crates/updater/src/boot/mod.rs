@@ -232,6 +232,8 @@ struct Boot {
     /// The server asked for a new registration.
     needs_register: bool,
     started: Instant,
+    /// Rate limit of the lines about what the server sent.
+    log: crate::logcap::Limiter,
 }
 
 impl Boot {
@@ -311,6 +313,7 @@ impl Boot {
             registered: false,
             needs_register: false,
             started,
+            log: crate::logcap::Limiter::new(),
         })
     }
 
@@ -595,7 +598,12 @@ impl Boot {
     fn take_jobs(&mut self, answer: StatusAnswer) {
         let mut changed = false;
         for bad in answer.bad_jobs {
-            tracing::warn!(id = ?bad.id, error = %bad.error, "unusable job");
+            let id = bad.id.as_deref().unwrap_or_default();
+            self.log.warn(
+                "unusable job",
+                id,
+                &format!("unusable job {id:?}: {}", bad.error),
+            );
             if let Some(id) = bad.id.filter(|i| !i.is_empty()) {
                 if self.book.seen(&id) != Seen::Finished && !self.running.contains_key(&id) {
                     self.book.finish(&id, ERR_INVALID, &bad.error, now_unix());
@@ -620,7 +628,11 @@ impl Boot {
             let sha = match exec::check(&job, &self.cfg.config.desired_agent) {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!(job = %job.id, action = job.action.as_str(), error = %e, "refusing a job");
+                    self.log.warn(
+                        "refused job",
+                        &job.name,
+                        &format!("refusing job {:?} ({}): {e}", job.id, job.action.as_str()),
+                    );
                     self.book.finish(&job.id, ERR_INVALID, &e, now_unix());
                     changed = true;
                     continue;
@@ -654,6 +666,7 @@ impl Boot {
         if changed {
             self.save_book();
         }
+        self.log.finish_round();
     }
 
     fn apply_config(&mut self, job: &Job) -> exec::Outcome {
