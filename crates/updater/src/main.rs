@@ -181,9 +181,7 @@ fn run(cfg: updater::config::Resolved, opts: updater::boot::Options) -> anyhow::
                 .await
                 .with_context(|| format!("http.listen {addr}"))?;
             tracing::info!(listen = %listener.local_addr()?, "local endpoint up");
-            let state = updater::http::AppState {
-                shared: shared.clone(),
-            };
+            let state = updater::http::AppState::new(shared.clone(), &cfg.hostname);
             let mut rx = stop_rx.clone();
             Some(tokio::spawn(updater::http::serve(
                 listener,
