@@ -624,7 +624,7 @@ impl Worker {
         };
         let view = BackoffView {
             version: d.version.clone(),
-            tarball_url: d.tarball_url.clone(),
+            tarball_url: crate::redact(&d.tarball_url).into_owned(),
             failures,
             next_retry_at: until_unix,
             reason: reason.to_string(),
@@ -758,7 +758,7 @@ impl Worker {
         let dir = self.dir();
         std::fs::create_dir_all(&dir)
             .map_err(|e| SwitchFailure::Install(format!("{}: {e}", dir.display())))?;
-        tracing::info!(agent = %self.name, version = %to, url = %d.tarball_url, "installing");
+        tracing::info!(agent = %self.name, version = %to, url = %crate::redact(&d.tarball_url), "installing");
         self.ctx.shared.agent(&self.name, |v| {
             v.last_action = Some(format!("install {to}"));
         });

@@ -314,7 +314,7 @@ impl Daemon {
         if self.cfg.config.debug {
             // Cut: the answer is the server's, of any size up to maxResponseBytes.
             let text = serde_json::to_string(&resp).unwrap_or_default();
-            tracing::debug!(response = %crate::logcap::cut_line(&text), "heartbeat response");
+            tracing::debug!(response = %crate::logcap::cut_line(&crate::redact(&text)), "heartbeat response");
         }
         let plan = dispatch(&resp, &self.cfg.config.desired_agent);
         self.shared.daemon(|d| {
