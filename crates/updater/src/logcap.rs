@@ -57,7 +57,7 @@ impl Limiter {
     pub fn admit(&mut self, now: Instant, reason: &'static str, agent: &str) -> bool {
         let r = self.reasons.entry(reason).or_default();
         if r.window_start
-            .map_or(true, |t| now.duration_since(t) >= WINDOW)
+            .is_none_or(|t| now.duration_since(t) >= WINDOW)
         {
             r.window_start = Some(now);
             r.logged_in_window = 0;
@@ -88,8 +88,7 @@ impl Limiter {
         for (reason, r) in &mut self.reasons {
             if r.held_this_round > 0 {
                 let loud = r.logged_this_round > 0
-                    || r.summary_at
-                        .map_or(true, |t| now.duration_since(t) >= WINDOW);
+                    || r.summary_at.is_none_or(|t| now.duration_since(t) >= WINDOW);
                 if loud {
                     r.summary_at = Some(now);
                 }
@@ -161,7 +160,7 @@ pub fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
