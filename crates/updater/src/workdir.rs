@@ -4,7 +4,8 @@
 //!
 //! An agent is a real folder (not a symlink) directly under the workdir, with a valid agent
 //! name, holding `.version` and/or at least one version folder (a real folder with a valid
-//! version name and a `control` file in it), and holding none of the updater's own files.
+//! version name and a `control` file in it), or a first install in progress (the
+//! updater's own `.download/` folder), and holding none of the updater's own files.
 //! Every action that removes or renames something under the workdir (uninstall, pruning old
 //! versions, cleaning leftovers at start-up) checks this first; anything else is left alone,
 //! whatever a server asks.
@@ -69,7 +70,7 @@ pub enum NotAgent {
     NotAFolder { name: String },
     #[error("{name:?} is not an agent: it holds the updater's own {}", own.display())]
     Own { name: String, own: PathBuf },
-    #[error("{name:?} is not an agent: no .version and no version folder with a control script")]
+    #[error("{name:?} is not an agent: no .version, no version folder with a control script, no install in progress")]
     NoAgentFiles { name: String },
 }
 
@@ -98,7 +99,9 @@ pub fn check_agent(workdir: &Path, own: &Own, name: &str) -> Result<PathBuf, Not
     }
     let has_version_file =
         std::fs::symlink_metadata(dir.join(VERSION_FILE)).is_ok_and(|m| m.is_file());
-    if has_version_file || has_version_folder(&dir) {
+    let installing = std::fs::symlink_metadata(dir.join(crate::artifact::DOWNLOAD_DIR))
+        .is_ok_and(|m| m.is_dir());
+    if has_version_file || installing || has_version_folder(&dir) {
         Ok(dir)
     } else {
         Err(NotAgent::NoAgentFiles {
@@ -230,6 +233,8 @@ mod tests {
         std::fs::write(w.join("state/.version"), "1\n").unwrap();
         std::fs::write(w.join("state/meta.json"), "{}").unwrap();
         std::os::unix::fs::symlink(w.join("b"), w.join("link")).unwrap();
+        // A first install cut short: only the updater's download folder.
+        std::fs::create_dir_all(w.join("c/.download")).unwrap();
         let own = Own::new([w.join("cfg.json"), w.join("state/meta.json")]);
         let check = |name: &str| {
             check_agent(w, &own, name)
@@ -238,6 +243,7 @@ mod tests {
         };
         assert_eq!(check("a"), Ok(()));
         assert_eq!(check("b"), Ok(()));
+        assert_eq!(check("c"), Ok(()));
         assert!(check("cfg.json").unwrap_err().contains("not a folder"));
         assert!(check("data").unwrap_err().contains("no .version"));
         assert!(check("state").unwrap_err().contains("own"));
