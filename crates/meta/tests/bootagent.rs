@@ -499,6 +499,14 @@ async fn operator_jobs_reach_the_selected_hosts_and_their_results_come_back() {
     for h in ["web-01", "web-02", "db-01", "db-02"] {
         sn.insert(h, m.register(h, "").await.agentsn);
     }
+    // web-02 runs basic: only a reported agent can be uninstalled.
+    m.status(&report(
+        "web-02",
+        &sn["web-02"],
+        &[("basic", "1.0", "running")],
+        vec![],
+    ))
+    .await;
 
     // restart for a prefix.
     let (code, text) = m
@@ -611,6 +619,47 @@ async fn operator_jobs_reach_the_selected_hosts_and_their_results_come_back() {
     assert_eq!(code, 404);
     let (code, _) = m.get("/api/hosts/ghost-1").await;
     assert_eq!(code, 404);
+}
+
+/// An `uninstall` of a name the host never reported was queued and sent: a typo in an
+/// operator's job (`cfg.json`) reached the host, which removed whatever had that name.
+#[tokio::test]
+async fn uninstall_of_an_agent_the_host_has_not_reported_is_skipped_with_the_reason() {
+    let m = Meta::start(RULES, "[]");
+    let sn = m.register("web-01", "").await.agentsn;
+    m.status(&report(
+        "web-01",
+        &sn,
+        &[("basic", "1.0", "running")],
+        vec![],
+    ))
+    .await;
+    let (code, text) = m
+        .jobs(json!({"action": "uninstall", "name": "cfg.json", "hosts": ["web-01"]}))
+        .await;
+    assert_eq!(code, 200, "{text}");
+    let r: JobsResponse = serde_json::from_str(&text).unwrap();
+    assert!(r.jobs.is_empty(), "{text}");
+    assert_eq!(r.skipped.len(), 1, "{text}");
+    assert_eq!(r.skipped[0].host, "web-01");
+    assert!(r.skipped[0].reason.contains("not reported"), "{text}");
+    let (code, text) = m
+        .jobs(json!({"action": "uninstall", "name": "basic", "hosts": ["web-01"]}))
+        .await;
+    assert_eq!(code, 200, "{text}");
+    let r: JobsResponse = serde_json::from_str(&text).unwrap();
+    assert_eq!(r.jobs.len(), 1, "{text}");
+    // Only the reported agent's uninstall reaches the host.
+    let got = m
+        .status(&report(
+            "web-01",
+            &sn,
+            &[("basic", "1.0", "running")],
+            vec![],
+        ))
+        .await;
+    let names: Vec<&str> = got.jobs.iter().map(|j| j.name.as_str()).collect();
+    assert_eq!(names, ["basic"], "{:?}", got.jobs);
 }
 
 #[tokio::test]

@@ -15,6 +15,8 @@ pub enum Behaviour {
     DiesAtOnce,
     /// `control status` hangs forever.
     StatusHangs,
+    /// Starts and stays up, but `control stop` exits 1 and leaves it running.
+    StopFails,
 }
 
 /// The `control` script for `behaviour`. The agent process is `sleep` under a shell loop
@@ -22,7 +24,7 @@ pub enum Behaviour {
 /// `control.log` beside the script.
 pub fn control_script(name: &str, version: &str, behaviour: Behaviour) -> String {
     let start = match behaviour {
-        Behaviour::Good | Behaviour::StatusHangs => {
+        Behaviour::Good | Behaviour::StatusHangs | Behaviour::StopFails => {
             "nohup sh -c 'while :; do sleep 1; done' >/dev/null 2>&1 &\n    echo $! > app.pid\n    echo started"
         }
         Behaviour::StartFails => "echo \"cannot start: port in use\" >&2\n    exit 1",
@@ -33,6 +35,10 @@ pub fn control_script(name: &str, version: &str, behaviour: Behaviour) -> String
         // A zombie counts as dead: in containers whose PID 1 does not reap orphans, a
         // process that exited at once lingers as a zombie that `kill -0` still finds.
         _ => "if [ -f app.pid ] && kill -0 \"$(cat app.pid)\" 2>/dev/null && [ \"$(cut -d' ' -f3 /proc/$(cat app.pid)/stat 2>/dev/null)\" != Z ]; then echo started; else echo stoped; fi",
+    };
+    let stop = match behaviour {
+        Behaviour::StopFails => "echo \"cannot stop: busy\" >&2\n    exit 1",
+        _ => "if [ -f app.pid ]; then kill \"$(cat app.pid)\" 2>/dev/null; rm -f app.pid; fi\n    echo stoped",
     };
     format!(
         r#"#!/bin/sh
@@ -45,8 +51,7 @@ case "$1" in
     {start}
     ;;
   stop)
-    if [ -f app.pid ]; then kill "$(cat app.pid)" 2>/dev/null; rm -f app.pid; fi
-    echo stoped
+    {stop}
     ;;
   status)
     {status}

@@ -22,6 +22,7 @@ use crate::artifact::{self, Fetcher, Want};
 use crate::control::{self, AgentStatus, ControlConfig};
 use crate::daemon::CONTROL_GRACE;
 use crate::fsx;
+use crate::process;
 use crate::state::{now_unix, BackoffView, Outcome, Shared};
 
 /// How often `control status` is polled while waiting for a new version to start.
@@ -245,6 +246,8 @@ pub struct Ctx {
     pub shared: Shared,
     /// Extra environment for control scripts (none by default).
     pub envs: BTreeMap<String, String>,
+    /// The updater's own files: no action removes or renames them or a folder holding one.
+    pub own: Arc<crate::workdir::Own>,
 }
 
 impl Ctx {
@@ -285,7 +288,14 @@ impl Ctx {
             },
             shared,
             envs: BTreeMap::new(),
+            own: Arc::new(crate::workdir::Own::new(cfg.own_files.iter().cloned())),
         })
+    }
+
+    /// `name`'s folder when it is an agent ([`crate::workdir::check_agent`]): the check
+    /// before anything under it is removed or renamed.
+    pub fn check_agent(&self, name: &str) -> Result<PathBuf, crate::workdir::NotAgent> {
+        crate::workdir::check_agent(&self.workdir, &self.own, name)
     }
 
     pub fn agent_dir(&self, name: &str) -> PathBuf {
@@ -314,6 +324,7 @@ impl Handle {
             rx,
             lock: lock.clone(),
             backoff: None,
+            wait_logged: None,
         };
         let task = tokio::spawn(worker.run());
         Handle {
@@ -473,6 +484,8 @@ struct Worker {
     rx: watch::Receiver<Option<Desired>>,
     lock: Arc<Mutex<()>>,
     backoff: Option<Backoff>,
+    /// The back-off deadline last said in the log, so a wait is logged once, not per round.
+    wait_logged: Option<i64>,
 }
 
 /// Why a switch failed, for the record.
@@ -481,6 +494,9 @@ enum SwitchFailure {
     Install(String),
     /// The new version did not start; the previous one was put back.
     Start(String),
+    /// The previous version could not be stopped (its `control stop` failed and something
+    /// of it still ran after SIGKILL): it stays current, the new one was not started.
+    Stop(String),
 }
 
 impl Worker {
@@ -489,8 +505,8 @@ impl Worker {
     }
 
     async fn run(mut self) {
-        let dir = self.dir();
-        if dir.is_dir() {
+        // Only an agent's folder is cleaned: a desired name may be any folder of the workdir.
+        if let Ok(dir) = self.ctx.check_agent(&self.name) {
             clean_startup_leftovers(&dir, &self.name);
         }
         while self.rx.changed().await.is_ok() {
@@ -537,7 +553,15 @@ impl Worker {
                 until_unix,
                 current,
             } => {
-                tracing::debug!(agent = %self.name, version = %d.version, until_unix, "held back by a previous failure");
+                if self.wait_logged != Some(until_unix) {
+                    self.wait_logged = Some(until_unix);
+                    let why = self.backoff.as_ref().map_or("", |b| b.reason.as_str());
+                    let secs = (until_unix - crate::state::now_unix()).max(0);
+                    tracing::info!(agent = %self.name, version = %d.version, until_unix,
+                        "waiting {secs} s before trying this version again: {}", crate::redact(why));
+                } else {
+                    tracing::debug!(agent = %self.name, version = %d.version, until_unix, "held back by a previous failure");
+                }
                 // The version we rolled back to must not stay down if it crashes meanwhile.
                 if let Some(v) = current {
                     self.ensure_started(&v).await;
@@ -576,6 +600,15 @@ impl Worker {
                         self.set_backoff(d, failures, delay, &e);
                         self.record(format!("install {to}"), Outcome::Failed, Some(e));
                     }
+                    Err(SwitchFailure::Stop(e)) => {
+                        let delay = self.ctx.retry.failed_start;
+                        self.set_backoff(d, 1, delay, &e);
+                        self.record(
+                            format!("upgrade {} -> {to}", from.as_deref().unwrap_or("none")),
+                            Outcome::Failed,
+                            Some(e),
+                        );
+                    }
                     Err(SwitchFailure::Start(e)) => {
                         let delay = self.ctx.retry.failed_start;
                         tracing::error!(agent = %self.name, version = %to, retry_in = ?delay, error = %e, "new version did not start; rolled back");
@@ -606,7 +639,7 @@ impl Worker {
         };
         let view = BackoffView {
             version: d.version.clone(),
-            tarball_url: d.tarball_url.clone(),
+            tarball_url: crate::redact(&d.tarball_url).into_owned(),
             failures,
             next_retry_at: until_unix,
             reason: reason.to_string(),
@@ -740,7 +773,7 @@ impl Worker {
         let dir = self.dir();
         std::fs::create_dir_all(&dir)
             .map_err(|e| SwitchFailure::Install(format!("{}: {e}", dir.display())))?;
-        tracing::info!(agent = %self.name, version = %to, url = %d.tarball_url, "installing");
+        tracing::info!(agent = %self.name, version = %to, url = %crate::redact(&d.tarball_url), "installing");
         self.ctx.shared.agent(&self.name, |v| {
             v.last_action = Some(format!("install {to}"));
         });
@@ -768,9 +801,22 @@ impl Worker {
             tracing::info!(agent = %self.name, version = %old, "stopping previous version");
             if let Err(e) = control::control(&odir, "stop", &self.ctx.envs, &self.ctx.control).await
             {
-                // The original carries on too: the new version may still start (e.g. the old
-                // one was already dead and its script is broken).
-                tracing::warn!(agent = %self.name, version = %old, error = %e, "stopping previous version failed; starting the new one anyway");
+                // Two copies of one agent must never run. The original started the new one
+                // anyway; we stop whatever of the old one is left (its processes: those whose
+                // working directory or executable lies in its folder, see
+                // `process::processes_in`), and if something of it survives SIGKILL, keep it
+                // current and give up on this switch.
+                tracing::warn!(agent = %self.name, version = %old, error = %e, "stopping previous version failed; killing what is left of it");
+                let left = process::stop_processes_in(&odir, self.ctx.control.grace).await;
+                if !left.is_empty() {
+                    let msg = format!(
+                        "stopping {old} failed ({e}) and {} of its processes still run after SIGKILL (pids {left:?}); {old} stays current, {to} was not started",
+                        left.len()
+                    );
+                    tracing::error!(agent = %self.name, version = %old, error = %msg, "switch abandoned");
+                    return Err(SwitchFailure::Stop(msg));
+                }
+                tracing::info!(agent = %self.name, version = %old, "previous version's processes stopped");
             }
         }
         tracing::info!(agent = %self.name, version = %to, "starting new version");
@@ -814,7 +860,13 @@ impl Worker {
     /// Keeps the current version and the most recent others (by mtime), `keep_versions` in
     /// all, and removes stale downloads that are not the desired tarball.
     fn prune(&self, current: &str, d: &Desired) {
-        let dir = self.dir();
+        let dir = match self.ctx.check_agent(&self.name) {
+            Ok(dir) => dir,
+            Err(e) => {
+                tracing::warn!(agent = %self.name, error = %e, "not pruning");
+                return;
+            }
+        };
         let doomed = versions_to_prune(&dir, current, self.ctx.keep_versions);
         for v in doomed {
             tracing::info!(agent = %self.name, version = %v, "removing old version");
@@ -843,12 +895,9 @@ pub fn versions_to_prune(agent_dir: &Path, current: &str, keep: usize) -> Vec<St
     };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name == current || proto::validate_version(&name).is_err() {
-            continue;
-        }
-        // Only real folders: a symlink an operator put there is theirs.
-        let Ok(ft) = e.file_type() else { continue };
-        if !ft.is_dir() {
+        // Only version folders (real folders with a `control`): a symlink or another
+        // folder an operator put there is theirs.
+        if name == current || !crate::workdir::is_version_dir(agent_dir, &name) {
             continue;
         }
         let mtime = e
@@ -907,7 +956,8 @@ pub(crate) struct Oneshot {
 
 /// Why a one-shot switch failed.
 pub(crate) enum OneshotFailure {
-    /// Nothing changed on the running side (download, checksum, unpack).
+    /// Nothing changed on the running side (download, checksum, unpack; or the previous
+    /// version could not be stopped and stays current).
     Install(String),
     /// The new version did not start; the previous one was put back.
     Start(String),
@@ -924,6 +974,7 @@ impl Oneshot {
                 rx,
                 lock,
                 backoff: None,
+                wait_logged: None,
             },
         }
     }
@@ -957,6 +1008,11 @@ impl Oneshot {
             Err(SwitchFailure::Start(e)) => {
                 self.w.record(action, Outcome::RolledBack, Some(e.clone()));
                 Err(OneshotFailure::Start(e))
+            }
+            // The running side is as it was: the old version is current and nothing new runs.
+            Err(SwitchFailure::Stop(e)) => {
+                self.w.record(action, Outcome::Failed, Some(e.clone()));
+                Err(OneshotFailure::Install(e))
             }
         }
     }
@@ -1195,6 +1251,7 @@ mod tests {
             },
             shared: Shared::default(),
             envs: BTreeMap::new(),
+            own: Arc::default(),
         }
     }
 
@@ -1254,12 +1311,15 @@ mod tests {
         for (i, v) in ["1.0", "1.1", "1.2", "1.3", "1.4"].iter().enumerate() {
             let p = t.path().join(v);
             std::fs::create_dir(&p).unwrap();
+            std::fs::write(p.join("control"), "").unwrap();
             let f = std::fs::File::open(&p).unwrap();
             f.set_modified(base + Duration::from_secs(i as u64 * 10))
                 .unwrap();
         }
         std::fs::create_dir(t.path().join(".download")).unwrap();
         std::fs::write(t.path().join("not-a-dir"), "x").unwrap();
+        // A folder with a version's name but no `control` is not a version: kept.
+        std::fs::create_dir(t.path().join("0.9")).unwrap();
         // Current is the oldest: it stays, plus the two newest others.
         let mut got = versions_to_prune(t.path(), "1.0", 3);
         got.sort();

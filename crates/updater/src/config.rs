@@ -640,11 +640,22 @@ impl Config {
                 problems,
             });
         }
+        let mut own_files = vec![
+            workdir.join(crate::workdir::LOCK_FILE),
+            workdir.join(crate::boot::STATE_DIR),
+        ];
+        if let Some(m) = &self.metafile {
+            let m = workdir.join(m);
+            own_files.extend(m.parent().map(Path::to_path_buf));
+            own_files.push(m);
+        }
+        own_files.extend(std::env::current_exe().ok());
         Ok(Resolved {
             config: self.clone(),
             hostname,
             workdir,
             heartbeat_url: self.heartbeat_url(),
+            own_files,
         })
     }
 
@@ -663,6 +674,10 @@ pub struct Resolved {
     pub workdir: PathBuf,
     /// Full heartbeat URL.
     pub heartbeat_url: String,
+    /// The updater's own files and folders, never removed or renamed by any action: the
+    /// executable, the lock file and the metafile with its folder from [`Config::resolve`];
+    /// `main` adds the config file and the log file.
+    pub own_files: Vec<PathBuf>,
 }
 
 /// The heartbeat URL for a `server` value: `host:port` becomes `http://host:port/heartbeat`

@@ -59,10 +59,31 @@ enum Event {
 pub struct Dispatch {
     /// Desired states to hand to workers, one per agent.
     pub desired: Vec<Desired>,
-    /// Entries skipped, with why (logged).
-    pub skipped: Vec<String>,
+    /// Entries skipped, with why (logged, rate-limited).
+    pub skipped: Vec<Skipped>,
     /// The server's `errorMessage`, when non-empty (then `desired` is empty).
     pub server_error: Option<String>,
+}
+
+/// One entry of an answer that was not used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// The entry's name as sent (possibly invalid), for rate-limiting.
+    pub agent: String,
+    /// A fixed word for why, the other half of the rate-limiting key.
+    pub reason: &'static str,
+    /// The line logged.
+    pub message: String,
+}
+
+impl Skipped {
+    fn new(agent: &str, reason: &'static str, message: String) -> Skipped {
+        Skipped {
+            agent: crate::logcap::cut(agent, 128).to_string(),
+            reason,
+            message,
+        }
+    }
 }
 
 /// Turns a heartbeat answer into work: a non-empty `errorMessage` means nothing this round;
@@ -81,21 +102,30 @@ pub fn dispatch(resp: &HeartbeatResponse, filter: &str) -> Dispatch {
         match Desired::from_wire(d) {
             Ok(d) => {
                 if out.desired.iter().any(|x| x.name == d.name) {
-                    out.skipped.push(format!(
-                        "agent {:?}: listed twice, later entry ignored",
-                        d.name
+                    out.skipped.push(Skipped::new(
+                        &d.name,
+                        "listed twice",
+                        format!("agent {:?}: listed twice, later entry ignored", d.name),
                     ));
                 } else if out.desired.len() >= MAX_AGENTS {
-                    out.skipped.push(format!(
-                        "agent {:?}: more than {MAX_AGENTS} agents, ignored",
-                        d.name
+                    out.skipped.push(Skipped::new(
+                        &d.name,
+                        "too many agents",
+                        format!("agent {:?}: more than {MAX_AGENTS} agents, ignored", d.name),
                     ));
                 } else {
                     out.desired.push(d);
                 }
             }
-            Err(e @ DesiredError::UnknownCmd { .. }) => out.skipped.push(e.to_string()),
-            Err(e) => out.skipped.push(format!("skipping desired agent: {e}")),
+            Err(e @ DesiredError::UnknownCmd { .. }) => {
+                out.skipped
+                    .push(Skipped::new(&d.name, "unknown cmd", e.to_string()))
+            }
+            Err(e) => out.skipped.push(Skipped::new(
+                &d.name,
+                "invalid desired agent",
+                format!("skipping desired agent: {e}"),
+            )),
         }
     }
     out
@@ -120,6 +150,8 @@ pub struct Daemon {
     client: heartbeat::Client,
     ctx: Arc<Ctx>,
     workers: BTreeMap<String, Handle>,
+    /// Rate limit of the lines about what the server sent.
+    log: crate::logcap::Limiter,
 }
 
 impl Daemon {
@@ -142,6 +174,7 @@ impl Daemon {
             client,
             ctx: Arc::new(ctx),
             workers: BTreeMap::new(),
+            log: crate::logcap::Limiter::new(),
         })
     }
 
@@ -194,32 +227,13 @@ impl Daemon {
         futures_util::future::join_all(workers.into_values().map(|w| w.shutdown(grace))).await;
     }
 
-    /// The agent names under the workdir (folders with a `.version`), filtered.
+    /// The agents under the workdir ([`crate::workdir::agent_names`]), filtered.
     fn scan_agents(&mut self) -> Vec<String> {
-        let mut names = Vec::new();
-        let rd = match std::fs::read_dir(&self.cfg.workdir) {
-            Ok(rd) => rd,
-            Err(e) => {
-                tracing::warn!(workdir = %self.cfg.workdir.display(), error = %e, "cannot list workdir");
-                return names;
-            }
-        };
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if proto::validate_agent_name(&name).is_err() {
-                continue;
-            }
-            let filter = &self.cfg.config.desired_agent;
-            if !filter.is_empty() && &name != filter {
-                continue;
-            }
-            // A folder without `.version` is not an agent (the original's rule).
-            if !e.path().join(crate::fsx::VERSION_FILE).is_file() {
-                continue;
-            }
-            names.push(name);
-        }
-        names.sort();
+        let mut names = crate::workdir::agent_names(
+            &self.cfg.workdir,
+            &self.ctx.own,
+            &self.cfg.config.desired_agent,
+        );
         if names.len() > MAX_AGENTS {
             tracing::warn!(
                 found = names.len(),
@@ -259,8 +273,15 @@ impl Daemon {
             .collect()
     }
 
-    /// One round; false when the heartbeat failed.
+    /// One round; false when the heartbeat failed. Its lines about the server's answer go
+    /// through the rate limiter, summarised at the end.
     async fn round(&mut self) -> bool {
+        let ok = self.round_inner().await;
+        self.log.finish_round();
+        ok
+    }
+
+    async fn round_inner(&mut self) -> bool {
         let names = self.scan_agents();
         let real = self.collect(&names).await;
         let req = HeartbeatRequest {
@@ -272,8 +293,12 @@ impl Daemon {
         }
         let resp = match self.client.send(&req).await {
             Ok(a) => {
-                for s in &a.skipped {
-                    tracing::warn!("skipping desired agent: {s}");
+                for (i, s) in a.skipped.iter().enumerate() {
+                    self.log.warn(
+                        "malformed desired agent",
+                        &i.to_string(),
+                        &format!("skipping desired agent: {s}"),
+                    );
                 }
                 a.response
             }
@@ -287,7 +312,9 @@ impl Daemon {
             }
         };
         if self.cfg.config.debug {
-            tracing::debug!(response = %serde_json::to_string(&resp).unwrap_or_default(), "heartbeat response");
+            // Cut: the answer is the server's, of any size up to maxResponseBytes.
+            let text = serde_json::to_string(&resp).unwrap_or_default();
+            tracing::debug!(response = %crate::logcap::cut_line(&crate::redact(&text)), "heartbeat response");
         }
         let plan = dispatch(&resp, &self.cfg.config.desired_agent);
         self.shared.daemon(|d| {
@@ -297,11 +324,15 @@ impl Daemon {
             d.server_error = plan.server_error.clone();
         });
         if let Some(e) = &plan.server_error {
-            tracing::warn!(error = %e, "server returned an error; doing nothing this round");
+            self.log.warn(
+                "server error",
+                "",
+                &format!("server returned an error; doing nothing this round: {e}"),
+            );
             return true;
         }
         for s in &plan.skipped {
-            tracing::warn!("{s}");
+            self.log.warn(s.reason, &s.agent, &s.message);
         }
         for d in plan.desired {
             tracing::debug!(agent = %d.name, version = %d.version, cmd = ?d.cmd, "desired");
@@ -360,7 +391,8 @@ mod tests {
         assert_eq!(names(&d), ["c", "d"]);
         assert_eq!(d.desired[0].version, "1");
         assert_eq!(d.skipped.len(), 4, "{:?}", d.skipped);
-        assert!(d.skipped.iter().any(|s| s.contains("unknown cmd")));
+        assert!(d.skipped.iter().any(|s| s.message.contains("unknown cmd")));
+        assert!(d.skipped.iter().any(|s| s.reason == "listed twice"));
     }
 
     #[test]

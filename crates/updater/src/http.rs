@@ -3,23 +3,35 @@
 //!
 //! Plain hyper rather than a router framework: three fixed paths do not need one, and every
 //! page of code the daemon links is resident on every host of the fleet.
+//!
+//! What a client may cost: one request per connection (no keep-alive, so no idle
+//! connection stays open), and a connection lives at most [`HEADER_TIMEOUT`] from its
+//! accept, whatever it sends. At most [`MAX_CONNECTIONS`] are served at once; past that,
+//! the oldest connection that has not sent a whole request yet is closed to make room, and
+//! when every one is being answered the newcomer gets an immediate 503. Nothing waits in
+//! the kernel's queue. Requests whose `Host` is not a loopback name, an IP address or this
+//! host's name are refused with 421 ([`host_allowed`]): a web page that rebinds its own
+//! domain name to 127.0.0.1 cannot read `/status`.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, HOST};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 
 use crate::state::Shared;
 
-/// Most connections served at once; further ones wait to be accepted.
+/// Most connections served at once; see the module docs for what happens past it.
 pub const MAX_CONNECTIONS: usize = 32;
-/// Longest wait for a request's headers, so an idle or slow client cannot hold a slot.
+/// Longest a connection lives, counted from its accept: its request's headers must arrive
+/// and its answer be sent within it, so an idle or slow client cannot hold a slot.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What one client may cost the endpoint.
@@ -38,10 +50,48 @@ impl Default for Limits {
     }
 }
 
-/// Handler state: the shared view.
+/// Handler state: the shared view, and the names this endpoint answers to.
 #[derive(Clone)]
 pub struct AppState {
     pub shared: Shared,
+    /// `Host` names accepted besides loopback names and IP addresses (this host's name).
+    pub names: Arc<[String]>,
+}
+
+impl AppState {
+    pub fn new(shared: Shared, hostname: &str) -> AppState {
+        AppState {
+            shared,
+            names: Arc::from([hostname.to_string()]),
+        }
+    }
+}
+
+/// True when a request's `Host` (`name[:port]`) names this endpoint: a loopback name
+/// (`localhost`, `*.localhost`), an IP address literal (a DNS-rebinding page always sends
+/// its own domain name, never an address), or one of `names`. Pure, for unit tests.
+pub fn host_allowed(host: &str, names: &[String]) -> bool {
+    let port_ok = |p: &str| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit());
+    if let Some(rest) = host.strip_prefix('[') {
+        return match rest.split_once(']') {
+            Some((ip6, tail)) => {
+                (tail.is_empty() || tail.strip_prefix(':').is_some_and(port_ok))
+                    && ip6.parse::<Ipv6Addr>().is_ok()
+            }
+            None => false,
+        };
+    }
+    let name = match host.rsplit_once(':') {
+        Some((n, p)) if port_ok(p) => n,
+        Some(_) => return false,
+        None => host,
+    };
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    !name.is_empty()
+        && (name.parse::<Ipv4Addr>().is_ok()
+            || name == "localhost"
+            || name.ends_with(".localhost")
+            || names.iter().any(|n| n.eq_ignore_ascii_case(&name)))
 }
 
 /// Binds `addr` (so that a busy port is reported at start-up, before the daemon runs).
@@ -59,6 +109,13 @@ pub async fn serve(
     serve_with(listener, state, shutdown, Limits::default()).await
 }
 
+/// A connection being served.
+struct Live {
+    abort: tokio::task::AbortHandle,
+    /// Set once its request's headers arrived (it is being answered).
+    answering: Arc<AtomicBool>,
+}
+
 /// [`serve`] with explicit limits.
 pub async fn serve_with(
     listener: tokio::net::TcpListener,
@@ -66,14 +123,11 @@ pub async fn serve_with(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     limits: Limits,
 ) -> std::io::Result<()> {
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let mut conns = tokio::task::JoinSet::new();
+    let mut live: VecDeque<Live> = VecDeque::new();
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            _ = &mut shutdown => break,
-            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-        };
+        // Always accepting: a socket left in the kernel's queue is under no timeout.
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
             r = listener.accept() => match r {
@@ -86,30 +140,86 @@ pub async fn serve_with(
                 }
             },
         };
+        // Reap finished connections so the set does not grow with the daemon's uptime.
+        while conns.try_join_next().is_some() {}
+        live.retain(|c| !c.abort.is_finished());
+        if live.len() >= limits.max_connections {
+            match live
+                .iter()
+                .position(|c| !c.answering.load(Ordering::SeqCst))
+            {
+                Some(i) => {
+                    if let Some(old) = live.remove(i) {
+                        old.abort.abort();
+                    }
+                    tracing::debug!(%peer, "local endpoint: full; closed the oldest idle connection");
+                }
+                None => {
+                    shed(&stream);
+                    tracing::debug!(%peer, "local endpoint: full; shed a connection");
+                    continue;
+                }
+            }
+        }
+        let answering = Arc::new(AtomicBool::new(false));
+        let flag = answering.clone();
         let state = state.clone();
-        conns.spawn(async move {
-            let _permit = permit;
+        let abort = conns.spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
+                flag.store(true, Ordering::SeqCst);
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(answer(&state, &req)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)
+                .keep_alive(false)
                 .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "local endpoint: connection ended");
+            match tokio::time::timeout(limits.header_timeout, conn).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "local endpoint: connection ended"),
+                Err(_) => tracing::debug!(%peer, "local endpoint: connection closed at the header timeout"),
             }
         });
-        // Reap finished connections so the set does not grow with the daemon's uptime.
-        while conns.try_join_next().is_some() {}
+        live.push_back(Live { abort, answering });
     }
     conns.shutdown().await;
     Ok(())
 }
 
+/// Answers a connection beyond the limit with a 503 in one non-blocking write, then drops
+/// it: shedding never waits on the client.
+fn shed(stream: &tokio::net::TcpStream) {
+    const BODY: &str = "too many connections\n";
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = stream.try_write(head.as_bytes());
+}
+
 /// The answer to one request.
 fn answer<B>(state: &AppState, req: &Request<B>) -> Response<Full<Bytes>> {
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        });
+    match host {
+        Some(h) if host_allowed(&h, &state.names) => {}
+        Some(_) => {
+            return plain(
+                StatusCode::MISDIRECTED_REQUEST,
+                "misdirected request: this Host is not a loopback name, an IP address or this host's name",
+            )
+        }
+        None => return plain(StatusCode::BAD_REQUEST, "bad request: no Host header"),
+    }
     let known = matches!(req.uri().path(), "/health" | "/version" | "/status");
     if known && req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
@@ -157,7 +267,7 @@ mod tests {
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, AppState { shared }, async {
+        let server = tokio::spawn(serve(listener, AppState::new(shared, "h1"), async {
             let _ = rx.await;
         }));
         let get = |path: &str| {
@@ -195,9 +305,7 @@ mod tests {
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let state = AppState {
-            shared: Shared::new("h1", "http://m/heartbeat"),
-        };
+        let state = AppState::new(Shared::new("h1", "http://m/heartbeat"), "h1");
         tokio::spawn(serve_with(
             listener,
             state,
@@ -237,30 +345,58 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn connections_beyond_the_limit_wait_for_a_free_slot() {
+    async fn past_the_limit_an_idle_connection_makes_room_and_a_busy_one_is_not_queued() {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let (addr, _stop) = start(Limits {
             max_connections: 1,
             ..Limits::default()
         })
         .await;
-        let req = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n";
-        // The first client takes the only slot and keeps its connection open.
-        let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
-        first.write_all(req).await.unwrap();
-        let mut buf = [0u8; 512];
-        let n = first.read(&mut buf).await.unwrap();
-        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
-        // The second is queued by the kernel but not served while the first holds the slot.
-        let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
-        second.write_all(req).await.unwrap();
-        let early = tokio::time::timeout(Duration::from_millis(300), second.read(&mut buf)).await;
-        assert!(early.is_err(), "served beyond the connection limit");
-        drop(first);
-        let n = tokio::time::timeout(Duration::from_secs(20), second.read(&mut buf))
+        // An idle client takes the only slot; a real request still gets through at once.
+        let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             .await
-            .expect("served once the slot is free")
             .unwrap();
-        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        let got = read_to_close(&mut s, Duration::from_secs(5)).await.unwrap();
+        assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+        // The idle one was closed to make room.
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf))
+            .await
+            .expect("idle connection closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn hosts_that_name_this_endpoint() {
+        let names = ["web-01".to_string()];
+        for ok in [
+            "localhost",
+            "localhost:2001",
+            "LOCALHOST.",
+            "a.localhost:1",
+            "127.0.0.1:2001",
+            "10.1.2.3",
+            "[::1]:2001",
+            "[::1]",
+            "web-01:2001",
+        ] {
+            assert!(host_allowed(ok, &names), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:2001",
+            "localhost.evil.example",
+            "127.0.0.1.evil.example",
+            "",
+            "[::1",
+            "[evil]:1",
+            "localhost:x",
+            "web-02",
+        ] {
+            assert!(!host_allowed(bad, &names), "{bad}");
+        }
     }
 }

@@ -44,7 +44,7 @@ fn main() -> ExitCode {
         let resolved = p.config.resolve()?;
         Ok((p, resolved))
     });
-    let (parsed, resolved) = match parsed {
+    let (parsed, mut resolved) = match parsed {
         Ok(v) => v,
         Err(e) => {
             eprintln!("ops-updater: bad config {}", args.config.display());
@@ -82,6 +82,22 @@ fn main() -> ExitCode {
         println!("config {} is ok", args.config.display());
         return ExitCode::SUCCESS;
     }
+    // Never removed or renamed by any action, whatever a server asks (workdir::Own).
+    resolved.own_files.push(args.config.clone());
+    resolved.own_files.extend(args.log.clone());
+    // One updater per workdir: taken before anything acts, released by the kernel when the
+    // process ends (a crash cannot leave it stuck).
+    let _lock = match updater::workdir::lock(&resolved.workdir) {
+        Ok(l) => l,
+        Err(e @ updater::workdir::LockError::Held { .. }) => {
+            eprintln!("ops-updater: {e}");
+            return ExitCode::from(updater::workdir::EXIT_LOCKED);
+        }
+        Err(e) => {
+            eprintln!("ops-updater: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     if let Err(e) = init_logging(parsed.config.debug, args.log.as_deref()) {
         eprintln!("ops-updater: {e:#}");
         return ExitCode::FAILURE;
@@ -165,9 +181,7 @@ fn run(cfg: updater::config::Resolved, opts: updater::boot::Options) -> anyhow::
                 .await
                 .with_context(|| format!("http.listen {addr}"))?;
             tracing::info!(listen = %listener.local_addr()?, "local endpoint up");
-            let state = updater::http::AppState {
-                shared: shared.clone(),
-            };
+            let state = updater::http::AppState::new(shared.clone(), &cfg.hostname);
             let mut rx = stop_rx.clone();
             Some(tokio::spawn(updater::http::serve(
                 listener,

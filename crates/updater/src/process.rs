@@ -223,6 +223,91 @@ impl Drop for GroupGuard {
     }
 }
 
+/// The processes of a version folder: every process (but this one) whose working
+/// directory or executable lies inside `dir`, found through `/proc`.
+///
+/// This is what "the old version's processes" means when its `control stop` failed. A
+/// control script that daemonises (`nohup agent &`, a double fork, `setsid`) leaves its
+/// agent in a process group and session of its own that the updater never learns; but
+/// `control` runs with the version folder as its working directory, and whatever it starts
+/// inherits that directory (or runs an executable from the folder) unless it moves away
+/// on purpose. Zombies are left out: they no longer run.
+pub fn processes_in(dir: &Path) -> Vec<Pid> {
+    let Ok(dir) = dir.canonicalize() else {
+        return Vec::new();
+    };
+    let me = std::process::id() as i32;
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let inside =
+            |link: &str| std::fs::read_link(p.path().join(link)).is_ok_and(|t| t.starts_with(&dir));
+        if (inside("cwd") || inside("exe")) && !is_zombie(pid) {
+            out.push(Pid::from_raw(pid));
+        }
+    }
+    out
+}
+
+fn is_zombie(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            let state = s.rsplit(')').next().unwrap_or("").trim_start();
+            state.starts_with('Z') || state.starts_with('X')
+        }
+        Err(_) => true,
+    }
+}
+
+/// How long a SIGKILLed process may take to disappear from `/proc` (or turn zombie).
+pub const KILL_SETTLE: Duration = Duration::from_millis(100);
+/// How long, after that, the folder is watched for processes that come back.
+pub const KILL_WATCH: Duration = Duration::from_secs(1);
+
+/// Stops every process of `dir` ([`processes_in`]): SIGTERM, up to `grace` for them to
+/// exit, SIGKILL to what is left; then, after [`KILL_SETTLE`], the folder is watched for
+/// [`KILL_WATCH`], killing whatever is found. Returns the pids found during the watch:
+/// processes that survived SIGKILL or came back (a supervisor outside the folder restarting
+/// them). Empty means the folder runs nothing any more.
+pub async fn stop_processes_in(dir: &Path, grace: Duration) -> Vec<i32> {
+    let signal_all = |sig| {
+        let found = processes_in(dir);
+        for pid in &found {
+            let _ = nix::sys::signal::kill(*pid, sig);
+        }
+        found
+    };
+    let poll = Duration::from_millis(20);
+    signal_all(Signal::SIGTERM);
+    let deadline = tokio::time::Instant::now() + grace;
+    while tokio::time::Instant::now() < deadline && !processes_in(dir).is_empty() {
+        tokio::time::sleep(poll).await;
+    }
+    signal_all(Signal::SIGKILL);
+    tokio::time::sleep(KILL_SETTLE).await;
+    let deadline = tokio::time::Instant::now() + KILL_WATCH;
+    let mut survivors = Vec::new();
+    loop {
+        for pid in signal_all(Signal::SIGKILL) {
+            if !survivors.contains(&pid.as_raw()) {
+                survivors.push(pid.as_raw());
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return survivors;
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
 /// Gives the pipe readers [`DRAIN_AFTER_EXIT`] to reach EOF. Readers still running after
 /// that (a background process holds the pipe) are left to read and discard until EOF:
 /// closing our end instead would kill that process with SIGPIPE at its next write.
@@ -426,6 +511,30 @@ mod tests {
             }
             Err(_) => false,
         }
+    }
+
+    #[tokio::test]
+    async fn the_processes_of_a_folder_are_found_and_stopped_however_they_detached() {
+        let d = tempfile::tempdir().unwrap();
+        let o = run(
+            sh(
+                // One ignores SIGTERM, one left its process group and session.
+                "(trap '' TERM; while :; do sleep 1; done) >/dev/null 2>&1 & echo $! > a.pid; \
+                 setsid sh -c 'while :; do sleep 1; done' >/dev/null 2>&1 & echo started",
+                d.path(),
+            ),
+            Duration::from_secs(10),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+        assert_eq!(o.stdout, "started\n");
+        test_support::wait_for("both to run", Duration::from_secs(10), || {
+            processes_in(d.path()).len() >= 2
+        });
+        let left = stop_processes_in(d.path(), Duration::from_millis(200)).await;
+        assert!(left.is_empty(), "{left:?}");
+        assert!(processes_in(d.path()).is_empty());
     }
 
     #[tokio::test]

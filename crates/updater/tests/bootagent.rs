@@ -282,11 +282,16 @@ fn install_upgrade_stop_restart_uninstall_through_jobs() {
     assert_eq!(b["jobs"][0]["state"], "done", "{b}");
     assert!(!u.work().join("basic").exists(), "agent folder removed");
     assert_eq!(status_of(&vdir), "missing");
-    let leftovers: Vec<_> = std::fs::read_dir(u.work())
+    let mut leftovers: Vec<_> = std::fs::read_dir(u.work())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(leftovers, [".ops-updater"], "{leftovers:?}");
+    leftovers.sort();
+    assert_eq!(
+        leftovers,
+        [".ops-updater", ".ops-updater.lock"],
+        "{leftovers:?}"
+    );
     wait_for("uninstalled agent no longer reported", CONVERGE, || {
         host_view(&meta, "host-01").is_some_and(|v| v["agents"].as_array().unwrap().is_empty())
     });
@@ -744,4 +749,85 @@ fn a_server_answering_garbage_or_errors_is_skipped_within_the_round() {
         host_view(&meta, "host-01").unwrap()["agentsn"],
         "0b6f4f39-5d4c-4c63-9a53-5a7e0c7f2a10"
     );
+}
+
+/// `uninstall` renamed the updater's own `cfg.json` (the host could not restart) and
+/// removed a folder that was no agent: anything in the workdir with a valid name was taken
+/// for an agent.
+#[test]
+fn uninstall_touches_only_agents_never_the_updaters_own_files_or_other_folders() {
+    let results = Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let r = results.clone();
+    let server = Scripted::start(move |req| {
+        let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+        match req.path.as_str() {
+            "/agent/register" => Reply::Full(
+                200,
+                "application/json",
+                json!({"status": 0, "agentsn": body["agentsn"], "tags": ""})
+                    .to_string()
+                    .into_bytes(),
+            ),
+            "/agent/status" => {
+                r.lock()
+                    .unwrap()
+                    .extend(body["jobs"].as_array().cloned().unwrap_or_default());
+                let jobs: Vec<Value> = ["cfg.json", "data", "state", "work"]
+                    .iter()
+                    .map(|n| json!({"id": n, "action": "uninstall", "name": n}))
+                    .collect();
+                Reply::Full(
+                    200,
+                    "application/json",
+                    json!({"status": 0, "jobs": jobs}).to_string().into_bytes(),
+                )
+            }
+            _ => Reply::Full(404, "text/plain", b"not found".to_vec()),
+        }
+    });
+    let mut root = PathBuf::new();
+    let mut u = boot_updater(&server.addr.to_string(), "host-01", |c| {
+        // The workdir is the folder of the config, as with the default (the executable's
+        // folder), and the metafile lives in a folder that also looks like an agent.
+        let work = PathBuf::from(c["workdir"].as_str().unwrap());
+        root = work.parent().unwrap().to_path_buf();
+        c["workdir"] = json!(root);
+        c["metafile"] = json!("state/meta.json");
+        std::fs::create_dir_all(root.join("state")).unwrap();
+        std::fs::write(root.join("state/.version"), "1.0\n").unwrap();
+        std::fs::create_dir_all(root.join("data/2019")).unwrap();
+        std::fs::write(root.join("data/keep.txt"), "operator data").unwrap();
+    });
+    let ids = ["cfg.json", "data", "state", "work"];
+    wait_for("four results reported", CONVERGE, || {
+        let got = results.lock().unwrap();
+        ids.iter().all(|id| got.iter().any(|r| r["id"] == *id))
+    });
+    let got = results.lock().unwrap().clone();
+    for id in ids {
+        let r = got.iter().find(|r| r["id"] == id).unwrap();
+        assert_eq!(r["errcode"], 1, "{id}: {r}");
+        assert!(
+            r["message"].as_str().unwrap().contains("is not an agent"),
+            "{id}: {r}"
+        );
+    }
+    assert!(root.join("cfg.json").is_file());
+    assert_eq!(
+        std::fs::read_to_string(root.join("data/keep.txt")).unwrap(),
+        "operator data"
+    );
+    assert!(root.join("data/2019").is_dir());
+    assert!(root.join("state/meta.json").is_file());
+    assert!(root.join("work").is_dir());
+    let hidden: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".uninstall-"))
+        .collect();
+    assert!(hidden.is_empty(), "{hidden:?}");
+    // The host can still restart on its config.
+    u.kill9();
+    u.spawn();
+    u.wait_heartbeats(1);
 }

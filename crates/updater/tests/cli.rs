@@ -1,8 +1,10 @@
 //! The command line: `-v`, `-T` on good and bad configs (exit 78 and every problem listed),
 //! the original `cfg.json` accepted unchanged, and a busy `http.listen` reported at start-up.
 
+use std::io::Read as _;
 use std::path::Path;
 use std::process::Output;
+use std::time::Duration;
 
 use test_support::{command, tempdir, write_file};
 
@@ -157,4 +159,66 @@ fn sigterm_stops_the_daemon_cleanly() {
         child.try_wait().unwrap()
     });
     assert!(status.success(), "{status:?}");
+}
+
+/// Two ops-updaters ran on one workdir at once (seen with `http` disabled), breaking "one
+/// action per agent at a time": a second one now exits with 75 and says who holds it.
+#[test]
+fn a_second_updater_on_one_workdir_exits_75_and_a_killed_one_does_not_block_the_next() {
+    let d = tempdir().unwrap();
+    let work = d.path().join("work");
+    write_file(
+        d.path(),
+        "cfg.json",
+        format!(
+            r#"{{"server": "127.0.0.1:1", "hostname": "h", "interval": 1, "protocol": "legacy",
+                "workdir": "{}", "http": {{"enabled": false}}}}"#,
+            work.display()
+        ),
+    );
+    let start = || {
+        let mut c = test_support::command(Path::new(env!("CARGO_BIN_EXE_ops-updater")));
+        c.current_dir(d.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        test_support::KillOnDrop(c.spawn().unwrap())
+    };
+    let mut first = start();
+    test_support::wait_for(
+        "the first to hold the lock",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(work.join(".ops-updater.lock"))
+                .is_ok_and(|s| s.trim() == first.id().to_string())
+        },
+    );
+    let mut c = test_support::command(Path::new(env!("CARGO_BIN_EXE_ops-updater")));
+    c.current_dir(d.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut second = test_support::KillOnDrop(c.spawn().unwrap());
+    let mut status = None;
+    test_support::wait_for("the second to exit", Duration::from_secs(30), || {
+        status = second.try_wait().unwrap();
+        status.is_some()
+    });
+    let mut err = String::new();
+    second
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.unwrap().code(), Some(75), "{err}");
+    assert!(err.contains("another ops-updater"), "{err}");
+    assert!(err.contains(&first.id().to_string()), "{err}");
+    assert!(first.try_wait().unwrap().is_none(), "the first one exited");
+    // kill -9: the kernel releases the lock, the next start takes it.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let second = start();
+    test_support::wait_for("the next to hold the lock", Duration::from_secs(30), || {
+        std::fs::read_to_string(work.join(".ops-updater.lock"))
+            .is_ok_and(|s| s.trim() == second.id().to_string())
+    });
 }

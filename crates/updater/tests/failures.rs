@@ -245,3 +245,98 @@ fn a_server_that_never_answers_times_out_each_round() {
     assert!(err.contains("timed out"), "{err}");
     u.assert_alive();
 }
+
+fn pid_in(vdir: &std::path::Path, file: &str) -> Option<i32> {
+    std::fs::read_to_string(vdir.join(file))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        let state = s.rsplit(')').next().unwrap_or("").trim_start();
+        !state.starts_with('Z') && !state.starts_with('X')
+    })
+}
+
+/// A failed `control stop` of the old version started the new one anyway: two copies of one
+/// agent ran, and the old one was never managed again.
+#[test]
+fn a_failed_stop_never_leaves_two_versions_running() {
+    let mut meta = Meta::start(json!([]));
+    publish(&meta, "falcon", "1.0.0", Behaviour::StopFails);
+    publish(&meta, "falcon", "1.1.0", Behaviour::Good);
+    meta.desire(&[("falcon", "1.0.0", "start")]);
+    let u = Updater::start(&meta.addr.to_string(), "host-01", |_| {});
+    u.wait_running("falcon", "1.0.0");
+    let old = u.work().join("falcon/1.0.0");
+    let old_pid = pid_in(&old, "app.pid").expect("1.0.0 wrote its pid");
+
+    meta.desire(&[("falcon", "1.1.0", "start")]);
+    u.wait_running("falcon", "1.1.0");
+    assert!(!running(old_pid), "1.0.0 still runs beside 1.1.0");
+    assert!(updater::process::processes_in(&old).is_empty());
+    assert_eq!(status_of(&old), "stoped");
+    let log = u.log_text();
+    assert!(log.contains("killing what is left of it"), "{log}");
+}
+
+/// Kills the respawning supervisor of the test below when the test ends, pass or fail.
+struct KillPid(std::path::PathBuf);
+
+impl Drop for KillPid {
+    fn drop(&mut self) {
+        if let Some(pid) = pid_in(&self.0, "sup.pid") {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// When something of the old version survives SIGKILL (here a supervisor outside its folder
+/// restarts it), the switch is abandoned: the old version stays current, the new one is
+/// never started, and the failure is reported.
+#[test]
+fn an_old_version_that_cannot_be_stopped_stays_current_and_the_new_one_never_starts() {
+    let mut meta = Meta::start(json!([]));
+    let script = r#"#!/bin/sh
+cd "$(dirname "$0")"
+here=$(pwd)
+echo "$1" >> control.log
+case "$1" in
+  start)
+    if [ -f sup.pid ] && kill -0 "$(cat sup.pid)" 2>/dev/null; then echo started; exit 0; fi
+    (cd / && while :; do (cd "$here" && exec sleep 30) & sleep 0.05; done) >/dev/null 2>&1 &
+    echo $! > sup.pid
+    echo started
+    ;;
+  stop) echo "cannot stop: busy" >&2; exit 1 ;;
+  status)
+    if [ -f sup.pid ] && kill -0 "$(cat sup.pid)" 2>/dev/null; then echo started; else echo stoped; fi
+    ;;
+esac
+"#;
+    let tb = test_support::tarball::targz(&[test_support::tarball::Entry::exec("control", script)]);
+    test_support::tarball::publish(&meta.tarball_dir(), "falcon", "1.0.0", &tb);
+    publish(&meta, "falcon", "1.1.0", Behaviour::Good);
+    meta.desire(&[("falcon", "1.0.0", "start")]);
+    let u = Updater::start(&meta.addr.to_string(), "host-01", |_| {});
+    let old = u.work().join("falcon/1.0.0");
+    let _sup = KillPid(old.clone());
+    u.wait_running("falcon", "1.0.0");
+
+    meta.desire(&[("falcon", "1.1.0", "start")]);
+    let s = wait_backoff(&u, "falcon", "1.1.0");
+    assert_eq!(s["lastResult"], "failed", "{s}");
+    assert!(
+        s["lastError"].as_str().unwrap().contains("still run"),
+        "{s}"
+    );
+    assert_eq!(u.version_of("falcon").as_deref(), Some("1.0.0"));
+    let new = u.work().join("falcon/1.1.0");
+    assert!(control_actions(&new).is_empty(), "1.1.0 was started");
+}

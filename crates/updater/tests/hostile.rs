@@ -128,6 +128,7 @@ fn hostile_heartbeat_answers_never_stop_the_daemon() {
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != updater::workdir::LOCK_FILE)
         .collect();
     assert_eq!(names, ["falcon"]);
     assert!(!u.dir.path().join("escape").exists());
@@ -155,6 +156,112 @@ fn error_message_means_nothing_is_done() {
     u.wait_heartbeats(3);
     assert_eq!(u.daemon_status()["serverError"], "host is blocked");
     assert!(u.agent_status("falcon").is_none());
-    assert_eq!(test_support::tree(&u.work()), Vec::<String>::new());
+    assert_eq!(test_support::tree(&u.work()), [updater::workdir::LOCK_FILE]);
     assert!(server.seen().iter().all(|s| s.path == "/heartbeat"));
+}
+
+/// Every skipped entry of an answer was logged again every round: 40,000 bad entries at
+/// interval 1 wrote megabytes of log per round, enough to fill a host's disk.
+#[test]
+fn a_flood_of_bad_entries_is_logged_a_few_lines_a_round() {
+    let entries: Vec<serde_json::Value> = (0..40_000)
+        .map(|i| {
+            let (name, cmd) = if i % 2 == 0 {
+                (format!("../bad-{i}"), "start")
+            } else {
+                (format!("agent-{i}"), "reboot")
+            };
+            json!({"name": name, "version": "1", "tarball": "http://127.0.0.1:9", "md5": "", "cmd": cmd})
+        })
+        .collect();
+    let body = json!({"errorMessage": "", "desiredAgents": entries})
+        .to_string()
+        .into_bytes();
+    let server = Scripted::start(move |req| {
+        if req.path != "/heartbeat" {
+            return Reply::Full(404, "text/plain", b"not found".to_vec());
+        }
+        Reply::Full(200, "application/json", body.clone())
+    });
+    let u = Updater::start(&server.addr.to_string(), "host-01", |_| {});
+    u.wait_heartbeats(5);
+    let log = u.log_text();
+    assert!(
+        log.contains("more like it"),
+        "{}",
+        &log[..log.len().min(4000)]
+    );
+    // Five rounds of 40,000 bad entries each (RUST_LOG=debug, debug: true).
+    assert!(log.len() < 200_000, "{} bytes of log", log.len());
+    assert!(log.contains("unknown cmd"), "no unknown cmd line");
+}
+
+/// A password in a tarball URL (`http://user:pass@...`) was written to the log and to
+/// `/status` in clear.
+#[test]
+fn credentials_in_a_tarball_url_never_reach_the_log_or_status() {
+    let port = std::sync::Arc::new(std::sync::Mutex::new(0u16));
+    let p = port.clone();
+    let server = Scripted::start(move |req| {
+        if req.path != "/heartbeat" {
+            return Reply::Full(404, "text/plain", b"not found".to_vec());
+        }
+        let base = format!("http://deploy:s3cret@127.0.0.1:{}", p.lock().unwrap());
+        let v = json!({"errorMessage": "", "desiredAgents": [{
+            "name": "falcon", "version": "1.0.0", "tarball": base, "md5": "", "cmd": "start"}]});
+        Reply::Full(200, "application/json", v.to_string().into_bytes())
+    });
+    *port.lock().unwrap() = server.addr.port();
+    let u = Updater::start(&server.addr.to_string(), "host-01", |_| {});
+    let s = wait_for_some("a back-off for falcon", CONVERGE, || {
+        let s = u.agent_status("falcon")?;
+        s["backoff"].is_object().then_some(s)
+    });
+    // The download was tried with the credentials (the server saw the request)...
+    assert!(server
+        .seen()
+        .iter()
+        .any(|r| r.path.ends_with(".tar.gz") || r.path.ends_with(".md5")));
+    // ...but no line or page shows them.
+    let status = s.to_string();
+    assert!(!status.contains("s3cret"), "{status}");
+    assert!(status.contains("***@127.0.0.1"), "{status}");
+    let log = u.log_text();
+    assert!(!log.contains("s3cret"), "{log}");
+    assert!(log.contains("***@127.0.0.1"), "{log}");
+}
+
+/// Group- and world-writable modes from a tarball were kept, although agents run as root:
+/// any local user could rewrite `control` and run code as root.
+#[test]
+fn group_and_world_write_bits_from_a_tarball_are_dropped() {
+    use std::os::unix::fs::PermissionsExt as _;
+    use test_support::tarball::{publish, targz, Entry};
+    let mut meta = Meta::start(json!([]));
+    let script = test_support::agent::control_script("falcon", "1.0.0", Behaviour::Good);
+    let tb = targz(&[
+        Entry::File {
+            path: "control".into(),
+            mode: 0o777,
+            data: script.into_bytes(),
+        },
+        Entry::File {
+            path: "data.txt".into(),
+            mode: 0o666,
+            data: b"x".to_vec(),
+        },
+    ]);
+    publish(&meta.tarball_dir(), "falcon", "1.0.0", &tb);
+    meta.desire(&[("falcon", "1.0.0", "start")]);
+    let u = Updater::start(&meta.addr.to_string(), "host-01", |_| {});
+    u.wait_running("falcon", "1.0.0");
+    let mode = |p: &str| {
+        std::fs::metadata(u.work().join("falcon/1.0.0").join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("control"), 0o755);
+    assert_eq!(mode("data.txt"), 0o644);
 }

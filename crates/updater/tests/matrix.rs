@@ -305,6 +305,13 @@ fn run(protocol: &'static str, layout: Layout) {
         );
         c.wait_log(u, "new version failed; rolling back");
         c.wait_running(u, "1.1.0");
+        // Nothing waits in silence: the host says what it waits for, once.
+        let waits = if protocol == "legacy" {
+            "before trying this version again"
+        } else {
+            "the server has no job for this agent yet: not retried: upgrade 1.2.0 failed"
+        };
+        c.wait_log(u, waits);
     }
 
     // A wrong `.md5`: refused before anything is unpacked; 1.1.0 keeps running.

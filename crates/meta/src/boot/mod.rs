@@ -417,6 +417,11 @@ impl Boot {
             };
             let id = j.id.clone();
             let r = self.registry.with_hostname(h, |rec| {
+                // Only an agent the host reported can be uninstalled: a mistyped name
+                // (`cfg.json`) must not reach a host, which would take it for an agent.
+                if job.action == Action::Uninstall && !reported(rec, &job.name) {
+                    return Err("the host has not reported this agent; nothing to uninstall");
+                }
                 rec.jobs
                     .push_operator(j, batch.clone(), now, hold)
                     .map(|()| rec.serial.to_string())
@@ -587,6 +592,13 @@ impl Boot {
     pub fn sweep(&self, older_than: i64) -> usize {
         self.registry.sweep(older_than)
     }
+}
+
+/// True when the host's last report lists agent `name`.
+fn reported(rec: &registry::HostRec, name: &str) -> bool {
+    rec.report
+        .as_ref()
+        .is_some_and(|r| r.agents.iter().any(|a| a.name == name))
 }
 
 #[cfg(test)]

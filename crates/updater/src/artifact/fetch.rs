@@ -326,15 +326,15 @@ impl Fetcher {
             {
                 // The .part is complete, longer than the file, or the server answered a
                 // range we did not ask for: nothing in it can be trusted. Start over.
-                tracing::info!(url, offset, status = %resp.status(), "cannot resume download, starting over");
+                tracing::info!(url = %crate::redact(url), offset, status = %resp.status(), "cannot resume download, starting over");
                 drop(resp);
                 remove_quietly(&part).await;
                 offset = 0;
                 resp = self.get(url, None).await?;
             } else if resumable {
-                tracing::info!(url, offset, "resuming download");
+                tracing::info!(url = %crate::redact(url), offset, "resuming download");
             } else if resp.status().is_success() {
-                tracing::info!(url, offset, "server ignored the range, starting over");
+                tracing::info!(url = %crate::redact(url), offset, "server ignored the range, starting over");
                 offset = 0;
             }
         }
@@ -391,7 +391,17 @@ impl Fetcher {
 
         let mut size = offset;
         let streamed: Result<(), ArtifactError> = async {
-            while let Some(chunk) = self.next_chunk(url, &mut resp).await? {
+            loop {
+                // While waiting on the network, notice an unpacker that refused the archive:
+                // it must not take a server that stalls the read timeout to find out.
+                let next = match feed.as_deref_mut() {
+                    Some(f) => tokio::select! {
+                        next = self.next_chunk(url, &mut resp) => next?,
+                        () = f.closed() => return Err(unpacker_stopped()),
+                    },
+                    None => self.next_chunk(url, &mut resp).await?,
+                };
+                let Some(chunk) = next else { break };
                 size += chunk.len() as u64;
                 if size > max {
                     return Err(too_large());
@@ -429,7 +439,7 @@ impl Fetcher {
                 return Err(e);
             }
             Err(e) => {
-                tracing::warn!(url, bytes = size, error = %e, "download interrupted, keeping the partial file");
+                tracing::warn!(url = %crate::redact(url), bytes = size, error = %e, "download interrupted, keeping the partial file");
                 return Err(e);
             }
             Ok(()) => {}
@@ -445,7 +455,7 @@ impl Fetcher {
             .await
             .map_err(ArtifactError::io(&final_path))?;
         fsx::fsync_dir(dest_dir).map_err(ArtifactError::io(dest_dir))?;
-        tracing::info!(url, bytes = size, md5 = %digests.md5, "download verified");
+        tracing::info!(url = %crate::redact(url), bytes = size, md5 = %digests.md5, "download verified");
         Ok(digests)
     }
 }

@@ -212,11 +212,11 @@ async fn fetch_and_unpack(
         // Resuming: the bytes already on disk would have to be replayed into the unpacker
         // before the network's; the plain path is simpler and this case is rare.
         None if std::fs::symlink_metadata(&part).is_ok() => {
-            tracing::info!(agent = %name, version = %version, url = %tarball_url, "downloading");
+            tracing::info!(agent = %name, version = %version, url = %crate::redact(tarball_url), "downloading");
             (fetcher.download(tarball_url, dl, &file, want).await?, None)
         }
         None => {
-            tracing::info!(agent = %name, version = %version, url = %tarball_url, streamed = true, "downloading");
+            tracing::info!(agent = %name, version = %version, url = %crate::redact(tarball_url), streamed = true, "downloading");
             let (d, tmp) =
                 download_unpacking(fetcher, agent_dir, version, tarball_url, dl, &file, want)
                     .await?;

@@ -93,19 +93,19 @@ pub struct Digests {
 pub enum ArtifactError {
     #[error("cannot build the http client: {0}")]
     Client(String),
-    #[error("fetch {url}: {detail}")]
+    #[error("fetch {}: {detail}", crate::redact(url))]
     Http { url: String, detail: String },
-    #[error("fetch {url}: http status {status}")]
+    #[error("fetch {}: http status {status}", crate::redact(url))]
     Status { url: String, status: u16 },
-    #[error("fetch {url}: {what} timed out after {after:?}")]
+    #[error("fetch {}: {what} timed out after {after:?}", crate::redact(url))]
     Timeout {
         url: String,
         what: &'static str,
         after: Duration,
     },
-    #[error("fetch {url}: larger than the limit of {limit} bytes")]
+    #[error("fetch {}: larger than the limit of {limit} bytes", crate::redact(url))]
     TooLarge { url: String, limit: u64 },
-    #[error("bad md5 file {url}: {detail}")]
+    #[error("bad md5 file {}: {detail}", crate::redact(url))]
     BadMd5File { url: String, detail: String },
     #[error("{algo} mismatch for {file}: want {want}, got {got}")]
     Checksum {

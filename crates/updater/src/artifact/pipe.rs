@@ -82,6 +82,13 @@ impl Feed {
         sent
     }
 
+    /// Resolves once the reader has gone (the unpacker stopped), and counts that as a
+    /// stop, as [`Feed::send`] would have found it.
+    pub(crate) async fn closed(&mut self) {
+        self.tx.closed().await;
+        self.stopped = true;
+    }
+
     /// True when a [`Feed::send`] found the reader gone.
     pub(crate) fn stopped(&self) -> bool {
         self.stopped

@@ -182,9 +182,11 @@ fn clear_slot(ctx: &Ctx, member: &str, path: &Path) -> Result<(), ArtifactError>
     }
 }
 
-/// Mode bits kept from the archive: permissions only, never setuid, setgid or sticky.
+/// Mode bits kept from the archive: permissions only, never setuid, setgid or sticky, and
+/// never group or other write: agents run as root, and a world-writable `control` or binary
+/// from a careless tarball would let any local user run code as root.
 fn plain_mode(mode: u32) -> u32 {
-    mode & 0o777
+    mode & 0o755
 }
 
 /// Blocking (call via spawn_blocking). Unpack tarball into a temp sibling `<agent_dir>/.<version>.unpack-<rand>/`,

@@ -258,6 +258,11 @@ impl Runner {
         self.base.agent_dir(name)
     }
 
+    /// The updater's own files.
+    pub fn own(&self) -> Arc<crate::workdir::Own> {
+        self.base.own.clone()
+    }
+
     /// The agent's action lock (the one its control scripts run under).
     pub fn lock(&self, name: &str) -> Arc<Mutex<()>> {
         self.locks
@@ -286,6 +291,7 @@ impl Runner {
             retry: b.retry,
             shared: b.shared.clone(),
             envs,
+            own: b.own.clone(),
         })
     }
 
@@ -477,15 +483,21 @@ impl Runner {
     /// renamed to a hidden name first, so that a crash half-way leaves a folder that is no
     /// agent and is cleaned at the next start.
     async fn uninstall(&self, name: &str) -> Outcome {
-        let dir = self.agent_dir(name);
-        if std::fs::symlink_metadata(&dir).is_err() {
-            return (
-                ERR_OK,
-                format!("{name} is not installed; nothing to remove"),
-            );
-        }
         let lock = self.lock(name);
         let _g = lock.lock().await;
+        // Checked under the lock, right before acting: only an agent's folder is removed,
+        // never a file or folder that merely has a valid name (the updater's own config,
+        // an operator's data).
+        let dir = match self.base.check_agent(name) {
+            Ok(dir) => dir,
+            Err(crate::workdir::NotAgent::Missing { .. }) => {
+                return (
+                    ERR_OK,
+                    format!("{name} is not installed; nothing to remove"),
+                )
+            }
+            Err(e) => return (ERR_INVALID, format!("uninstall refused: {e}")),
+        };
         if let Some(version) = self.current(name) {
             let ctx = self.ctx_for(name);
             let once = Oneshot::new(ctx.clone(), name, lock.clone());
@@ -525,23 +537,46 @@ impl Runner {
     }
 }
 
-/// Removes folders left by an `uninstall` that was interrupted.
+/// Removes folders left by an `uninstall` that was interrupted: real folders named
+/// `.<agent>.uninstall-<32 hex digits>`, the name [`Runner::uninstall`] gives an agent's
+/// folder after checking it; nothing else of the workdir.
 pub fn clean_uninstall_leftovers(workdir: &Path) {
     let Ok(rd) = std::fs::read_dir(workdir) else {
         return;
     };
     for e in rd.flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
-        if n.starts_with('.') && n.contains(UNINSTALL_INFIX) {
+        if is_uninstall_leftover(&n) && e.file_type().is_ok_and(|t| t.is_dir()) {
             tracing::info!(dir = %e.path().display(), "removing an interrupted uninstall");
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
 }
 
+fn is_uninstall_leftover(file_name: &str) -> bool {
+    let Some(rest) = file_name.strip_prefix('.') else {
+        return false;
+    };
+    let Some((agent, id)) = rest.rsplit_once(UNINSTALL_INFIX) else {
+        return false;
+    };
+    proto::validate_agent_name(agent).is_ok()
+        && id.len() == 32
+        && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_uninstall_names_are_leftovers() {
+        let id = "0123456789abcdef0123456789abcdef";
+        assert!(is_uninstall_leftover(&format!(".basic.uninstall-{id}")));
+        assert!(!is_uninstall_leftover(&format!("basic.uninstall-{id}")));
+        assert!(!is_uninstall_leftover(".basic.uninstall-x"));
+        assert!(!is_uninstall_leftover(&format!("..uninstall-{id}")));
+    }
 
     fn job(action: Action) -> Job {
         Job {

@@ -234,6 +234,8 @@ struct Boot {
     started: Instant,
     /// What the server last said it cannot hand a job for yet; logged when it changes.
     waiting: Vec<proto::bootagent::Waiting>,
+    /// Rate limit of the lines about what the server sent.
+    log: crate::logcap::Limiter,
 }
 
 impl Boot {
@@ -314,6 +316,7 @@ impl Boot {
             needs_register: false,
             started,
             waiting: Vec::new(),
+            log: crate::logcap::Limiter::new(),
         })
     }
 
@@ -555,11 +558,16 @@ impl Boot {
         Ok(())
     }
 
-    /// Agents under the workdir (folders with a `.version`), each with its status read
+    /// Agents under the workdir ([`crate::workdir::agent_names`]), each with its status read
     /// under its action lock; an agent busy with a job, or whose script is slow, is
     /// reported with the last status known.
     async fn collect(&mut self) -> Vec<WireAgent> {
-        let names = agent_names(&self.cfg.workdir, &self.cfg.config.desired_agent);
+        let mut names = crate::workdir::agent_names(
+            &self.cfg.workdir,
+            &self.runner.own(),
+            &self.cfg.config.desired_agent,
+        );
+        names.truncate(MAX_AGENTS);
         let wait = STATUS_WAIT.min(self.runner_status_timeout());
         let futs = names.into_iter().map(|n| {
             let runner = self.runner.clone();
@@ -613,7 +621,12 @@ impl Boot {
         self.note_waiting(&answer.response.waiting);
         let mut changed = false;
         for bad in answer.bad_jobs {
-            tracing::warn!(id = ?bad.id, error = %bad.error, "unusable job");
+            let id = bad.id.as_deref().unwrap_or_default();
+            self.log.warn(
+                "unusable job",
+                id,
+                &format!("unusable job {id:?}: {}", bad.error),
+            );
             if let Some(id) = bad.id.filter(|i| !i.is_empty()) {
                 if self.book.seen(&id) != Seen::Finished && !self.running.contains_key(&id) {
                     self.book.finish(&id, ERR_INVALID, &bad.error, now_unix());
@@ -638,7 +651,11 @@ impl Boot {
             let sha = match exec::check(&job, &self.cfg.config.desired_agent) {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!(job = %job.id, action = job.action.as_str(), error = %e, "refusing a job");
+                    self.log.warn(
+                        "refused job",
+                        &job.name,
+                        &format!("refusing job {:?} ({}): {e}", job.id, job.action.as_str()),
+                    );
                     self.book.finish(&job.id, ERR_INVALID, &e, now_unix());
                     changed = true;
                     continue;
@@ -672,6 +689,7 @@ impl Boot {
         if changed {
             self.save_book();
         }
+        self.log.finish_round();
     }
 
     fn apply_config(&mut self, job: &Job) -> exec::Outcome {
@@ -707,26 +725,6 @@ fn first_start(cfg: &Resolved, path: &Path, servers: Vec<String>) -> Result<Meta
     metafile::save(path, &m)?;
     tracing::info!(agentsn = %m.agentsn, metafile = %path.display(), "first start: new serial");
     Ok(m)
-}
-
-/// Agent folders under the workdir (with a `.version`), sorted, at most [`MAX_AGENTS`].
-fn agent_names(workdir: &Path, only: &str) -> Vec<String> {
-    let mut names = Vec::new();
-    let Ok(rd) = std::fs::read_dir(workdir) else {
-        return names;
-    };
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if proto::validate_agent_name(&name).is_err() || (!only.is_empty() && name != only) {
-            continue;
-        }
-        if e.path().join(crate::fsx::VERSION_FILE).is_file() {
-            names.push(name);
-        }
-    }
-    names.sort();
-    names.truncate(MAX_AGENTS);
-    names
 }
 
 #[cfg(test)]

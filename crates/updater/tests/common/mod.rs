@@ -132,6 +132,9 @@ impl Meta {
             "debug": false,
             "tarballDir": self.tarball_dir(),
             "http": {"enabled": true, "listen": self.addr.to_string()},
+            // These tests count the requests their own file servers get: ops-meta must not
+            // download a tarball to hash it (tests/matrix.rs covers that).
+            "remoteHashMaxBytes": 0,
             "agents": self.agents,
         });
         test_support::write_file(
