@@ -409,3 +409,54 @@ cells! {
     auto_file_server_with_sha256: "auto", Layout::FileServer { sha256: true };
     auto_file_server_without_sha256: "auto", Layout::FileServer { sha256: false };
 }
+
+/// Seed 001's guide followed step by step with our two programs: `tarballDir` relative,
+/// the agent's tarball in `tarball/falcon/` with the `.md5` that `md5sum` writes, `tarball`
+/// pointing at ops-meta itself, the updater on its defaults (`protocol: auto`, a random
+/// first delay). The agent must be installed and started within two intervals.
+#[test]
+fn seed_001_guide_installs_and_starts_within_two_intervals() {
+    const INTERVAL: u64 = 3;
+    let mut meta = Meta::prepare(free_port(), json!([]));
+    let cfg = json!({
+        "debug": true,
+        "tarballDir": "./tarball",
+        "http": {"enabled": true, "listen": meta.addr.to_string()},
+        "agents": [{"default": {"name": AGENT, "version": "3.1.3",
+            "tarball": format!("{}/falcon", meta.base()), "md5": "", "cmd": "start"}}],
+    });
+    test_support::write_file(meta.dir.path(), "cfg.json", cfg.to_string());
+    let falcon = meta.tarball_dir().join("falcon");
+    test_support::tarball::publish(
+        &falcon,
+        AGENT,
+        "3.1.3",
+        &agent_tarball(AGENT, "3.1.3", Behaviour::Good),
+    );
+    meta.spawn();
+    let started = Instant::now();
+    let u = Updater::start(&meta.addr.to_string(), "guide-01", |c| {
+        let c = c.as_object_mut().unwrap();
+        c.remove("protocol");
+        c.remove("firstDelayMaxMs");
+        c.insert("interval".into(), json!(INTERVAL));
+    });
+    let dir = u.work().join(AGENT);
+    wait_for("falcon-agent 3.1.3 running", CONVERGE, || {
+        u.version_of(AGENT).as_deref() == Some("3.1.3")
+            && status_of(&dir.join("3.1.3")) == "started"
+    });
+    let took = started.elapsed();
+    // Two intervals, plus a little for the processes to start on a loaded machine.
+    assert!(
+        took <= Duration::from_secs(2 * INTERVAL + 2),
+        "installed after {took:?}; log:\n{}",
+        tail(&u.log_text())
+    );
+    // It went over BootAgent (auto against our own server), and ops-meta reports it.
+    assert!(get_json(meta.addr, "/api/hosts/guide-01").is_some());
+    wait_for("meta reports the agent", CONVERGE, || {
+        meta.reported(AGENT, "guide-01")
+            .is_some_and(|r| r["version"] == "3.1.3" && r["status"] == "started")
+    });
+}
