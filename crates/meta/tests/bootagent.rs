@@ -761,3 +761,180 @@ async fn silent_hosts_are_forgotten_and_must_register_again() {
     // Registering again with its old serial gives it back.
     assert_eq!(m.register("web-1", &sn).await.agentsn, sn);
 }
+
+/// A static file server that is not ours (Python's `http.server`: Last-Modified, 304 on
+/// If-Modified-Since, no ETag), for tarballs that live on another server.
+struct PyFiles {
+    _child: KillOnDrop,
+    dir: TempDir,
+    base: String,
+}
+
+impl PyFiles {
+    fn start() -> PyFiles {
+        let dir = test_support::tempdir().unwrap();
+        let port = test_support::free_port();
+        let mut cmd = command(Path::new("python3"));
+        cmd.args(["-m", "http.server", "--bind", "127.0.0.1"])
+            .arg(port.to_string())
+            .arg("--directory")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let child = KillOnDrop(cmd.spawn().expect("python3 runs the file server"));
+        test_support::wait_listening(([127, 0, 0, 1], port).into(), WAIT);
+        PyFiles {
+            _child: child,
+            base: format!("http://127.0.0.1:{port}/pkgs"),
+            dir,
+        }
+    }
+
+    fn publish(&self, name: &str, version: &str, data: &[u8]) -> (String, String) {
+        test_support::tarball::publish(&self.dir.path().join("pkgs"), name, version, data)
+    }
+}
+
+/// The agents of the remote-digest test, all on `base`.
+fn remote_agents(base: &str) -> String {
+    let one = |n: &str| {
+        format!(
+            r#"{{"default": {{"name": "{n}", "version": "1", "tarball": "{base}", "md5": "", "cmd": "start"}}}}"#
+        )
+    };
+    format!(
+        "[{}]",
+        ["sidecar", "download", "missing", "huge"]
+            .map(one)
+            .join(",")
+    )
+}
+
+/// What one report gets for each agent: its checksum, or why it waits.
+async fn jobs_and_waits(m: &Meta, req: &StatusRequest) -> (Vec<Job>, Vec<(String, String)>) {
+    let r = m.status(req).await;
+    let waits = r.waiting.into_iter().map(|w| (w.name, w.reason)).collect();
+    (r.jobs, waits)
+}
+
+#[tokio::test]
+async fn tarballs_on_another_server_get_their_digest_from_a_sha256_file_or_a_download() {
+    let files = PyFiles::start();
+    // A `.sha256` that is not the tarball's: the job carrying it proves it was read
+    // rather than computed.
+    let (_, _) = files.publish("sidecar", "1", b"sidecar tarball");
+    let told = "ab".repeat(32);
+    std::fs::write(
+        files.dir.path().join("pkgs/sidecar-1.tar.gz.sha256"),
+        format!("{told}  sidecar-1.tar.gz\n"),
+    )
+    .unwrap();
+    let (_, download_sha) = files.publish("download", "1", b"downloaded to be hashed");
+    let (huge_md5, _) = files.publish("huge", "1", &[7u8; 4096]);
+    let m = Meta::start(
+        r#""remoteRecheckSecs": 1, "remoteHashMaxBytes": 1000,"#,
+        &remote_agents(&files.base),
+    );
+    let sn = m.register("web-1", "").await.agentsn;
+    let req = report("web-1", &sn, &[], vec![]);
+    let deadline = Instant::now() + WAIT;
+    let (jobs, waits) = loop {
+        let (jobs, waits) = jobs_and_waits(&m, &req).await;
+        let sha = |n: &str| {
+            jobs.iter()
+                .find(|j| j.name == n)
+                .and_then(|j| parse_checksum(&j.checksum))
+        };
+        if sha("sidecar").is_some() && sha("download").is_some() {
+            break (jobs, waits);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "jobs {jobs:?}, waiting {waits:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let job = |n: &str| jobs.iter().find(|j| j.name == n).unwrap().clone();
+    assert_eq!(job("sidecar").checksum, format!("SHA256:{told}"));
+    assert_eq!(job("download").checksum, format!("SHA256:{download_sha}"));
+    // Beside the SHA-256, the `.md5` the legacy path checks.
+    assert_eq!(
+        job("download").md5,
+        test_support::digests(b"downloaded to be hashed").0
+    );
+    // Too big to download and no `.sha256`: the `.md5` still lets it be installed.
+    assert_eq!(job("huge").checksum, format!("MD5:{huge_md5}"));
+    // Not there at all: no job, and the reason says what ops-meta found.
+    assert!(!jobs.iter().any(|j| j.name == "missing"), "{jobs:?}");
+    let why = &waits.iter().find(|(n, _)| n == "missing").unwrap().1;
+    assert!(
+        why.contains("no checksum for missing-1.tar.gz yet") && why.contains("404"),
+        "{why}"
+    );
+
+    // The legacy heartbeat answer carries the learned SHA-256 too, and a tarball replaced
+    // on the other server is hashed again (a newer Last-Modified).
+    let sha_in_heartbeat = |body: String| {
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v["desiredAgents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == "download")
+            .and_then(|a| a["sha256"].as_str().map(str::to_string))
+    };
+    let hb = json!({"hostname": "legacy-1", "realAgents": []});
+    let (_, body) = m.post("/heartbeat", &hb).await;
+    assert_eq!(sha_in_heartbeat(body), Some(download_sha.clone()));
+    let newer = std::time::SystemTime::now() + Duration::from_secs(5);
+    let path = files.dir.path().join("pkgs/download-1.tar.gz");
+    std::fs::write(&path, b"replaced on the file server").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(newer)
+        .unwrap();
+    let (_, replaced) = test_support::digests(b"replaced on the file server");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, body) = m.post("/heartbeat", &hb).await;
+        if sha_in_heartbeat(body) == Some(replaced.clone()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replaced tarball was not hashed again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn require_sha256_refuses_the_md5_and_says_so() {
+    let files = PyFiles::start();
+    files.publish("huge", "1", &[7u8; 4096]);
+    let agents = format!(
+        r#"[{{"default": {{"name": "huge", "version": "1", "tarball": "{}", "md5": "", "cmd": "start"}}}}]"#,
+        files.base
+    );
+    let m = Meta::start(
+        r#""remoteRecheckSecs": 1, "remoteHashMaxBytes": 1000, "requireSha256": true,"#,
+        &agents,
+    );
+    let sn = m.register("web-1", "").await.agentsn;
+    let req = report("web-1", &sn, &[], vec![]);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (jobs, waits) = jobs_and_waits(&m, &req).await;
+        assert!(jobs.is_empty(), "{jobs:?}");
+        if let Some((_, why)) = waits.first() {
+            if why.contains("more than remoteHashMaxBytes") {
+                assert!(why.contains("requireSha256 refuses the MD5"), "{why}");
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "waiting: {waits:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
