@@ -547,3 +547,84 @@ async fn stale_hosts_are_dropped() {
     })
     .await;
 }
+
+/// Regression: a FIFO in tarballDir blocked a blocking-pool thread per request forever
+/// (about 512 requests hung every download and `/config/reload`), and the hasher followed
+/// a symlink out of tarballDir that the file server refused, so the digest of an outside
+/// file was sent to hosts.
+#[tokio::test]
+async fn a_fifo_or_an_escaping_symlink_in_tarball_dir_is_neither_served_nor_hashed() {
+    let m = Meta::start(|p| original_cfg(p, "1.0.0", r#""shaRecheckSecs": 1,"#));
+    nix::unistd::mkfifo(
+        &m.tarballs().join("falcon-agent-1.0.0.tar.gz"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    test_support::write_file(m.dir.path(), "secret.txt", "SECRET-OUTSIDE");
+    std::os::unix::fs::symlink(
+        m.dir.path().join("secret.txt"),
+        m.tarballs().join("falcon-agent-9.9.9.tar.gz"),
+    )
+    .unwrap();
+    test_support::write_file(&m.tarballs(), "ok.tar.gz", "fine");
+    let c = client();
+    // More requests for the FIFO than the blocking pool has threads, 64 at a time.
+    for _ in 0..10 {
+        let batch = (0..64).map(|_| {
+            let c = c.clone();
+            let url = m.url("/falcon-agent-1.0.0.tar.gz");
+            async move { c.get(url).send().await.unwrap().status().as_u16() }
+        });
+        for status in futures_util::future::join_all(batch).await {
+            assert_eq!(status, 404);
+        }
+    }
+    assert_eq!(get(&m, "/ok.tar.gz").await, (200, "fine".to_string()));
+    assert_eq!(get(&m, "/config/reload").await.0, 200);
+
+    // The digest task looked at both and refused them, with the reason, to BootAgent hosts.
+    let post = |path: &'static str, body: serde_json::Value| {
+        let (c, url) = (c.clone(), m.url(path));
+        async move {
+            let r = c.post(url).json(&body).send().await.unwrap();
+            r.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let reg = post(
+        "/agent/register",
+        serde_json::json!({"hostname": "lg-1", "agentsn": ""}),
+    )
+    .await;
+    let sn = reg["agentsn"].as_str().unwrap().to_string();
+    let reg = post(
+        "/agent/register",
+        serde_json::json!({"hostname": "web-1", "agentsn": ""}),
+    )
+    .await;
+    let sn_web = reg["agentsn"].as_str().unwrap().to_string();
+    let status = |host: &'static str, sn: String| {
+        let body = serde_json::json!({"hostname": host, "agentsn": sn, "agents": []});
+        post("/agent/status", body)
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    let lg = loop {
+        let lg = status("lg-1", sn.clone()).await;
+        let web = status("web-1", sn_web.clone()).await;
+        let says = |v: &serde_json::Value, what: &str| {
+            v["waiting"][0]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains(what))
+        };
+        if says(&lg, "resolves outside tarballDir") && says(&web, "not a regular file") {
+            break lg;
+        }
+        assert!(std::time::Instant::now() < deadline, "{lg} {web}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(lg["jobs"], serde_json::json!([]), "{lg}");
+    for host in ["lg-1", "web-1"] {
+        let (_, body) = heartbeat(&m, host, "[]").await;
+        let r: HeartbeatResponse = serde_json::from_str(&body).unwrap();
+        assert_eq!(r.desired_agents[0].sha256, None, "{host}: {body}");
+    }
+}
