@@ -38,6 +38,15 @@ pub const fn default_request_timeout_secs() -> u64 {
 pub const fn default_header_read_timeout_secs() -> u64 {
     10
 }
+/// Default time a connection with bytes waiting to be sent may go without the client
+/// reading any of them.
+pub const fn default_write_timeout_secs() -> u64 {
+    30
+}
+/// Default number of status pages (`/status/json|text/NAME`) sent at the same time.
+pub const fn default_max_status_streams() -> u64 {
+    64
+}
 /// Default time between two checks of the tarballs ops-meta hashes itself.
 pub const fn default_sha_recheck_secs() -> u64 {
     10
@@ -85,6 +94,12 @@ pub struct Config {
     /// `headerReadTimeoutSecs` (ours): a connection that does not send its request
     /// headers in this time is closed. Read at start-up only.
     pub header_read_timeout_secs: u64,
+    /// `writeTimeoutSecs` (ours): a connection whose answer has waited this long without
+    /// the client reading a byte of it is closed. Read for each new connection.
+    pub write_timeout_secs: u64,
+    /// `maxStatusStreams` (ours): status pages sent at the same time; one more gets 503
+    /// with `Retry-After`.
+    pub max_status_streams: u64,
     /// `shaRecheckSecs` (ours): how often local tarballs are checked for change to
     /// recompute their SHA-256; 0 turns computing SHA-256 off.
     pub sha_recheck_secs: u64,
@@ -454,6 +469,8 @@ impl Parser {
             "maxAgentsPerHeartbeat",
             "requestTimeoutSecs",
             "headerReadTimeoutSecs",
+            "writeTimeoutSecs",
+            "maxStatusStreams",
             "shaRecheckSecs",
             "shutdownGraceSecs",
             "tagRules",
@@ -516,6 +533,20 @@ impl Parser {
                 default_header_read_timeout_secs(),
                 1,
                 3600,
+            ),
+            write_timeout_secs: self.number(
+                m,
+                "writeTimeoutSecs",
+                default_write_timeout_secs(),
+                1,
+                3600,
+            ),
+            max_status_streams: self.number(
+                m,
+                "maxStatusStreams",
+                default_max_status_streams(),
+                1,
+                100_000,
             ),
             sha_recheck_secs: self.number(m, "shaRecheckSecs", default_sha_recheck_secs(), 0, DAY),
             shutdown_grace_secs: self.number(
@@ -967,7 +998,7 @@ mod tests {
             r#"{{"tarballDir": "t", "http": {{"enabled": false}}, "staleHostSecs": 5,
             "sweepIntervalSecs": 1, "maxBodyBytes": 100, "maxAgentsPerHeartbeat": 2,
             "requestTimeoutSecs": 3, "headerReadTimeoutSecs": 4, "shaRecheckSecs": 0,
-            "shutdownGraceSecs": 6,
+            "shutdownGraceSecs": 6, "writeTimeoutSecs": 7, "maxStatusStreams": 8,
             "agents": [{{"default": {{"name": "a", "version": "1", "tarball": "http://x",
                 "cmd": "start", "sha256": "{sha}"}}}}]}}"#
         );
@@ -985,6 +1016,7 @@ mod tests {
             ),
             (5, 1, 100, 2, 3, 4, 0, 6)
         );
+        assert_eq!((c.write_timeout_secs, c.max_status_streams), (7, 8));
         assert_eq!(
             c.agents[0].default.as_ref().unwrap().sha256.as_deref(),
             Some(sha.to_lowercase().as_str())

@@ -14,6 +14,7 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod tarfs;
+pub mod wire;
 
 pub use http::{app, AppError};
 pub use server::{run, RunError, Server};

@@ -1,8 +1,9 @@
-//! Running the server: the accept loop (hyper, with a header-read timeout and graceful
-//! shutdown), the background tasks (stale-host sweep, tarball checksums), and the signal
+//! Running the server: the accept loop (hyper over [`crate::wire`], with a header-read
+//! timeout, a write timeout and graceful shutdown), the background tasks (stale-host sweep, tarball checksums), and the signal
 //! loop of the binary (SIGHUP reloads, SIGTERM/SIGINT shut down).
 
 use std::convert::Infallible;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use tower::ServiceExt;
 
 use crate::config::{self, ConfigError};
 use crate::http::{app, unix_now, AppState, HeartbeatConn, HEARTBEAT_PATH};
+use crate::wire::{self, Wire};
 
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +166,7 @@ async fn serve_connection(
     mut shutdown: watch::Receiver<bool>,
     header_timeout: Duration,
 ) {
+    let write_timeout = Duration::from_secs(state.current.load().config.write_timeout_secs);
     let heartbeats = HeartbeatConn::new(state);
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         // The heartbeat, nearly all of the traffic, skips the router (see http::heartbeat).
@@ -174,23 +177,29 @@ async fn serve_connection(
             Either::Right(router.clone().oneshot(req))
         }
     });
+    let (mut wire, io) = Wire::new(stream, write_timeout);
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
+        .max_buf_size(wire::MAX_HEAD_BYTES)
+        .max_header_size(wire::MAX_HEAD_BYTES)
         .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), svc);
+        .serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        }
-        _ = stopped(&mut shutdown) => {
+    let stop = stopped(&mut shutdown);
+    tokio::pin!(stop);
+    let mut stopping = false;
+    let r = poll_fn(|cx| {
+        if !stopping && stop.as_mut().poll(cx).is_ready() {
             // Finish the request in flight, then close; idle connections close at once.
+            stopping = true;
             conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
         }
+        wire.poll_drive(cx, conn.as_mut())
+    })
+    .await;
+    if let Err(e) = r {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }
 

@@ -12,6 +12,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use foldhash::fast::RandomState;
@@ -53,6 +54,12 @@ pub trait FleetStore: Send + Sync + 'static {
     fn host_count(&self) -> usize;
     /// Drops every host last seen before `older_than`; returns how many were dropped.
     fn sweep(&self, older_than: i64) -> usize;
+    /// A number that changes whenever what [`FleetStore::agent_status`] returns may
+    /// change, so that a snapshot can be shared until it does; `None` when the backend
+    /// cannot tell (then snapshots are shared only for a short time).
+    fn generation(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Marks a row of [`AgentStatus`] whose host does not report the agent.
@@ -333,7 +340,28 @@ struct HostEntry {
     rec: HostRec,
 }
 
-type Shard = RwLock<HashTable<HostEntry>>;
+/// One shard: its table behind its lock, and a count of the changes made to it, bumped
+/// under the write lock (whose cache line the writer already owns, so it costs nothing
+/// the lock does not).
+#[derive(Debug, Default)]
+struct Shard {
+    map: RwLock<HashTable<HostEntry>>,
+    changes: AtomicU64,
+}
+
+impl std::ops::Deref for Shard {
+    type Target = RwLock<HashTable<HostEntry>>;
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl Shard {
+    /// Counts a change; call with the write lock held.
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 /// The in-memory [`FleetStore`].
 #[derive(Debug)]
@@ -384,7 +412,7 @@ impl MemStore {
     /// A store whose interners hold at most the given numbers of strings (tests use small ones).
     pub fn with_caps(names: usize, statuses: usize) -> MemStore {
         MemStore {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashTable::new())).collect(),
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
             hasher: RandomState::default(),
             names: Interner::new(names),
             statuses: Interner::new(statuses),
@@ -502,6 +530,7 @@ impl FleetStore for MemStore {
             let mut m = shard.write();
             if let Some(e) = m.find_mut(hash, eq) {
                 if self.same_report(&e.rec, agents) {
+                    shard.changed();
                     e.rec.last_seen = now;
                     for (r, a) in e.rec.agents.iter_mut().zip(agents) {
                         r.timestamp = a.timestamp;
@@ -512,6 +541,7 @@ impl FleetStore for MemStore {
         }
         let (recs, local) = self.compile(agents);
         let mut m = shard.write();
+        shard.changed();
         match m.find_mut(hash, eq) {
             Some(e) => {
                 e.rec.last_seen = now;
@@ -596,12 +626,26 @@ impl FleetStore for MemStore {
         self.shards.iter().map(|s| s.read().len()).sum()
     }
 
+    /// The sum of the shards' change counts: each only grows, so the sum changes
+    /// whenever one does.
+    fn generation(&self) -> Option<u64> {
+        Some(
+            self.shards
+                .iter()
+                .map(|s| s.changes.load(Ordering::Acquire))
+                .fold(0u64, u64::wrapping_add),
+        )
+    }
+
     fn sweep(&self, older_than: i64) -> usize {
         let mut dropped = 0;
         for shard in self.shards.iter() {
             let mut m = shard.write();
             let before = m.len();
             m.retain(|e| e.rec.last_seen >= older_than);
+            if m.len() != before {
+                shard.changed();
+            }
             dropped += before - m.len();
             // Give memory back after a large fleet shrank.
             if m.capacity() > 64 && m.len() < m.capacity() / 4 {
@@ -807,6 +851,28 @@ mod tests {
         assert_eq!(got, vec![("b", None), ("m", Some("2")), ("z", Some("1"))]);
         assert_eq!(st.get(2).unwrap().agent.unwrap().name, "a");
         assert_eq!(st.get(3), None);
+    }
+
+    #[test]
+    fn generation_changes_with_every_report_and_sweep_only() {
+        let s = MemStore::new();
+        let g = |s: &MemStore| s.generation().unwrap();
+        let g0 = g(&s);
+        put(&s, "h", &[agent("a", "1", "started", 1)], 100);
+        let g1 = g(&s);
+        assert_ne!(g1, g0);
+        // Reads change nothing.
+        let _ = s.agent_status("a");
+        let _ = s.host("h");
+        assert_eq!(g(&s), g1);
+        // Only a timestamp moved: still a change, the page shows timestamps.
+        put(&s, "h", &[agent("a", "1", "started", 2)], 101);
+        let g2 = g(&s);
+        assert_ne!(g2, g1);
+        assert_eq!(s.sweep(50), 0);
+        assert_eq!(g(&s), g2);
+        assert_eq!(s.sweep(200), 1);
+        assert_ne!(g(&s), g2);
     }
 
     #[test]

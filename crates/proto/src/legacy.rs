@@ -3,66 +3,167 @@
 //!
 //! Parsing is as tolerant as the original Go decoder was: unknown fields are ignored, a
 //! missing or `null` field takes its zero value, so a fork that added fields still talks
-//! to us.
+//! to us; a key given twice in a request takes its last value.
 
 use std::borrow::Cow;
 use std::fmt;
+use std::marker::PhantomData;
 
-use serde::de::{self, Visitor};
+use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
-/// What a host reports every round.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// What a host reports every round. Read through [`HeartbeatRequestRef`] (same rules).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct HeartbeatRequest {
-    #[serde(default, deserialize_with = "null_default")]
     pub hostname: String,
     /// The agents found on the host. Absent or `null` means none.
-    #[serde(rename = "realAgents", default, deserialize_with = "null_default")]
+    #[serde(rename = "realAgents")]
     pub real_agents: Vec<RealAgent>,
 }
 
-/// One agent as the host found it, read from `control status`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// One agent as the host found it, read from `control status`. Read through
+/// [`RealAgentRef`] (same rules).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct RealAgent {
-    #[serde(default, deserialize_with = "null_default")]
     pub name: String,
-    #[serde(default, deserialize_with = "null_default")]
     pub version: String,
     /// `started`, `stoped` (sic) or `stopped`, or an error text when the script failed.
-    #[serde(default, deserialize_with = "null_default")]
     pub status: String,
     /// Unix seconds at which the host looked.
-    #[serde(default, deserialize_with = "null_default")]
     pub timestamp: i64,
 }
 
 /// [`HeartbeatRequest`] read without copying: the strings borrow from the request body
 /// unless they hold JSON escapes. Same field names and the same tolerance (absent, `null`,
-/// unknown fields) as the owned type; the server's hot path reads this one.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+/// unknown fields, a key given twice) as the owned type; the server's hot path reads this
+/// one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HeartbeatRequestRef<'a> {
-    #[serde(borrow, default, deserialize_with = "null_default_cow")]
     pub hostname: Cow<'a, str>,
-    #[serde(
-        borrow,
-        rename = "realAgents",
-        default,
-        deserialize_with = "null_default"
-    )]
     pub real_agents: Vec<RealAgentRef<'a>>,
 }
 
 /// [`RealAgent`] with borrowed strings. Serializes to exactly the bytes [`RealAgent`] does.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct RealAgentRef<'a> {
-    #[serde(borrow, default, deserialize_with = "null_default_cow")]
     pub name: Cow<'a, str>,
-    #[serde(borrow, default, deserialize_with = "null_default_cow")]
     pub version: Cow<'a, str>,
-    #[serde(borrow, default, deserialize_with = "null_default_cow")]
     pub status: Cow<'a, str>,
-    #[serde(default, deserialize_with = "null_default")]
     pub timestamp: i64,
+}
+
+// The request types are read by hand rather than derived: serde's derive refuses a key
+// given twice ("duplicate field"), while Go's decoder, which the original server used,
+// assigns every occurrence in turn, so the last one wins. Each occurrence is still read
+// and type-checked, as Go does.
+
+impl<'de: 'a, 'a> Deserialize<'de> for HeartbeatRequestRef<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = HeartbeatRequestRef<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a heartbeat object")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<Self::Value, M::Error> {
+                let mut out = HeartbeatRequestRef::default();
+                while let Some(key) = m.next_key_seed(Key(&["hostname", "realAgents"]))? {
+                    match key {
+                        Some(0) => out.hostname = m.next_value::<NullCow<'a>>()?.0,
+                        Some(1) => out.real_agents = m.next_value::<OrZero<_>>()?.0,
+                        _ => {
+                            m.next_value::<de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_map(V(PhantomData))
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for RealAgentRef<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = RealAgentRef<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an agent object")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<Self::Value, M::Error> {
+                let mut out = RealAgentRef::default();
+                const KEYS: &[&str] = &["name", "version", "status", "timestamp"];
+                while let Some(key) = m.next_key_seed(Key(KEYS))? {
+                    match key {
+                        Some(0) => out.name = m.next_value::<NullCow<'a>>()?.0,
+                        Some(1) => out.version = m.next_value::<NullCow<'a>>()?.0,
+                        Some(2) => out.status = m.next_value::<NullCow<'a>>()?.0,
+                        Some(3) => out.timestamp = m.next_value::<OrZero<i64>>()?.0,
+                        _ => {
+                            m.next_value::<de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_map(V(PhantomData))
+    }
+}
+
+impl<'de> Deserialize<'de> for HeartbeatRequest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        HeartbeatRequestRef::deserialize(d).map(|r| r.to_owned_request())
+    }
+}
+
+impl<'de> Deserialize<'de> for RealAgent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        RealAgentRef::deserialize(d).map(|a| a.to_owned_agent())
+    }
+}
+
+/// Reads an object key as its index in a list of known field names (`None`: unknown),
+/// without allocating.
+struct Key(&'static [&'static str]);
+
+impl<'de> DeserializeSeed<'de> for Key {
+    type Value = Option<usize>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_identifier(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Key {
+    type Value = Option<usize>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a field name")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(self.0.iter().position(|k| *k == v))
+    }
+    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
+        Ok(self.0.iter().position(|k| k.as_bytes() == v))
+    }
+}
+
+/// A value read by [`null_default`]: `null` is the zero value.
+struct OrZero<T>(T);
+
+impl<'de, T: Default + Deserialize<'de>> Deserialize<'de> for OrZero<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        null_default(d).map(OrZero)
+    }
+}
+
+/// A string read by [`null_default_cow`]: borrowed when it can be, `null` is empty.
+struct NullCow<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for NullCow<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        null_default_cow(d).map(NullCow)
+    }
 }
 
 impl<'a> From<&'a RealAgent> for RealAgentRef<'a> {
@@ -314,7 +415,6 @@ mod tests {
         let bodies = [
             r#"{"hostname":5}"#,
             r#"{"hostname":["h"]}"#,
-            r#"{"hostname":"h","hostname":"g"}"#,
             r#"{"hostname":"h","realAgents":{}}"#,
             r#"{"hostname":"h","realAgents":[{"name":1}]}"#,
             r#"{"hostname":"h","realAgents":[{"timestamp":"5"}]}"#,
@@ -340,6 +440,32 @@ mod tests {
             let borrowed = serde_json::from_slice::<HeartbeatRequestRef>(b).ok();
             assert_eq!(borrowed.map(|r| r.to_owned_request()), owned, "{b:?}");
         }
+    }
+
+    /// A heartbeat with a key given twice got 400 (serde's derive refuses duplicate
+    /// fields), where the Go original's decoder took the last value.
+    #[test]
+    fn duplicate_keys_in_a_heartbeat_take_the_last_value() {
+        let b = r#"{"hostname":"h","realAgents":[{"name":"x"}],"hostname":"g",
+            "realAgents":[{"name":"a","version":"1","name":"b","status":"s","timestamp":1,"timestamp":null}],
+            "hostname":"web-1"}"#;
+        let want = HeartbeatRequest {
+            hostname: "web-1".into(),
+            real_agents: vec![RealAgent {
+                name: "b".into(),
+                version: "1".into(),
+                status: "s".into(),
+                timestamp: 0,
+            }],
+        };
+        let owned: HeartbeatRequest = serde_json::from_str(b).unwrap();
+        assert_eq!(owned, want);
+        let borrowed: HeartbeatRequestRef = serde_json::from_str(b).unwrap();
+        assert_eq!(borrowed.to_owned_request(), want);
+        assert!(matches!(borrowed.hostname, Cow::Borrowed("web-1")));
+        // The value given first is still checked: a wrong type is refused, as in Go.
+        let bad = r#"{"hostname":5,"hostname":"h"}"#;
+        assert!(serde_json::from_str::<HeartbeatRequestRef>(bad).is_err());
     }
 
     #[test]

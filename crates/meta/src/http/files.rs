@@ -159,6 +159,13 @@ fn secs(t: SystemTime) -> u64 {
 
 /// `If-None-Match` (when present, it alone decides), else `If-Modified-Since`.
 fn not_modified(h: &HeaderMap, etag: &str, mtime: SystemTime) -> bool {
+    not_modified_at(h, etag, mtime, SystemTime::now())
+}
+
+/// [`not_modified`] with the server's clock reading `now`. An `If-Modified-Since` later
+/// than `now` is invalid (RFC 9110, 13.1.3) and ignored: a client with a clock ahead, or
+/// one guessing, must get the file rather than a 304 for a copy it may not have.
+fn not_modified_at(h: &HeaderMap, etag: &str, mtime: SystemTime, now: SystemTime) -> bool {
     if let Some(inm) = h.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
         let bare = etag.trim_start_matches("W/");
         return inm
@@ -171,7 +178,7 @@ fn not_modified(h: &HeaderMap, etag: &str, mtime: SystemTime) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| httpdate::parse_http_date(v).ok())
     {
-        return secs(mtime) <= secs(ims);
+        return secs(ims) <= secs(now) && secs(mtime) <= secs(ims);
     }
     false
 }
@@ -198,7 +205,8 @@ enum RangeReq {
 }
 
 /// One `bytes=` range; several ranges or a malformed header get the whole file, as RFC
-/// 9110 allows.
+/// 9110 allows. Positions too large for a `u64` are still positions: a last byte past the
+/// end is clamped to the last byte, a first byte past the end is unsatisfiable.
 fn parse_range(h: &str, len: u64) -> RangeReq {
     let Some(spec) = h.trim().strip_prefix("bytes=") else {
         return RangeReq::Full;
@@ -213,7 +221,8 @@ fn parse_range(h: &str, len: u64) -> RangeReq {
         if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
             None
         } else {
-            s.parse().ok()
+            // Only digits: the one way to fail is overflow, which is past any length.
+            Some(s.parse().unwrap_or(u64::MAX))
         }
     };
     match (a.is_empty(), num(a), num(b)) {
@@ -268,5 +277,59 @@ mod tests {
         for (h, len, want) in cases {
             assert_eq!(parse_range(h, len), want, "{h} of {len}");
         }
+    }
+
+    /// `Range: bytes=0-<huge>` got 200 with the whole file: a last-byte-pos too large for
+    /// a u64 failed to parse and the header was ignored, where RFC 9110 clamps it to the
+    /// last byte (206).
+    #[test]
+    fn huge_range_positions_clamp_to_the_length() {
+        let huge = "9".repeat(40);
+        let cases = [
+            (format!("bytes=0-{huge}"), 100, RangeReq::One(0, 99)),
+            (format!("bytes=10-{}", u64::MAX), 100, RangeReq::One(10, 99)),
+            (format!("bytes=-{huge}"), 100, RangeReq::One(0, 99)),
+            (format!("bytes={huge}-"), 100, RangeReq::Unsatisfiable),
+            (format!("bytes={huge}-{huge}"), 100, RangeReq::Unsatisfiable),
+            (format!("bytes={huge}-5"), 100, RangeReq::Full),
+            (format!("bytes=0-{huge}"), 0, RangeReq::Unsatisfiable),
+        ];
+        for (h, len, want) in cases {
+            assert_eq!(parse_range(&h, len), want, "{h} of {len}");
+        }
+    }
+
+    /// An `If-Modified-Since` later than the server's clock got 304; RFC 9110 (13.1.3)
+    /// makes such a date invalid, so the header is ignored and the file sent.
+    #[test]
+    fn if_modified_since_in_the_future_is_ignored() {
+        let mtime = UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let now = mtime + std::time::Duration::from_secs(3600);
+        let check = |ims: SystemTime, want: bool| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::IF_MODIFIED_SINCE,
+                httpdate::fmt_http_date(ims).parse().unwrap(),
+            );
+            assert_eq!(
+                not_modified_at(&h, "\"x\"", mtime, now),
+                want,
+                "If-Modified-Since {}",
+                httpdate::fmt_http_date(ims)
+            );
+        };
+        check(mtime, true);
+        check(now, true);
+        check(mtime - std::time::Duration::from_secs(1), false);
+        check(now + std::time::Duration::from_secs(1), false);
+        check(now + std::time::Duration::from_secs(365 * 86_400), false);
+        // The real clock: a date a day ahead is ignored.
+        let mut h = HeaderMap::new();
+        let tomorrow = SystemTime::now() + std::time::Duration::from_secs(86_400);
+        h.insert(
+            header::IF_MODIFIED_SINCE,
+            httpdate::fmt_http_date(tomorrow).parse().unwrap(),
+        );
+        assert!(!not_modified(&h, "\"x\"", mtime));
     }
 }

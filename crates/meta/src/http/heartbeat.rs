@@ -128,8 +128,9 @@ where
 {
     let cfg = &desired.config;
     let bytes = super::agent::read_body(headers, body, cfg.max_body_bytes).await?;
-    // serde would read a JSON list positionally into the struct; Go's decoder refuses a
-    // list, and reads `null` as the zero value (so: hostname is blank).
+    // Go's decoder refuses anything but an object (a list included), and reads `null` as
+    // the zero value (so: hostname is blank). A key given twice takes its last value, as
+    // in Go (`proto::legacy` reads the request by hand for that).
     let trimmed = bytes.trim_ascii();
     if trimmed == b"null" {
         return Err(AppError::HostnameBlank);

@@ -33,7 +33,28 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             request_timeout,
         ))
+        .layer(middleware::from_fn(text_errors))
         .with_state(state)
+}
+
+/// Gives a plain-text body to an error answer that has none: the router's own 405 for a
+/// known path asked with another method, and any like it. Every error status carries
+/// text, as the docs promise; headers the router set (`Allow`) are kept.
+async fn text_errors(req: Request, next: Next) -> Response {
+    let r = next.run(req).await;
+    let status = r.status();
+    if !(status.is_client_error() || status.is_server_error())
+        || hyper::body::Body::size_hint(r.body()).exact() != Some(0)
+    {
+        return r;
+    }
+    let (mut parts, _) = r.into_parts();
+    let text = AppError::Bare(status).into_response();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    for (name, value) in text.headers() {
+        parts.headers.insert(name, value.clone());
+    }
+    Response::from_parts(parts, text.into_body())
 }
 
 /// Answers 408 when a handler (reading the body included) takes longer than
@@ -88,10 +109,23 @@ pub enum AppError {
     /// Detail is logged, never sent.
     #[error("internal error")]
     Internal(String),
+    /// Too many status pages are being sent (`maxStatusStreams`); 503 with `Retry-After`.
+    #[error("{max} status pages are being sent, the limit (maxStatusStreams); retry later")]
+    Busy { max: u64, retry_after_secs: u64 },
+    /// hyper could not parse the request head (the connection answers it, see `wire`).
+    #[error("malformed HTTP request")]
+    MalformedRequest,
+    #[error("request URI is longer than {max} bytes")]
+    UriTooLong { max: usize },
+    #[error("request header fields are too large: at most {fields} fields and {bytes} bytes")]
+    HeadersTooLarge { fields: usize, bytes: usize },
+    /// An error answer made without a handler (the router's 405): the status's reason.
+    #[error("{}", .0.canonical_reason().unwrap_or("error").to_ascii_lowercase())]
+    Bare(StatusCode),
 }
 
 impl AppError {
-    fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             AppError::BodyBlank
             | AppError::BodyFormat
@@ -110,6 +144,11 @@ impl AppError {
             AppError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             AppError::ReloadRefused(_) => StatusCode::BAD_REQUEST,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            AppError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::MalformedRequest => StatusCode::BAD_REQUEST,
+            AppError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            AppError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            AppError::Bare(s) => *s,
         }
     }
 }
@@ -141,6 +180,11 @@ impl IntoResponse for AppError {
             }
             AppError::Timeout { .. } => {
                 h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            AppError::Busy {
+                retry_after_secs, ..
+            } => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
             _ => {}
         }

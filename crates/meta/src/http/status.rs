@@ -3,64 +3,177 @@
 //! The status pages cover every known host, which can be a million. They are written from
 //! the store's compact [`AgentStatus`] in pieces of [`PIECE`] bytes as the client reads,
 //! never whole: a page that fits in one piece goes out as one plain body.
+//!
+//! A snapshot is as large as the fleet (about 45 bytes a host), and a client that asks
+//! for a page and never reads it holds its snapshot until the write timeout drops it
+//! ([`crate::wire`]). So pages being sent at the same time share snapshots: a request for
+//! an agent whose snapshot is still being sent to someone gets that one when the store
+//! has not changed since it was taken (its generation) or it is younger than
+//! [`SHARE_WINDOW`]; only one request builds a new one at a time ([`StatusPages`]). At most `maxStatusStreams` pages are sent at once; one more gets
+//! 503 with `Retry-After`.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
+use axum::{Extension, Router};
 use chrono::TimeZone;
+use tokio::time::Instant;
 
 use super::{AppError, AppState};
 use crate::store::{AgentStatus, StatusEntry};
 
 /// Bytes of a status page written at a time.
 pub const PIECE: usize = 64 * 1024;
+/// How long a snapshot that is still being sent is given to further requests for the
+/// same agent. Hosts report every few seconds or more, so a page this much older than
+/// its request shows nothing a fresh one would not, give or take one round.
+pub const SHARE_WINDOW: Duration = Duration::from_secs(1);
+/// `Retry-After` of the 503 past `maxStatusStreams`.
+pub const RETRY_AFTER_SECS: u64 = 5;
 
 pub(super) fn router() -> Router<AppState> {
     Router::new()
         .route("/status/json/{name}", get(status_json))
         .route("/status/text/{name}", get(status_text))
+        .layer(Extension(Arc::new(StatusPages::default())))
         .route("/health", get(|| async { "ok" }))
         .route("/version", get(|| async { crate::VERSION }))
+}
+
+/// What the status pages of one server share: the snapshots being sent, by agent name,
+/// and the number of pages being sent.
+#[derive(Debug, Default)]
+pub struct StatusPages {
+    snapshots: parking_lot::Mutex<HashMap<Box<str>, Arc<tokio::sync::Mutex<Shared>>>>,
+    streams: Arc<AtomicU64>,
+}
+
+/// The last snapshot of one agent: alive while some page is still being sent from it.
+#[derive(Debug, Default)]
+struct Shared {
+    snapshot: Weak<AgentStatus>,
+    taken: Option<Instant>,
+    /// [`crate::FleetStore::generation`] read before it was taken.
+    generation: Option<u64>,
+}
+
+/// One of the `maxStatusStreams` places, held until the page is sent (or dropped).
+#[derive(Debug)]
+struct Stream(Arc<AtomicU64>);
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl StatusPages {
+    /// A place to send one page, or 503 when `max` are being sent.
+    fn stream(&self, max: u64) -> Result<Stream, AppError> {
+        if self.streams.fetch_add(1, Ordering::AcqRel) >= max {
+            self.streams.fetch_sub(1, Ordering::AcqRel);
+            return Err(AppError::Busy {
+                max,
+                retry_after_secs: RETRY_AFTER_SECS,
+            });
+        }
+        Ok(Stream(self.streams.clone()))
+    }
+
+    /// The snapshot of agent `name`: the one still being sent if the store has not
+    /// changed since or it is recent enough, else a new one, built off the runtime while
+    /// other requests for it wait.
+    async fn snapshot(&self, st: &AppState, name: &str) -> Arc<AgentStatus> {
+        let slot = {
+            let mut m = self.snapshots.lock();
+            // Forget agents nobody is sending or waiting for; what is left is bounded
+            // by the pages in flight.
+            m.retain(|_, s| {
+                Arc::strong_count(s) > 1
+                    || s.try_lock().map_or(true, |s| s.snapshot.strong_count() > 0)
+            });
+            m.entry(name.into()).or_default().clone()
+        };
+        let mut shared = slot.lock().await;
+        // Read before the snapshot is taken: a change while it is built makes it stale.
+        let generation = st.store.generation();
+        if let (Some(s), Some(taken)) = (shared.snapshot.upgrade(), shared.taken) {
+            let unchanged = generation.is_some() && generation == shared.generation;
+            if unchanged || taken.elapsed() < SHARE_WINDOW {
+                return s;
+            }
+        }
+        let store = st.store.clone();
+        let owned = name.to_string();
+        let s = tokio::task::spawn_blocking(move || store.agent_status(&owned))
+            .await
+            .map(Arc::new)
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        *shared = Shared {
+            snapshot: Arc::downgrade(&s),
+            taken: Some(Instant::now()),
+            generation,
+        };
+        s
+    }
 }
 
 /// `{"host": {"name","version","status","timestamp"} | null, ...}`, sorted by hostname;
 /// each value serialized through the proto type.
 async fn status_json(
     State(st): State<AppState>,
+    Extension(pages): Extension<Arc<StatusPages>>,
     Path(name): Path<String>,
 ) -> Result<Response, AppError> {
-    proto::validate_agent_name(&name)?;
-    let status = st.store.agent_status(&name);
-    Ok(page(Page::new(status, Format::Json), "application/json"))
+    status(&st, &pages, &name, Format::Json).await
 }
 
 /// One line per host: `hostname version status timestamp YYYY-MM-DD HH:MM:SS` (local
 /// time), or `hostname not found`.
 async fn status_text(
     State(st): State<AppState>,
+    Extension(pages): Extension<Arc<StatusPages>>,
     Path(name): Path<String>,
 ) -> Result<Response, AppError> {
-    proto::validate_agent_name(&name)?;
-    let status = st.store.agent_status(&name);
-    Ok(page(
-        Page::new(status, Format::Text),
-        "text/plain; charset=utf-8",
-    ))
+    status(&st, &pages, &name, Format::Text).await
 }
 
-/// The response for a page: one body when it fits in a piece, else a stream of pieces.
-fn page(mut p: Page, content_type: &'static str) -> Response {
+async fn status(
+    st: &AppState,
+    pages: &StatusPages,
+    name: &str,
+    format: Format,
+) -> Result<Response, AppError> {
+    proto::validate_agent_name(name)?;
+    let place = pages.stream(st.current.load().config.max_status_streams)?;
+    let snapshot = pages.snapshot(st, name).await;
+    let content_type = match format {
+        Format::Json => "application/json",
+        Format::Text => "text/plain; charset=utf-8",
+    };
+    Ok(page(Page::new(snapshot, format), content_type, place))
+}
+
+/// The response for a page: one body when it fits in a piece, else a stream of pieces
+/// that holds `place` until it is sent or dropped.
+fn page(mut p: Page, content_type: &'static str, place: Stream) -> Response {
     let first = p.next().unwrap_or_default();
     let body = if p.done {
         Body::from(first)
     } else {
-        let pieces = std::iter::once(first).chain(p).map(Ok::<_, Infallible>);
+        let pieces = std::iter::once(first).chain(p).map(move |piece| {
+            let _held = &place;
+            Ok::<_, Infallible>(piece)
+        });
         Body::from_stream(futures_util::stream::iter(pieces))
     };
     (
@@ -79,7 +192,7 @@ pub enum Format {
 /// A status page being written: an iterator over its pieces.
 #[derive(Debug)]
 pub struct Page {
-    status: AgentStatus,
+    status: Arc<AgentStatus>,
     format: Format,
     /// The next host to write.
     next: usize,
@@ -88,7 +201,7 @@ pub struct Page {
 }
 
 impl Page {
-    pub fn new(status: AgentStatus, format: Format) -> Page {
+    pub fn new(status: Arc<AgentStatus>, format: Format) -> Page {
         Page {
             status,
             format,
@@ -254,7 +367,8 @@ mod tests {
             (Format::Json, whole_json(&hosts)),
             (Format::Text, whole_text(&hosts)),
         ] {
-            let pieces: Vec<Vec<u8>> = Page::new(s.agent_status("falcon-agent"), format).collect();
+            let pieces: Vec<Vec<u8>> =
+                Page::new(Arc::new(s.agent_status("falcon-agent")), format).collect();
             assert!(pieces.len() > 10, "{format:?}: {} pieces", pieces.len());
             assert!(pieces.iter().all(|p| p.len() < PIECE + 1024));
             let got: Vec<u8> = pieces.concat();
@@ -264,7 +378,7 @@ mod tests {
             );
         }
         let v: serde_json::Value = serde_json::from_slice(
-            &Page::new(s.agent_status("falcon-agent"), Format::Json)
+            &Page::new(Arc::new(s.agent_status("falcon-agent")), Format::Json)
                 .collect::<Vec<_>>()
                 .concat(),
         )
@@ -275,16 +389,16 @@ mod tests {
     #[test]
     fn small_and_empty_pages_are_one_piece() {
         let s = MemStore::new();
-        let mut p = Page::new(s.agent_status("a"), Format::Json);
+        let mut p = Page::new(Arc::new(s.agent_status("a")), Format::Json);
         assert_eq!(p.next().unwrap(), b"{}");
         assert!(p.done);
         assert_eq!(p.next(), None);
-        let mut p = Page::new(s.agent_status("a"), Format::Text);
+        let mut p = Page::new(Arc::new(s.agent_status("a")), Format::Text);
         assert_eq!(p.next().unwrap(), b"");
         assert!(p.done);
         let s = fleet(10);
         let hosts = s.agent_status("falcon-agent").to_host_agents();
-        let mut p = Page::new(s.agent_status("falcon-agent"), Format::Json);
+        let mut p = Page::new(Arc::new(s.agent_status("falcon-agent")), Format::Json);
         assert_eq!(p.next().unwrap(), whole_json(&hosts));
         assert!(p.done);
     }
