@@ -199,9 +199,13 @@ fn bootagent_hosts_register_then_report_to_meta_without_errors() {
         "-c",
         "4",
     ]);
-    // 60 status reports plus one registration per host, all answered.
-    assert_eq!(num(&r, &["requests"]), 80, "{r:#}");
-    assert_eq!(num(&r, &["ok"]), 80, "{r:#}");
+    // 60 status reports plus one registration per host, all answered. A host's second
+    // slot can come up while another connection still waits for its registration answer
+    // (on a loaded machine), and then registers it once more: at most one extra per
+    // connection.
+    let requests = num(&r, &["requests"]);
+    assert!((80..=84).contains(&requests), "{r:#}");
+    assert_eq!(num(&r, &["ok"]), requests, "{r:#}");
     assert_eq!(num(&r, &["error_total"]), 0, "{r:#}");
 }
 
