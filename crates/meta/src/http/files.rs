@@ -197,7 +197,7 @@ fn if_range_holds(h: &HeaderMap, etag: &str, mtime: SystemTime) -> bool {
 }
 
 #[derive(Debug, PartialEq, Eq)]
-enum RangeReq {
+pub enum RangeReq {
     Full,
     /// First and last byte, inclusive.
     One(u64, u64),
@@ -207,7 +207,7 @@ enum RangeReq {
 /// One `bytes=` range; several ranges or a malformed header get the whole file, as RFC
 /// 9110 allows. Positions too large for a `u64` are still positions: a last byte past the
 /// end is clamped to the last byte, a first byte past the end is unsatisfiable.
-fn parse_range(h: &str, len: u64) -> RangeReq {
+pub fn parse_range(h: &str, len: u64) -> RangeReq {
     let Some(spec) = h.trim().strip_prefix("bytes=") else {
         return RangeReq::Full;
     };

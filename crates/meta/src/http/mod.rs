@@ -19,6 +19,21 @@ use axum::Router;
 pub use crate::state::AppState;
 pub use heartbeat::{HeartbeatConn, PATH as HEARTBEAT_PATH};
 
+/// Entry points for the fuzz targets in `fuzz/` (not an API: it may change at any time).
+/// The parsers they reach stay private to their modules otherwise.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::path::PathBuf;
+
+    pub use super::files::{parse_range, RangeReq};
+
+    /// The request path of a file download as the file server maps it below `tarballDir`,
+    /// or why it is refused.
+    pub fn tarball_path(raw: &str) -> Result<PathBuf, String> {
+        super::files::safe_relative(raw).map_err(|e| e.to_string())
+    }
+}
+
 /// The whole application. Later areas (BootAgent registration, operator endpoints) merge
 /// their own `Router<AppState>` here.
 pub fn app(state: AppState) -> Router {

@@ -150,5 +150,34 @@ impl ArtifactError {
     }
 }
 
+/// Entry points for the fuzz targets in `fuzz/` (not an API: it may change at any time).
+/// The member checks and the unpacker they reach stay private to [`unpack`] otherwise.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::io::BufRead;
+    use std::path::{Path, PathBuf};
+
+    use super::{ArtifactError, Limits};
+
+    /// A member path made relative, or why it is refused.
+    pub fn member_path(path: &Path) -> Result<PathBuf, &'static str> {
+        super::unpack::safe_relative(path)
+    }
+
+    /// Whether a symlink member at `rel` pointing at `target` stays inside the tree.
+    pub fn symlink_target(rel: &Path, target: &Path) -> Result<(), &'static str> {
+        super::unpack::check_symlink_target(rel, target)
+    }
+
+    /// Unpacks the gzip-compressed tar stream `compressed` into the existing, empty `root`.
+    pub fn unpack_members(
+        compressed: impl BufRead,
+        root: &Path,
+        limits: &Limits,
+    ) -> Result<(), ArtifactError> {
+        super::unpack::unpack_members(compressed, Path::new("fuzz.tar.gz"), root, limits)
+    }
+}
+
 #[cfg(test)]
 mod testserver;

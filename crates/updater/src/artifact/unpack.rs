@@ -105,7 +105,7 @@ impl Ctx<'_> {
 
 /// A member path made relative and checked: only plain names (and `.`) are allowed.
 /// Returns the reason when the path is refused.
-fn safe_relative(path: &Path) -> Result<PathBuf, &'static str> {
+pub(super) fn safe_relative(path: &Path) -> Result<PathBuf, &'static str> {
     let mut out = PathBuf::new();
     for c in path.components() {
         match c {
@@ -122,7 +122,7 @@ fn safe_relative(path: &Path) -> Result<PathBuf, &'static str> {
 /// target relative to the link's folder. `..` is allowed only before the first name: every
 /// folder above the link is a real folder of the tree (see `parents`), so climbing through
 /// them is exact, whereas `a/..` could climb out of whatever `a` links to.
-fn check_symlink_target(rel: &Path, target: &Path) -> Result<(), &'static str> {
+pub(super) fn check_symlink_target(rel: &Path, target: &Path) -> Result<(), &'static str> {
     if target.as_os_str().is_empty() {
         return Err("symlink with an empty target");
     }

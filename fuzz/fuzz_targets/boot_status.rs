@@ -1,0 +1,43 @@
+//! BootAgent `POST /agent/status`: the report as ops-meta reads it, the answer and its job
+//! list as ops-updater reads them (job by job), and the check every job passes before it
+//! runs on a host.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use proto::bootagent::{Action, StatusRequest, StatusResponse};
+use updater::boot::client::{decode_status, MAX_JOBS_PER_ANSWER};
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(r) = serde_json::from_slice::<StatusRequest>(data) {
+        let back: StatusRequest = serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+    }
+    let Ok(answer) = decode_status(data) else {
+        return;
+    };
+    assert!(answer.response.jobs.len() + answer.bad_jobs.len() <= MAX_JOBS_PER_ANSWER);
+    let text = serde_json::to_vec(&answer.response).unwrap();
+    let back: StatusResponse = serde_json::from_slice(&text).unwrap();
+    assert_eq!(
+        back, answer.response,
+        "a status answer does not survive a round trip"
+    );
+    for job in &answer.response.jobs {
+        for only in ["", "falcon-agent"] {
+            let Ok(sha) = updater::boot::exec::check(job, only) else {
+                continue;
+            };
+            assert!(!job.id.is_empty());
+            if job.action != Action::Config {
+                assert!(proto::validate_agent_name(&job.name).is_ok());
+            }
+            if matches!(job.action, Action::Install | Action::Upgrade) {
+                assert!(proto::validate_version(&job.version).is_ok());
+                let sha = sha.expect("install and upgrade carry a checksum");
+                assert_eq!(sha.len(), 64);
+            } else {
+                assert!(sha.is_none());
+            }
+        }
+    }
+});
