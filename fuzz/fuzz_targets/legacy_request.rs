@@ -41,12 +41,25 @@ fuzz_target!(|data: &[u8]| {
     {
         return;
     }
+    // The store keeps a status as documented (docs/ops-meta.md, Limits): cut to 256 bytes
+    // at a character boundary, control characters replaced by spaces.
+    let mut want = owned.real_agents.clone();
+    for a in &mut want {
+        let mut end = a.status.len().min(meta::store::MAX_STATUS_LEN);
+        while !a.status.is_char_boundary(end) {
+            end -= 1;
+        }
+        a.status = a.status[..end]
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+    }
     let store = MemStore::with_caps(4, 2);
     for now in [1, 2] {
         store.record(&borrowed.hostname, &borrowed.real_agents, now);
         assert_eq!(
             store.host(&borrowed.hostname),
-            Some(owned.real_agents.clone()),
+            Some(want.clone()),
             "the store does not give back what was reported"
         );
     }
