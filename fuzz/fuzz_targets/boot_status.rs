@@ -1,6 +1,6 @@
 //! BootAgent `POST /agent/status`: the report as ops-meta reads it, the answer and its job
 //! list as ops-updater reads them (job by job), and the check every job passes before it
-//! runs on a host.
+//! runs on a host (an install carries a SHA-256 or an MD5, lowercase).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -33,11 +33,21 @@ fuzz_target!(|data: &[u8]| {
             }
             if matches!(job.action, Action::Install | Action::Upgrade) {
                 assert!(proto::validate_version(&job.version).is_ok());
-                let sha = sha.expect("install and upgrade carry a checksum");
-                assert_eq!(sha.len(), 64);
+                let d = sha.expect("install and upgrade carry digests");
+                assert!(d.sha256.is_some() || d.md5.is_some(), "{job:?}");
+                if let Some(h) = &d.sha256 {
+                    assert!(lower_hex(h, 64), "{h:?}");
+                }
+                if let Some(h) = &d.md5 {
+                    assert!(lower_hex(h, 32), "{h:?}");
+                }
             } else {
                 assert!(sha.is_none());
             }
         }
     }
 });
+
+fn lower_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}

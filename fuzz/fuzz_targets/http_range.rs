@@ -1,12 +1,12 @@
 //! ops-meta's file server: `Range` header parsing (`parse_range`) and the mapping of a
-//! request path below `tarballDir`. A range is always inside the file; an accepted path
+//! request path below `tarballDir` (`meta::tarfs::safe_relative`, which the hasher uses too). A range is always inside the file; an accepted path
 //! holds plain, visible names only.
 #![no_main]
 
 use std::path::Component;
 
 use libfuzzer_sys::fuzz_target;
-use meta::http::fuzzing::{parse_range, tarball_path, RangeReq};
+use meta::http::fuzzing::{parse_range, RangeReq};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 2 {
@@ -32,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
         RangeReq::Unsatisfiable | RangeReq::Full => {}
     }
 
-    if let Ok(p) = tarball_path(text) {
+    if let Ok(p) = meta::tarfs::safe_relative(text) {
         assert!(!p.as_os_str().is_empty());
         for c in p.components() {
             let Component::Normal(n) = c else {

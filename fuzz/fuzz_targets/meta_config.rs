@@ -6,7 +6,8 @@
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use meta::desired::{Desired, Shas};
+use meta::desired::Desired;
+use meta::digests::Digests;
 use proto::legacy::HeartbeatResponse;
 
 fuzz_target!(|data: &[u8]| {
@@ -33,8 +34,8 @@ fuzz_target!(|data: &[u8]| {
     for r in &loaded.config.tag_rules {
         hosts.push(r.prefix.clone());
     }
-    let desired = Desired::compile(Arc::new(loaded.config), Shas::new());
-    let _ = desired.tarball_files();
+    let desired = Desired::compile(Arc::new(loaded.config), Arc::new(Digests::new()));
+    let _ = desired.artifacts();
     for h in hosts.iter().take(16) {
         let mut out = Vec::new();
         desired.write_response(h, &mut out);

@@ -23,15 +23,7 @@ pub use heartbeat::{HeartbeatConn, PATH as HEARTBEAT_PATH};
 /// The parsers they reach stay private to their modules otherwise.
 #[doc(hidden)]
 pub mod fuzzing {
-    use std::path::PathBuf;
-
     pub use super::files::{parse_range, RangeReq};
-
-    /// The request path of a file download as the file server maps it below `tarballDir`,
-    /// or why it is refused.
-    pub fn tarball_path(raw: &str) -> Result<PathBuf, String> {
-        super::files::safe_relative(raw).map_err(|e| e.to_string())
-    }
 }
 
 /// The whole application. Later areas (BootAgent registration, operator endpoints) merge
