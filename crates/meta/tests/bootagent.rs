@@ -762,36 +762,27 @@ async fn silent_hosts_are_forgotten_and_must_register_again() {
     assert_eq!(m.register("web-1", &sn).await.agentsn, sn);
 }
 
-/// A static file server that is not ours (Python's `http.server`: Last-Modified, 304 on
-/// If-Modified-Since, no ETag), for tarballs that live on another server.
+/// Tarballs on another server: a static file server that is not ours, under `/pkgs`.
 struct PyFiles {
-    _child: KillOnDrop,
-    dir: TempDir,
+    server: test_support::fileserver::FileServer,
     base: String,
 }
 
 impl PyFiles {
     fn start() -> PyFiles {
-        let dir = test_support::tempdir().unwrap();
-        let port = test_support::free_port();
-        let mut cmd = command(Path::new("python3"));
-        cmd.args(["-m", "http.server", "--bind", "127.0.0.1"])
-            .arg(port.to_string())
-            .arg("--directory")
-            .arg(dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        let child = KillOnDrop(cmd.spawn().expect("python3 runs the file server"));
-        test_support::wait_listening(([127, 0, 0, 1], port).into(), WAIT);
+        let server = test_support::fileserver::FileServer::start();
         PyFiles {
-            _child: child,
-            base: format!("http://127.0.0.1:{port}/pkgs"),
-            dir,
+            base: server.url("pkgs"),
+            server,
         }
     }
 
+    fn dir(&self) -> &Path {
+        self.server.dir.path()
+    }
+
     fn publish(&self, name: &str, version: &str, data: &[u8]) -> (String, String) {
-        test_support::tarball::publish(&self.dir.path().join("pkgs"), name, version, data)
+        test_support::tarball::publish(&self.dir().join("pkgs"), name, version, data)
     }
 }
 
@@ -825,7 +816,7 @@ async fn tarballs_on_another_server_get_their_digest_from_a_sha256_file_or_a_dow
     let (_, _) = files.publish("sidecar", "1", b"sidecar tarball");
     let told = "ab".repeat(32);
     std::fs::write(
-        files.dir.path().join("pkgs/sidecar-1.tar.gz.sha256"),
+        files.dir().join("pkgs/sidecar-1.tar.gz.sha256"),
         format!("{told}  sidecar-1.tar.gz\n"),
     )
     .unwrap();
@@ -887,7 +878,7 @@ async fn tarballs_on_another_server_get_their_digest_from_a_sha256_file_or_a_dow
     let (_, body) = m.post("/heartbeat", &hb).await;
     assert_eq!(sha_in_heartbeat(body), Some(download_sha.clone()));
     let newer = std::time::SystemTime::now() + Duration::from_secs(5);
-    let path = files.dir.path().join("pkgs/download-1.tar.gz");
+    let path = files.dir().join("pkgs/download-1.tar.gz");
     std::fs::write(&path, b"replaced on the file server").unwrap();
     std::fs::File::options()
         .write(true)

@@ -9,4 +9,6 @@ pub mod legacy;
 pub mod ops;
 pub mod validate;
 
-pub use validate::{validate_agent_name, validate_hostname, validate_version, NameError};
+pub use validate::{
+    clean_text, validate_agent_name, validate_hostname, validate_version, NameError,
+};

@@ -79,6 +79,20 @@ pub fn validate_version(s: &str) -> Result<(), NameError> {
     check("version", s, MAX_NAME_LEN, b"+")
 }
 
+/// `s` cut to at most `max` bytes (at a character boundary), control characters replaced
+/// by spaces: how a text that came from the other side (a job message, a status, a reason)
+/// is kept, shown or logged, so it can neither grow without bound nor forge log lines.
+pub fn clean_text(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end]
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

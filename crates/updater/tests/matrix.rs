@@ -16,14 +16,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{control_actions, get_json, http_get, status_of, Meta, Updater, CONVERGE};
 use serde_json::{json, Value};
 use test_support::agent::{agent_tarball, control_script, Behaviour};
+use test_support::fileserver::FileServer;
 use test_support::tarball::{targz, Entry};
-use test_support::{command, free_port, wait_for, wait_listening, KillOnDrop, TempDir};
+use test_support::{free_port, wait_for};
 
 const AGENT: &str = "falcon-agent";
 
@@ -37,38 +38,6 @@ enum Layout {
     /// Another web server on another port, URL base `http://files/falcon`; with or without
     /// a `.sha256` file beside each tarball.
     FileServer { sha256: bool },
-}
-
-/// A static file server that is not ours: Python's `http.server` (Last-Modified, no ETag,
-/// 304 on If-Modified-Since), as an operator might put beside ops-meta.
-struct FileServer {
-    _child: KillOnDrop,
-    dir: TempDir,
-    port: u16,
-}
-
-impl FileServer {
-    fn start() -> FileServer {
-        let dir = test_support::tempdir().unwrap();
-        let port = free_port();
-        let mut cmd = command(Path::new("python3"));
-        cmd.args(["-m", "http.server", "--bind", "127.0.0.1"])
-            .arg(port.to_string())
-            .arg("--directory")
-            .arg(dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        let child = KillOnDrop(
-            cmd.spawn()
-                .expect("python3 runs the separate file server of the matrix"),
-        );
-        wait_listening(([127, 0, 0, 1], port).into(), CONVERGE);
-        FileServer {
-            _child: child,
-            dir,
-            port,
-        }
-    }
 }
 
 struct Cell {
@@ -115,10 +84,7 @@ impl Cell {
                 self.meta.tarball_dir().join("falcon"),
                 format!("{}/falcon", self.meta.base()),
             ),
-            (Layout::FileServer { .. }, Some(f)) => (
-                f.dir.path().join("falcon"),
-                format!("http://127.0.0.1:{}/falcon", f.port),
-            ),
+            (Layout::FileServer { .. }, Some(f)) => (f.dir.path().join("falcon"), f.url("falcon")),
             (Layout::FileServer { .. }, None) => unreachable!("file server started"),
         }
     }

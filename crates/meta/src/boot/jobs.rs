@@ -144,17 +144,7 @@ pub struct HostJobs {
     waiting: Vec<Waiting>,
 }
 
-/// Cuts `s` to `max` bytes at a character boundary, replacing control characters.
-pub(crate) fn clean_text(s: &str, max: usize) -> String {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end]
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
-}
+pub(crate) use proto::clean_text;
 
 /// A fresh job id.
 pub fn new_id() -> String {

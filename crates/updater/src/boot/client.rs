@@ -76,9 +76,9 @@ pub fn decode_status(body: &[u8]) -> Result<StatusAnswer, serde_json::Error> {
         .into_iter()
         .take(MAX_WAITING)
         .map(|w| Waiting {
-            name: clean(&w.name, 128),
-            version: clean(&w.version, 128),
-            reason: clean(&w.reason, MAX_WAITING_REASON_LEN),
+            name: proto::clean_text(&w.name, 128),
+            version: proto::clean_text(&w.version, 128),
+            reason: proto::clean_text(&w.reason, MAX_WAITING_REASON_LEN),
         })
         .collect();
     let mut bad_jobs = Vec::new();
@@ -108,19 +108,6 @@ pub fn decode_status(body: &[u8]) -> Result<StatusAnswer, serde_json::Error> {
         }),
     }
     Ok(StatusAnswer { response, bad_jobs })
-}
-
-/// `s` cut to `max` bytes (at a character boundary), control characters replaced, so that
-/// what a server says cannot forge log lines.
-fn clean(s: &str, max: usize) -> String {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end]
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
 }
 
 /// Talks BootAgent to any server of the list.
