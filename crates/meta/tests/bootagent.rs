@@ -345,12 +345,19 @@ async fn no_checksum_means_no_install_job() {
             r.waiting
         );
     }
-    let hosts: HostsResponse = m.get_json("/api/hosts").await;
-    let why = &hosts.hosts[0].waiting[0].reason;
-    assert!(
-        why.contains("basic-1.0.tar.gz is not in tarballDir"),
-        "{why}"
-    );
+    // Once the digest task has looked (its first pass may come after the first reports),
+    // the reason says what it found.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert!(m.status(&req).await.jobs.is_empty());
+        let hosts: HostsResponse = m.get_json("/api/hosts").await;
+        let why = hosts.hosts[0].waiting[0].reason.clone();
+        if why.contains("basic-1.0.tar.gz is not in tarballDir") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{why}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Once the tarball is there, the job comes with its checksum.
     let sha = m.publish("basic", "1.0");
     let jobs = m.status_until_jobs(&req).await;

@@ -297,10 +297,9 @@ fn install_upgrade_stop_restart_uninstall_through_jobs() {
     });
 }
 
-#[test]
-fn a_job_without_a_checksum_or_version_is_refused_with_a_reason() {
-    // A legacy-only server is not needed: the scripted server speaks BootAgent and hands
-    // out hostile jobs, then records the results it gets back.
+/// A BootAgent server that registers any host, hands out `jobs` in every status answer,
+/// and records the job results reports bring back.
+fn job_server(jobs: Value) -> (Scripted, Arc<std::sync::Mutex<Vec<Value>>>) {
     let results = Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
     let r = results.clone();
     let server = Scripted::start(move |req| {
@@ -317,15 +316,6 @@ fn a_job_without_a_checksum_or_version_is_refused_with_a_reason() {
                 r.lock()
                     .unwrap()
                     .extend(body["jobs"].as_array().cloned().unwrap_or_default());
-                let jobs = json!([
-                    {"id": "no-sum", "action": "install", "name": "a", "version": "1",
-                     "url": "http://127.0.0.1:1/a-1.tar.gz"},
-                    {"id": "no-version", "action": "upgrade", "name": "a",
-                     "url": "http://127.0.0.1:1/a-1.tar.gz",
-                     "checksum": format!("SHA256:{}", "a".repeat(64))},
-                    {"id": "escape", "action": "stop", "name": "../etc"},
-                    {"id": "odd", "action": "reboot", "name": "a"},
-                ]);
                 Reply::Full(
                     200,
                     "application/json",
@@ -335,6 +325,22 @@ fn a_job_without_a_checksum_or_version_is_refused_with_a_reason() {
             _ => Reply::Full(404, "text/plain", b"not found".to_vec()),
         }
     });
+    (server, results)
+}
+
+#[test]
+fn a_job_without_a_checksum_or_version_is_refused_with_a_reason() {
+    // A legacy-only server is not needed: the scripted server speaks BootAgent and hands
+    // out hostile jobs, then records the results it gets back.
+    let (server, results) = job_server(json!([
+        {"id": "no-sum", "action": "install", "name": "a", "version": "1",
+         "url": "http://127.0.0.1:1/a-1.tar.gz"},
+        {"id": "no-version", "action": "upgrade", "name": "a",
+         "url": "http://127.0.0.1:1/a-1.tar.gz",
+         "checksum": format!("SHA256:{}", "a".repeat(64))},
+        {"id": "escape", "action": "stop", "name": "../etc"},
+        {"id": "odd", "action": "reboot", "name": "a"},
+    ]));
     let u = boot_updater(&server.addr.to_string(), "host-01", |_| {});
     wait_for("four refusals reported", CONVERGE, || {
         let got = results.lock().unwrap();
@@ -756,35 +762,12 @@ fn a_server_answering_garbage_or_errors_is_skipped_within_the_round() {
 /// for an agent.
 #[test]
 fn uninstall_touches_only_agents_never_the_updaters_own_files_or_other_folders() {
-    let results = Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
-    let r = results.clone();
-    let server = Scripted::start(move |req| {
-        let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
-        match req.path.as_str() {
-            "/agent/register" => Reply::Full(
-                200,
-                "application/json",
-                json!({"status": 0, "agentsn": body["agentsn"], "tags": ""})
-                    .to_string()
-                    .into_bytes(),
-            ),
-            "/agent/status" => {
-                r.lock()
-                    .unwrap()
-                    .extend(body["jobs"].as_array().cloned().unwrap_or_default());
-                let jobs: Vec<Value> = ["cfg.json", "data", "state", "work"]
-                    .iter()
-                    .map(|n| json!({"id": n, "action": "uninstall", "name": n}))
-                    .collect();
-                Reply::Full(
-                    200,
-                    "application/json",
-                    json!({"status": 0, "jobs": jobs}).to_string().into_bytes(),
-                )
-            }
-            _ => Reply::Full(404, "text/plain", b"not found".to_vec()),
-        }
-    });
+    let (server, results) = job_server(Value::Array(
+        ["cfg.json", "data", "state", "work"]
+            .iter()
+            .map(|n| json!({"id": n, "action": "uninstall", "name": n}))
+            .collect::<Vec<Value>>(),
+    ));
     let mut root = PathBuf::new();
     let mut u = boot_updater(&server.addr.to_string(), "host-01", |c| {
         // The workdir is the folder of the config, as with the default (the executable's

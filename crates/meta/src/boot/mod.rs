@@ -160,26 +160,36 @@ pub fn wants_for(desired: &Desired, hostname: &str) -> Vec<Want> {
         .zip(desired.extras_for(hostname))
         .map(|(d, (envs, limits))| {
             let url = d.tarball_url();
-            let known = desired.known(&url).cloned().unwrap_or_default();
-            let file = d.tarball_file();
-            let checksum = match (&d.sha256, &known.md5) {
+            let known = desired.known(&url);
+            let md5 = known.and_then(|k| k.md5.as_deref());
+            let checksum = match (&d.sha256, md5) {
                 (Some(sha), _) => Some(bootagent::format_checksum(sha)),
                 (None, Some(md5)) if !require => Some(bootagent::format_md5_checksum(md5)),
                 _ => None,
             };
-            let detail = known.problem.map(|p| format!(": {p}")).unwrap_or_default();
-            let no_checksum = match (&known.md5, require) {
-                (Some(_), true) => format!(
-                    "waiting: no SHA-256 for {file} yet, and requireSha256 refuses the MD5{detail}"
-                ),
-                (None, _) if !require => format!(
-                    "waiting: no checksum for {file} yet (neither a SHA-256 nor its .md5){detail}"
-                ),
-                _ => format!("waiting: no checksum for {file} yet{detail}"),
+            // The reason is written only when it is needed: most reports carry a checksum.
+            let no_checksum = if checksum.is_some() {
+                String::new()
+            } else {
+                let file = d.tarball_file();
+                let detail = known
+                    .and_then(|k| k.problem.as_deref())
+                    .map(|p| format!(": {p}"))
+                    .unwrap_or_default();
+                match (md5, require) {
+                    (Some(_), true) => format!(
+                        "waiting: no SHA-256 for {file} yet, and requireSha256 refuses the MD5{detail}"
+                    ),
+                    (None, _) if !require => format!(
+                        "waiting: no checksum for {file} yet (neither a SHA-256 nor its .md5){detail}"
+                    ),
+                    _ => format!("waiting: no checksum for {file} yet{detail}"),
+                }
             };
+            let md5 = d.sha256.as_ref().and(md5).map(str::to_string);
             Want {
                 url,
-                md5: d.sha256.as_ref().and(known.md5),
+                md5,
                 checksum,
                 no_checksum,
                 cmd: Cmd::parse(&d.cmd),
