@@ -197,6 +197,7 @@ impl CompiledAgent {
         // one of the entry that set the final version.
         let mut sha = d.sha256.as_deref();
         let (mut tarball, mut md5, mut cmd) = (d.tarball.as_str(), d.md5.as_str(), d.cmd.as_str());
+        let (mut envs, mut limits) = (&d.envs, &d.limits);
         if overrides {
             for o in self
                 .others
@@ -216,6 +217,12 @@ impl CompiledAgent {
                 if !o.cmd.is_empty() {
                     cmd = &o.cmd;
                 }
+                if !o.envs.is_empty() {
+                    envs = &o.envs;
+                }
+                if !o.limits.is_empty() {
+                    limits = &o.limits;
+                }
             }
         }
         let sha256 = sha.map(str::to_string).or_else(|| {
@@ -230,6 +237,10 @@ impl CompiledAgent {
             md5: md5.to_string(),
             cmd: cmd.to_string(),
             sha256,
+            // Extensions of the legacy answer (original updaters ignore them); absent when
+            // the config sets none, so the original shape is kept.
+            envs: (!envs.is_empty()).then(|| envs.clone()),
+            limits: (!limits.is_empty()).then(|| limits.clone()),
         }
     }
 }

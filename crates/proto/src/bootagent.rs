@@ -122,6 +122,10 @@ pub struct StatusRequest {
     pub agents: Vec<AgentStatus>,
     #[serde(default, deserialize_with = "null_default")]
     pub jobs: Vec<JobResult>,
+    /// Extension: the host restarts its agents itself by a restart policy (ours does), so
+    /// the server must not derive `restart` jobs from `stoped`, `fatal` or `killed`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub supervised: bool,
 }
 
 /// `POST /agent/status` answer.
@@ -174,6 +178,9 @@ pub enum Action {
     Restart,
     Stop,
     Config,
+    /// Extension: clear a `fatal` verdict of the host's supervisor and start the agent
+    /// again if it should run.
+    Reset,
 }
 
 impl Action {
@@ -185,6 +192,7 @@ impl Action {
             Action::Restart => "restart",
             Action::Stop => "stop",
             Action::Config => "config",
+            Action::Reset => "reset",
         }
     }
 }

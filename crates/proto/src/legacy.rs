@@ -232,6 +232,13 @@ pub struct DesiredAgent {
     /// Extension: lowercase hex SHA-256 of the tarball. Original updaters ignore it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// Extension: environment for the agent's control scripts (as a BootAgent job's
+    /// `envs`). Original updaters ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envs: Option<std::collections::BTreeMap<String, String>>,
+    /// Extension: resource limits (as a BootAgent job's `limits`). Original updaters ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// The commands a desired agent may carry.
@@ -510,6 +517,8 @@ mod tests {
             md5: "".into(),
             cmd: "start".into(),
             sha256: None,
+            envs: None,
+            limits: None,
         };
         let s = serde_json::to_string(&d).unwrap();
         assert!(!s.contains("sha256"), "{s}");

@@ -17,6 +17,12 @@ pub enum Behaviour {
     StatusHangs,
     /// Starts and stays up, but `control stop` exits 1 and leaves it running.
     StopFails,
+    /// Starts, runs for about a second, then exits with code 3: a crash loop.
+    Crashes,
+    /// Starts a process that fills 200 MB of memory and then waits.
+    EatsMemory,
+    /// Starts a busy loop that uses all of one core.
+    Busy,
 }
 
 /// The `control` script for `behaviour`. The agent process is `sleep` under a shell loop
@@ -29,12 +35,21 @@ pub fn control_script(name: &str, version: &str, behaviour: Behaviour) -> String
         }
         Behaviour::StartFails => "echo \"cannot start: port in use\" >&2\n    exit 1",
         Behaviour::DiesAtOnce => "sh -c 'exit 3' &\n    echo $! > app.pid\n    echo started",
+        Behaviour::Crashes => {
+            "echo \"starting; this one crashes\"\n    nohup sh -c 'sleep 1; exit 3' >/dev/null 2>&1 &\n    echo $! > app.pid\n    echo started"
+        }
+        Behaviour::EatsMemory => {
+            "nohup python3 -c 'import time; b = bytearray(b\"x\") * (200 << 20); time.sleep(3600)' >/dev/null 2>&1 &\n    echo $! > app.pid\n    echo started"
+        }
+        Behaviour::Busy => {
+            "nohup sh -c 'while :; do :; done' >/dev/null 2>&1 &\n    echo $! > app.pid\n    echo started"
+        }
     };
     let status = match behaviour {
         Behaviour::StatusHangs => "while :; do sleep 1; done",
         // A zombie counts as dead: in containers whose PID 1 does not reap orphans, a
         // process that exited at once lingers as a zombie that `kill -0` still finds.
-        _ => "if [ -f app.pid ] && kill -0 \"$(cat app.pid)\" 2>/dev/null && [ \"$(cut -d' ' -f3 /proc/$(cat app.pid)/stat 2>/dev/null)\" != Z ]; then echo started; else echo stoped; fi",
+        _ => "if alive; then echo started; else echo stoped; fi",
     };
     let stop = match behaviour {
         Behaviour::StopFails => "echo \"cannot stop: busy\" >&2\n    exit 1",
@@ -45,9 +60,12 @@ pub fn control_script(name: &str, version: &str, behaviour: Behaviour) -> String
 # Fake agent {name} {version} for tests.
 cd "$(dirname "$0")"
 echo "$1 {version} AGENT_ENV=$AGENT_ENV" >> control.log
+alive() {{
+  [ -f app.pid ] && kill -0 "$(cat app.pid)" 2>/dev/null && [ "$(cut -d' ' -f3 /proc/$(cat app.pid)/stat 2>/dev/null)" != Z ]
+}}
 case "$1" in
   start)
-    if [ -f app.pid ] && kill -0 "$(cat app.pid)" 2>/dev/null; then echo started; exit 0; fi
+    if alive; then echo started; exit 0; fi
     {start}
     ;;
   stop)

@@ -162,6 +162,17 @@ pub struct Config {
     /// `metafile` (ours): the BootAgent metafile; default `<workdir>/.ops-updater/meta.json`.
     /// A relative path is relative to the workdir.
     pub metafile: Option<PathBuf>,
+    /// `supervise` (ours): the restart policy for agents that exit by themselves; seed
+    /// 003's by default (see [`crate::engine::supervise`]).
+    pub supervise: crate::engine::supervise::Policy,
+    /// `cgroupParent` (ours): the cgroup under which each agent gets its own, relative to
+    /// the hierarchy's root.
+    pub cgroup_parent: String,
+}
+
+/// Default `cgroupParent`.
+pub fn default_cgroup_parent() -> String {
+    "ops-updater".to_string()
 }
 
 impl Default for Config {
@@ -191,6 +202,8 @@ impl Default for Config {
             tls_insecure: false,
             protocol: Protocol::default(),
             metafile: None,
+            supervise: crate::engine::supervise::Policy::default(),
+            cgroup_parent: default_cgroup_parent(),
         }
     }
 }
@@ -352,6 +365,19 @@ impl<'a, 'p> Fields<'a, 'p> {
         self.u64_opt(key).unwrap_or(default)
     }
 
+    /// Refuses every key that no getter asked for (sections that are ours alone).
+    fn error_unknown(self) {
+        for k in self.obj.keys() {
+            if !self.used.contains(k.as_str()) {
+                self.problems.push(Problem {
+                    severity: Severity::Error,
+                    field: format!("{}{k}", self.prefix),
+                    message: "unknown key".into(),
+                });
+            }
+        }
+    }
+
     /// Warns about every key that no getter asked for.
     fn warn_unknown(self) {
         for k in self.obj.keys() {
@@ -466,8 +492,46 @@ impl Config {
         }
         let metafile = f.string("metafile");
         c.metafile = (!metafile.is_empty()).then(|| PathBuf::from(metafile));
+        let cgroup_parent = f.string("cgroupParent");
+        if !cgroup_parent.is_empty() {
+            c.cgroup_parent = cgroup_parent;
+        }
         let http = f.get("http");
+        let supervise = f.get("supervise");
         f.warn_unknown();
+
+        match supervise {
+            None => {}
+            Some(Value::Object(o)) => {
+                use crate::engine::supervise as sv;
+                let mut f = Fields::new("supervise.", o, &mut problems);
+                let check = f.u64("checkSecs", sv::default_check_secs());
+                if check == 0 {
+                    f.error("checkSecs", "must be at least 1");
+                }
+                c.supervise.check = Duration::from_secs(check.max(1));
+                c.supervise.restart_delay = Duration::from_secs(
+                    f.u64("restartDelaySecs", sv::default_restart_delay_secs()),
+                );
+                c.supervise.fail_window =
+                    Duration::from_secs(f.u64("failWindowSecs", sv::default_fail_window_secs()));
+                let max = f.u64("maxFailures", sv::default_max_failures() as u64);
+                c.supervise.max_failures = u32::try_from(max).unwrap_or_else(|_| {
+                    f.error(
+                        "maxFailures",
+                        format!("must be at most {}, got {max}", u32::MAX),
+                    );
+                    sv::default_max_failures()
+                });
+                // Ours alone: an unknown key is a mistake, not a fork's extension.
+                f.error_unknown();
+            }
+            Some(v) => problems.push(Problem {
+                severity: Severity::Error,
+                field: "supervise".into(),
+                message: format!("must be an object, got {}", kind(v)),
+            }),
+        }
 
         match http {
             None => {}

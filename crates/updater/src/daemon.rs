@@ -7,7 +7,6 @@
 //! round per interval, spread by `jitterPercent`; after a failed heartbeat, exponential
 //! back-off with jitter, capped at the interval.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +15,8 @@ use proto::legacy::{HeartbeatRequest, HeartbeatResponse, RealAgent};
 use rand::Rng;
 use tokio::time::Instant;
 
-use crate::agent::{self, Ctx, Desired, DesiredError, Handle};
 use crate::config::Resolved;
+use crate::engine::{self, Desired, DesiredError, Engine};
 use crate::heartbeat::{self, HeartbeatError};
 use crate::state::{now_unix, Shared};
 
@@ -140,7 +139,7 @@ pub fn next_interval(interval: Duration, jitter_percent: u64, r: f64) -> Duratio
 /// The wait after `failures` failed heartbeats in a row: exponential from 1 s with jitter,
 /// never more than the interval.
 pub fn heartbeat_backoff(failures: u32, interval: Duration, r: f64) -> Duration {
-    agent::backoff_delay(failures, HEARTBEAT_RETRY_BASE.min(interval), interval, r)
+    engine::backoff_delay(failures, HEARTBEAT_RETRY_BASE.min(interval), interval, r)
 }
 
 /// The daemon: config, shared state, HTTP clients and one worker per agent.
@@ -148,14 +147,14 @@ pub struct Daemon {
     cfg: Resolved,
     shared: Shared,
     client: heartbeat::Client,
-    ctx: Arc<Ctx>,
-    workers: BTreeMap<String, Handle>,
+    engine: Arc<Engine>,
     /// Rate limit of the lines about what the server sent.
     log: crate::logcap::Limiter,
 }
 
 impl Daemon {
-    pub fn new(cfg: Resolved, shared: Shared) -> Result<Daemon, DaemonError> {
+    /// The legacy daemon acting through `engine` (shared with BootAgent mode in `auto`).
+    pub fn new(cfg: Resolved, shared: Shared, engine: Arc<Engine>) -> Result<Daemon, DaemonError> {
         let c = &cfg.config;
         std::fs::create_dir_all(&cfg.workdir).map_err(|source| DaemonError::Workdir {
             path: cfg.workdir.display().to_string(),
@@ -167,19 +166,17 @@ impl Daemon {
             c.max_response_bytes,
             c.tls_insecure,
         )?;
-        let ctx = Ctx::from_config(&cfg, shared.clone())?;
         Ok(Daemon {
             cfg,
             shared,
             client,
-            ctx: Arc::new(ctx),
-            workers: BTreeMap::new(),
+            engine,
             log: crate::logcap::Limiter::new(),
         })
     }
 
-    /// Runs rounds until `shutdown` resolves. Workers are stopped on the way out (a control
-    /// script in flight is killed; agents themselves keep running).
+    /// Runs rounds until `shutdown` resolves. The agents' actors go on (the caller stops
+    /// them, [`Engine::shutdown`]); agents themselves keep running.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let c = &self.cfg.config;
         let interval = c.interval();
@@ -217,21 +214,13 @@ impl Daemon {
                 }
             }
         }
-        tracing::info!("ops-updater stopping");
-        // Enough for one switch and its rollback: stop, start, wait, stop, start, wait.
-        let c = &self.cfg.config;
-        let grace = Duration::from_secs(
-            (c.control_timeout_secs * 4 + c.start_timeout_secs * 2).min(SHUTDOWN_GRACE_MAX_SECS),
-        );
-        let workers = std::mem::take(&mut self.workers);
-        futures_util::future::join_all(workers.into_values().map(|w| w.shutdown(grace))).await;
     }
 
     /// The agents under the workdir ([`crate::workdir::agent_names`]), filtered.
     fn scan_agents(&mut self) -> Vec<String> {
         let mut names = crate::workdir::agent_names(
             &self.cfg.workdir,
-            &self.ctx.own,
+            &self.engine.ctx().own,
             &self.cfg.config.desired_agent,
         );
         if names.len() > MAX_AGENTS {
@@ -243,17 +232,9 @@ impl Daemon {
             names.truncate(MAX_AGENTS);
         }
         for n in &names {
-            self.worker(n);
+            self.engine.agent(n);
         }
         names
-    }
-
-    fn worker(&mut self, name: &str) -> &Handle {
-        if !self.workers.contains_key(name) {
-            let h = Handle::spawn(self.ctx.clone(), name);
-            self.workers.insert(name.to_string(), h);
-        }
-        &self.workers[name]
     }
 
     /// Reads every agent's status at once. Each read runs in its own task and the round
@@ -262,14 +243,12 @@ impl Daemon {
     /// it), its result is kept for the next round, and this round reports the last status
     /// known for that agent. A hung script thus never holds up the heartbeat.
     async fn collect(&mut self, names: &[String]) -> Vec<RealAgent> {
-        let wait = STATUS_WAIT.min(self.ctx.status.timeout);
-        let futs = names.iter().map(|n| {
-            agent::collect_within(self.ctx.clone(), n.clone(), self.workers[n].lock(), wait)
-        });
-        futures_util::future::join_all(futs)
+        let wait = STATUS_WAIT.min(self.engine.ctx().status.timeout);
+        self.engine
+            .collect(names, wait)
             .await
             .into_iter()
-            .flatten()
+            .map(|c| c.real)
             .collect()
     }
 
@@ -336,8 +315,7 @@ impl Daemon {
         }
         for d in plan.desired {
             tracing::debug!(agent = %d.name, version = %d.version, cmd = ?d.cmd, "desired");
-            let name = d.name.clone();
-            self.worker(&name).desire(d);
+            self.engine.agent(&d.name).desire(d);
         }
         true
     }
@@ -356,6 +334,8 @@ mod tests {
             md5: String::new(),
             cmd: cmd.into(),
             sha256: None,
+            envs: None,
+            limits: None,
         }
     }
 

@@ -8,9 +8,9 @@ pub mod process;
 pub mod workdir;
 
 // The daemon: config, main loop, per-agent workers, heartbeat client, local endpoint.
-pub mod agent;
 pub mod config;
 pub mod daemon;
+pub mod engine;
 pub mod heartbeat;
 pub mod http;
 pub mod logcap;

@@ -50,9 +50,18 @@ pub struct AgentView {
     pub last_action_at: Option<i64>,
     /// The version held back by a back-off, with its failure count and next try.
     pub backoff: Option<BackoffView>,
-    /// Resource limits set by BootAgent jobs: stored and shown, not enforced yet.
+    /// Resource limits, as the server set them (a job or the legacy answer's extension).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub limits: BTreeMap<String, String>,
+    /// `fatal` or `killed` while the supervisor holds the agent (it then reports this
+    /// instead of what `control status` says).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub supervisor: Option<String>,
+    /// Restarts by the supervisor since ops-updater started.
+    pub restarts: u32,
+    /// The cause of the last abnormal exit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
 }
 
 /// A version that failed and is not retried before `next_retry_at`.

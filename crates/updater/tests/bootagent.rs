@@ -4,38 +4,18 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::{
-    control_actions, get_json, publish, status_of, Meta, Reply, Scripted, Updater, CONVERGE,
+    control_actions, get_json, http_post, publish, status_of, Meta, Reply, Scripted, Updater,
+    CONVERGE,
 };
 use serde_json::{json, Value};
 use test_support::agent::Behaviour;
 use test_support::{command, free_port, wait_for, wait_listening, KillOnDrop};
-
-/// `POST http://{addr}{path}` with a JSON body; status and body.
-fn http_post(addr: SocketAddr, path: &str, body: &Value) -> (u16, String) {
-    let body = body.to_string();
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (code, body.to_string())
-}
 
 /// Starts ops-meta with `agents` and extra top-level config keys (e.g. `tagRules`).
 fn start_meta(agents: Value, extra: Value) -> Meta {

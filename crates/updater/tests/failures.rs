@@ -87,7 +87,9 @@ fn rollback_case(bad: Behaviour) {
     publish(&meta, "falcon", "1.1.0", bad);
     meta.desire(&[("falcon", "1.0.0", "start")]);
     let u = Updater::start(&meta.addr.to_string(), "host-01", |c| {
-        c["startTimeoutSecs"] = json!(2)
+        c["startTimeoutSecs"] = json!(2);
+        // A version that stops by itself comes back after the restart delay.
+        c["supervise"] = json!({"checkSecs": 1, "restartDelaySecs": 1});
     });
     u.wait_running("falcon", "1.0.0");
 
@@ -118,7 +120,8 @@ fn rollback_case(bad: Behaviour) {
         meta.reported("falcon", "host-01")
             .is_some_and(|r| r["version"] == "1.0.0" && r["status"] == "started")
     });
-    // While 1.1.0 is held back, 1.0.0 is still looked after: stopped by hand, it comes back.
+    // While 1.1.0 is held back, 1.0.0 is still looked after: stopped by hand (an exit
+    // ops-updater did not cause), it is restarted by the supervisor.
     control(&old, "stop");
     wait_for("1.0.0 started again", CONVERGE, || {
         control_actions(&old).len() == 5 && status_of(&old) == "started"

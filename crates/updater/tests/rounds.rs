@@ -135,12 +135,23 @@ fn agent_killed_by_hand_is_started_again() {
         &meta.base(),
         "start"
     )]));
-    let u = Updater::start(&meta.addr.to_string(), "host-01", |_| {});
+    // Stopped behind the updater's back: an abnormal exit, restarted by the supervisor
+    // after its delay (1 s here, 180 s by default).
+    let u = Updater::start(&meta.addr.to_string(), "host-01", |c| {
+        c["supervise"] = json!({"checkSecs": 1, "restartDelaySecs": 1})
+    });
     u.wait_running("falcon", "1.0.0");
+    wait_for("falcon seen running", CONVERGE, || {
+        u.agent_status("falcon")
+            .is_some_and(|s| s["status"] == "started")
+    });
     let vdir = u.work().join("falcon/1.0.0");
     control(&vdir, "stop");
     wait_for("falcon started again", CONVERGE, || {
         control_actions(&vdir).len() == 3 && status_of(&vdir) == "started"
+    });
+    wait_for("the restart counted", CONVERGE, || {
+        u.agent_status("falcon").is_some_and(|s| s["restarts"] == 1)
     });
 }
 

@@ -174,6 +174,8 @@ async fn handle(
                         md5: String::new(),
                         cmd: "start".into(),
                         sha256: None,
+                        envs: None,
+                        limits: None,
                     })
                     .collect(),
             };

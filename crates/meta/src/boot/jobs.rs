@@ -142,6 +142,10 @@ pub struct HostJobs {
     memos: HashMap<String, Memo>,
     /// Agents the last derivation wanted a job for and could not hand one out, with why.
     waiting: Vec<Waiting>,
+    /// The host restarts its agents itself (its last report said `supervised`): no
+    /// `restart` is derived from a `stoped`, `fatal` or `killed` report, which would fight
+    /// its restart policy and clear its `fatal` verdicts.
+    pub supervised: bool,
 }
 
 pub(crate) use proto::clean_text;
@@ -231,7 +235,8 @@ impl HostJobs {
                 // The desired state changed since the failure or hold: derive again.
                 self.memos.remove(&w.name);
             }
-            let Some(action) = wanted_action(w, reported.iter().find(|a| a.name == w.name)) else {
+            let reported = reported.iter().find(|a| a.name == w.name);
+            let Some(action) = wanted_action(w, reported, self.supervised) else {
                 continue;
             };
             if let Some(m) = self.memos.get(&w.name) {
@@ -442,16 +447,19 @@ impl HostJobs {
 /// The job one agent needs, if any:
 /// - `cmd: start`, not reported → `install`;
 /// - `cmd: start`, another version reported → `upgrade`;
-/// - `cmd: start`, same version, `stoped`, `fatal` or `killed` → `restart`;
+/// - `cmd: start`, same version, `stoped`, `fatal` or `killed` → `restart`, unless the
+///   host supervises its agents (`supervised`): then its own policy restarts them, and
+///   a `fatal` agent waits for a new desired version or an operator's `restart`/`reset`;
 /// - `cmd: stop`, reported `running` → `stop`.
 ///
 /// A free-text status (an error) derives nothing: the host reports it, people look.
-fn wanted_action(w: &Want, reported: Option<&AgentStatus>) -> Option<Action> {
+fn wanted_action(w: &Want, reported: Option<&AgentStatus>, supervised: bool) -> Option<Action> {
     match (w.cmd?, reported) {
         (Cmd::Start, None) => Some(Action::Install),
         (Cmd::Start, Some(a)) if a.version != w.version => Some(Action::Upgrade),
         (Cmd::Start, Some(a))
-            if matches!(a.status.as_str(), STATE_STOPED | STATE_FATAL | STATE_KILLED) =>
+            if !supervised
+                && matches!(a.status.as_str(), STATE_STOPED | STATE_FATAL | STATE_KILLED) =>
         {
             Some(Action::Restart)
         }
@@ -541,8 +549,15 @@ mod tests {
             ("1", None, None, None),
         ];
         for (v, cmd, reported, expected) in cases {
-            let got = wanted_action(&want(v, cmd, true), reported.as_ref());
+            let got = wanted_action(&want(v, cmd, true), reported.as_ref(), false);
             assert_eq!(got, expected, "want {v} {cmd:?}, reported {reported:?}");
+            // A supervising host restarts by itself: nothing but install, upgrade and stop.
+            let sup = wanted_action(&want(v, cmd, true), reported.as_ref(), true);
+            let expected = expected.filter(|a| *a != Action::Restart);
+            assert_eq!(
+                sup, expected,
+                "supervised: want {v} {cmd:?}, reported {reported:?}"
+            );
         }
     }
 

@@ -295,6 +295,7 @@ impl Boot {
                             .collect(),
                     });
                     let applied = rec.jobs.apply_results(&req.jobs, now);
+                    rec.jobs.supervised = req.supervised;
                     let skips = rec.jobs.derive(&wants, &req.agents, now);
                     (
                         rec.jobs.to_send(),

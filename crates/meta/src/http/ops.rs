@@ -118,6 +118,7 @@ fn operator_job(req: JobsRequest) -> Result<(OperatorJob, Selector), AppError> {
         "restart" => Action::Restart,
         "stop" => Action::Stop,
         "uninstall" => Action::Uninstall,
+        "reset" => Action::Reset,
         "config" => Action::Config,
         "install" | "upgrade" => {
             return Err(bad(
@@ -130,7 +131,7 @@ fn operator_job(req: JobsRequest) -> Result<(OperatorJob, Selector), AppError> {
             return Err(bad(
                 "action",
                 format!(
-                    "{:?} is not restart, stop, uninstall or config",
+                    "{:?} is not restart, stop, uninstall, reset or config",
                     other.chars().take(32).collect::<String>()
                 ),
             ))

@@ -454,7 +454,9 @@ impl Fetcher {
         tokio::fs::rename(&part, &final_path)
             .await
             .map_err(ArtifactError::io(&final_path))?;
-        fsx::fsync_dir(dest_dir).map_err(ArtifactError::io(dest_dir))?;
+        fsx::fsync_dir_async(dest_dir.to_path_buf())
+            .await
+            .map_err(ArtifactError::io(dest_dir))?;
         tracing::info!(url = %crate::redact(url), bytes = size, md5 = %digests.md5, "download verified");
         Ok(digests)
     }

@@ -122,6 +122,7 @@ fn md5_of(path: &Path) -> Option<String> {
 
 /// Remove leftovers of interrupted work in agent_dir: `.*.unpack-*` folders; keep `*.part` downloads (for resume).
 /// Temporary files of interrupted atomic writes (`.*.tmp-*`) go too.
+#[allow(clippy::disallowed_methods)] // Blocking: called on the blocking pool.
 pub fn clean_leftovers(agent_dir: &Path) -> std::io::Result<()> {
     let rd = match std::fs::read_dir(agent_dir) {
         Ok(rd) => rd,
@@ -224,10 +225,11 @@ async fn fetch_and_unpack(
         }
     };
     let md5_path = dl.join(format!("{file}.md5"));
-    fsx::write_atomic(
-        &md5_path,
-        proto::legacy::format_md5_file(&digests.md5, &file).as_bytes(),
+    fsx::write_atomic_async(
+        md5_path.clone(),
+        proto::legacy::format_md5_file(&digests.md5, &file).into_bytes(),
     )
+    .await
     .map_err(ArtifactError::io(&md5_path))?;
 
     let aside = if std::fs::symlink_metadata(&dir).is_ok() {
@@ -264,7 +266,10 @@ async fn fetch_and_unpack(
             }
         }
         (Ok(_), Some(aside)) => {
-            if let Err(e) = remove_tree(aside) {
+            let a = aside.clone();
+            if let Err(e) =
+                blocking(move || remove_tree(&a).map_err(|e| ArtifactError::io(&a)(e))).await
+            {
                 tracing::warn!(dir = %aside.display(), error = %e, "cannot remove the old folder");
             }
         }
@@ -272,8 +277,8 @@ async fn fetch_and_unpack(
     }
     let dir = unpacked?;
     // The version folder holds its own links or copies of both files now.
-    for p in [&tarball, &md5_path] {
-        let _ = std::fs::remove_file(p);
+    for p in [tarball, md5_path] {
+        let _ = fsx::remove_file_async(p).await;
     }
     tracing::info!(agent = %name, version = %version, md5 = %digests.md5, "installed");
     Ok(dir)
@@ -381,6 +386,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // Tests set up their files directly.
 mod tests {
     use super::super::testserver::{serve, Mode};
     use super::super::Limits;

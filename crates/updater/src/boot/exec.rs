@@ -1,29 +1,15 @@
-//! Running BootAgent jobs on agents: checks every job before acting, then acts through the
-//! same machinery as the legacy path ([`crate::agent::Oneshot`]: fetch, verify, unpack,
-//! switch, roll back, prune; control scripts under the agent's action lock).
-//!
-//! Each agent keeps its job settings (`envs`, `limits`) in `<workdir>/<agent>/.bootagent.json`,
-//! written atomically: `envs` are given to every control script of that agent, across
-//! restarts of the updater; `limits` are stored and shown on `/status` (enforcing them comes
-//! with supervision, a later issue).
+//! Running BootAgent jobs on agents: checks every job before acting, then hands it to the
+//! agent's actor in [`crate::engine`] as an order — the same actor, with the same install,
+//! switch, rollback, start and stop, that serves the legacy answer.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex as StdMutex};
+use std::collections::BTreeMap;
 
-use proto::bootagent::{Action, Checksum, Job, STATE_RUNNING, STATE_STOPED};
+use proto::bootagent::{Action, Checksum, Job};
 use proto::legacy::Cmd;
-use serde::{Deserialize, Serialize};
-use tokio::sync::Mutex;
 
 use super::jobs::{ERR_FAILED, ERR_INVALID, ERR_OK, ERR_ROLLED_BACK, MAX_ID_LEN};
-use crate::agent::{Ctx, Desired, Oneshot, OneshotFailure};
-use crate::control::{self, AgentStatus};
-use crate::fsx;
-use crate::state::now_unix;
+use crate::engine::{self, Desired, Done, Engine};
 
-/// File of an agent's job settings, inside its folder.
-pub const SETTINGS_FILE: &str = ".bootagent.json";
 /// Most entries of `envs` or `limits`.
 pub const MAX_MAP_ENTRIES: usize = 64;
 /// Longest key of `envs` or `limits`, in bytes.
@@ -34,42 +20,8 @@ pub const MAX_MAP_VALUE_LEN: usize = 1024;
 pub const MAX_SVRLIST: usize = super::metafile::MAX_SERVERS;
 /// Longest report step a `config` job may set, in seconds (a week).
 pub const MAX_STEP_SECS: u64 = 7 * 86_400;
-/// Infix of an agent folder being removed by `uninstall`.
-pub const UNINSTALL_INFIX: &str = ".uninstall-";
-
 /// What a job ended with: `errcode` and `message` for the next report.
 pub type Outcome = (i32, String);
-
-/// An agent's job settings.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Settings {
-    #[serde(default)]
-    pub envs: BTreeMap<String, String>,
-    #[serde(default)]
-    pub limits: BTreeMap<String, String>,
-}
-
-/// Reads an agent's settings; absent or unreadable means none (logged).
-pub fn load_settings(agent_dir: &Path) -> Settings {
-    let path = agent_dir.join(SETTINGS_FILE);
-    match std::fs::read(&path) {
-        Ok(b) if b.len() as u64 <= 1 << 20 => serde_json::from_slice(&b).unwrap_or_else(|e| {
-            tracing::warn!(file = %path.display(), error = %e, "ignoring corrupt agent settings");
-            Settings::default()
-        }),
-        Ok(_) => {
-            tracing::warn!(file = %path.display(), "ignoring oversized agent settings");
-            Settings::default()
-        }
-        Err(_) => Settings::default(),
-    }
-}
-
-pub fn save_settings(agent_dir: &Path, s: &Settings) -> std::io::Result<()> {
-    std::fs::create_dir_all(agent_dir)?;
-    let text = serde_json::to_vec_pretty(s).expect("settings serialize");
-    fsx::write_atomic(&agent_dir.join(SETTINGS_FILE), &text)
-}
 
 fn is_http_url(u: &str) -> bool {
     let rest = u
@@ -84,7 +36,11 @@ fn is_http_url(u: &str) -> bool {
     })
 }
 
-fn check_map(field: &str, m: &BTreeMap<String, String>, env_names: bool) -> Result<(), String> {
+pub(crate) fn check_map(
+    field: &str,
+    m: &BTreeMap<String, String>,
+    env_names: bool,
+) -> Result<(), String> {
     if m.len() > MAX_MAP_ENTRIES {
         return Err(format!(
             "{field}: {} entries, the limit is {MAX_MAP_ENTRIES}",
@@ -232,351 +188,51 @@ fn cut64(s: &str) -> String {
     s.chars().take(64).collect()
 }
 
-/// Runs jobs on agents; shared by the job tasks.
-#[derive(Debug)]
-pub struct Runner {
-    base: Arc<Ctx>,
-    locks: StdMutex<HashMap<String, Arc<Mutex<()>>>>,
-    /// When each agent was last seen to start (Unix seconds), for its reported uptime.
-    since: StdMutex<HashMap<String, i64>>,
-}
-
-impl Runner {
-    pub fn new(base: Arc<Ctx>) -> Runner {
-        Runner {
-            base,
-            locks: StdMutex::new(HashMap::new()),
-            since: StdMutex::new(HashMap::new()),
+/// Runs one checked job (not `config`) on its agent's actor; `digests` from [`check`].
+pub async fn run(engine: &Engine, job: &Job, digests: Option<JobDigests>) -> Outcome {
+    let name = job.name.as_str();
+    let order = match job.action {
+        Action::Install | Action::Upgrade => {
+            let d = digests.unwrap_or_default();
+            engine::Job::Install(Desired {
+                name: name.to_string(),
+                version: job.version.clone(),
+                cmd: Cmd::Start,
+                tarball_url: job.url.clone(),
+                // The job carries the digests (the MD5 of the `.md5` file among them, when
+                // the server read one): nothing more is fetched to check the artifact.
+                md5_url: String::new(),
+                md5: d.md5,
+                sha256: d.sha256,
+                envs: None,
+                limits: None,
+            })
         }
-    }
-
-    pub fn workdir(&self) -> &Path {
-        &self.base.workdir
-    }
-
-    pub fn agent_dir(&self, name: &str) -> PathBuf {
-        self.base.agent_dir(name)
-    }
-
-    /// The updater's own files.
-    pub fn own(&self) -> Arc<crate::workdir::Own> {
-        self.base.own.clone()
-    }
-
-    /// The agent's action lock (the one its control scripts run under).
-    pub fn lock(&self, name: &str) -> Arc<Mutex<()>> {
-        self.locks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(name.to_string())
-            .or_default()
-            .clone()
-    }
-
-    /// A context whose control scripts get the agent's `envs`.
-    pub fn ctx_for(&self, name: &str) -> Arc<Ctx> {
-        let s = load_settings(&self.agent_dir(name));
-        self.ctx_with(s.envs)
-    }
-
-    fn ctx_with(&self, envs: BTreeMap<String, String>) -> Arc<Ctx> {
-        let b = &self.base;
-        Arc::new(Ctx {
-            workdir: b.workdir.clone(),
-            fetcher: b.fetcher.clone(),
-            control: b.control.clone(),
-            status: b.status.clone(),
-            start_timeout: b.start_timeout,
-            keep_versions: b.keep_versions,
-            retry: b.retry,
-            shared: b.shared.clone(),
-            envs,
-            own: b.own.clone(),
-        })
-    }
-
-    /// Notes a status read: returns the agent's uptime in seconds (0 when not running).
-    /// An agent first seen running counts from that moment: the updater cannot know when
-    /// a process it did not start began.
-    pub fn uptime(&self, name: &str, running: bool) -> u64 {
-        let mut m = self.since.lock().unwrap_or_else(|e| e.into_inner());
-        if !running {
-            m.remove(name);
-            return 0;
-        }
-        let now = now_unix();
-        let t = *m.entry(name.to_string()).or_insert(now);
-        (now - t).max(0) as u64
-    }
-
-    fn started_now(&self, name: &str) {
-        self.since
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_string(), now_unix());
-    }
-
-    /// The state reported upstream for a `control status` wire string.
-    pub fn wire_state(status: &str) -> String {
-        match status {
-            proto::legacy::STATUS_STARTED => STATE_RUNNING.to_string(),
-            s if proto::legacy::is_stopped_status(s) => STATE_STOPED.to_string(),
-            other => other.to_string(),
-        }
-    }
-
-    /// The installed current version, if `.version` names a folder that exists.
-    fn current(&self, name: &str) -> Option<String> {
-        let dir = self.agent_dir(name);
-        fsx::read_version_file(&dir)
-            .ok()
-            .flatten()
-            .filter(|v| proto::validate_version(v).is_ok() && dir.join(v).is_dir())
-    }
-
-    /// Runs one checked job (not `config`); `digests` from [`check`].
-    pub async fn run(&self, job: &Job, digests: Option<JobDigests>) -> Outcome {
-        let name = job.name.as_str();
-        // Env vars and limits are set by install and may be updated by any later job.
-        if !job.envs.is_empty() || !job.limits.is_empty() {
-            if job.action == Action::Uninstall {
-                // Nothing to keep them for.
-            } else if let Err(e) = self.update_settings(name, job) {
-                return (
-                    ERR_FAILED,
-                    format!("agent {name:?}: cannot save envs/limits: {e}"),
-                );
-            }
-        }
-        let out = match job.action {
-            Action::Install | Action::Upgrade => {
-                self.install(job, digests.unwrap_or_default()).await
-            }
-            Action::Stop => self.stop(name).await,
-            Action::Restart => self.restart(name).await,
-            Action::Uninstall => self.uninstall(name).await,
-            Action::Config => (ERR_INVALID, "config jobs are not agent jobs".into()),
-        };
-        tracing::info!(job = %job.id, action = job.action.as_str(), agent = %name, errcode = out.0, message = %out.1, "job finished");
-        out
-    }
-
-    fn update_settings(&self, name: &str, job: &Job) -> std::io::Result<()> {
-        let dir = self.agent_dir(name);
-        let mut s = load_settings(&dir);
-        if !job.envs.is_empty() {
-            s.envs = job.envs.clone();
-        }
-        if !job.limits.is_empty() {
-            s.limits = job.limits.clone();
-        }
-        save_settings(&dir, &s)?;
-        let limits = s.limits.clone();
-        self.base.shared.agent(name, |v| v.limits = limits);
-        Ok(())
-    }
-
-    async fn install(&self, job: &Job, digests: JobDigests) -> Outcome {
-        let name = job.name.as_str();
-        let version = job.version.as_str();
-        let once = Oneshot::new(self.ctx_for(name), name, self.lock(name));
-        let current = self.current(name);
-        if current.as_deref() == Some(version) {
-            // Installed already (a job run again after a restart, or a repeated order):
-            // make sure it runs.
-            let _g = once.lock().lock().await;
-            return match once.status(version).await {
-                AgentStatus::Started => {
-                    (ERR_OK, format!("{name} {version} is installed and running"))
-                }
-                AgentStatus::Stopped => match once.start_and_check(version).await {
-                    Ok(()) => {
-                        self.started_now(name);
-                        (
-                            ERR_OK,
-                            format!("{name} {version} was installed; started it"),
-                        )
-                    }
-                    Err(e) => (ERR_FAILED, e),
-                },
-                AgentStatus::Error(e) => (
-                    ERR_FAILED,
-                    format!("{name} {version} is installed but its status is unreadable: {e}"),
-                ),
-            };
-        }
-        let d = Desired {
-            name: name.to_string(),
-            version: version.to_string(),
-            cmd: Cmd::Start,
-            tarball_url: job.url.clone(),
-            // The job carries the digests (the MD5 of the `.md5` file among them, when the
-            // server read one): nothing more is fetched to check the artifact.
-            md5_url: String::new(),
-            md5: digests.md5,
-            sha256: digests.sha256,
-        };
-        match once.switch(&d, current.as_deref()).await {
-            Ok(()) => {
-                self.started_now(name);
-                let from = current.map_or(String::new(), |c| format!(" (from {c})"));
-                (
-                    ERR_OK,
-                    format!("{name} {version} installed and running{from}"),
-                )
-            }
-            Err(OneshotFailure::Install(e)) => (ERR_FAILED, e),
-            Err(OneshotFailure::Start(e)) => (ERR_ROLLED_BACK, e),
-        }
-    }
-
-    async fn stop(&self, name: &str) -> Outcome {
-        let Some(version) = self.current(name) else {
-            return (ERR_OK, format!("{name} is not installed; nothing to stop"));
-        };
-        let ctx = self.ctx_for(name);
-        let once = Oneshot::new(ctx.clone(), name, self.lock(name));
-        let _g = once.lock().lock().await;
-        if once.status(&version).await == AgentStatus::Stopped {
-            return (ERR_OK, format!("{name} {version} was already stopped"));
-        }
-        let vdir = self.agent_dir(name).join(&version);
-        if let Err(e) = control::control(&vdir, "stop", &ctx.envs, &ctx.control).await {
-            return (ERR_FAILED, e.to_string());
-        }
-        match once.status(&version).await {
-            AgentStatus::Stopped => {
-                self.uptime(name, false);
-                (ERR_OK, format!("{name} {version} stopped"))
-            }
-            st => (
-                ERR_FAILED,
-                format!("control stop succeeded but status is {:?}", st.wire()),
-            ),
-        }
-    }
-
-    async fn restart(&self, name: &str) -> Outcome {
-        let Some(version) = self.current(name) else {
-            return (
-                ERR_FAILED,
-                format!("{name} is not installed; nothing to restart"),
-            );
-        };
-        let ctx = self.ctx_for(name);
-        let once = Oneshot::new(ctx.clone(), name, self.lock(name));
-        let _g = once.lock().lock().await;
-        let vdir = self.agent_dir(name).join(&version);
-        if let Err(e) = control::control(&vdir, "stop", &ctx.envs, &ctx.control).await {
-            return (ERR_FAILED, format!("restart: {e}"));
-        }
-        match once.start_and_check(&version).await {
-            Ok(()) => {
-                self.started_now(name);
-                (ERR_OK, format!("{name} {version} restarted"))
-            }
-            Err(e) => (ERR_FAILED, format!("restart: {e}")),
-        }
-    }
-
-    /// Stops the agent, then removes its folder whole (every version, `.version`, settings):
-    /// renamed to a hidden name first, so that a crash half-way leaves a folder that is no
-    /// agent and is cleaned at the next start.
-    async fn uninstall(&self, name: &str) -> Outcome {
-        let lock = self.lock(name);
-        let _g = lock.lock().await;
-        // Checked under the lock, right before acting: only an agent's folder is removed,
-        // never a file or folder that merely has a valid name (the updater's own config,
-        // an operator's data).
-        let dir = match self.base.check_agent(name) {
-            Ok(dir) => dir,
-            Err(crate::workdir::NotAgent::Missing { .. }) => {
-                return (
-                    ERR_OK,
-                    format!("{name} is not installed; nothing to remove"),
-                )
-            }
-            Err(e) => return (ERR_INVALID, format!("uninstall refused: {e}")),
-        };
-        if let Some(version) = self.current(name) {
-            let ctx = self.ctx_for(name);
-            let once = Oneshot::new(ctx.clone(), name, lock.clone());
-            if once.status(&version).await != AgentStatus::Stopped {
-                let vdir = dir.join(&version);
-                if let Err(e) = control::control(&vdir, "stop", &ctx.envs, &ctx.control).await {
-                    return (ERR_FAILED, format!("uninstall: {e}; nothing removed"));
-                }
-                let st = once.status(&version).await;
-                if st != AgentStatus::Stopped {
-                    return (
-                        ERR_FAILED,
-                        format!(
-                            "uninstall: control stop succeeded but status is {:?}; nothing removed",
-                            st.wire()
-                        ),
-                    );
-                }
-            }
-        }
-        self.uptime(name, false);
-        let aside = self.workdir().join(format!(
-            ".{name}{UNINSTALL_INFIX}{}",
-            uuid::Uuid::new_v4().simple()
-        ));
-        let moved = std::fs::rename(&dir, &aside).and_then(|()| fsx::fsync_dir(self.workdir()));
-        if let Err(e) = moved {
-            return (
-                ERR_FAILED,
-                format!("uninstall: cannot move {}: {e}", dir.display()),
-            );
-        }
-        if let Err(e) = std::fs::remove_dir_all(&aside) {
-            tracing::warn!(agent = %name, dir = %aside.display(), error = %e, "cannot remove an uninstalled agent's folder; it is retried at the next start");
-        }
-        (ERR_OK, format!("{name} uninstalled"))
-    }
-}
-
-/// Removes folders left by an `uninstall` that was interrupted: real folders named
-/// `.<agent>.uninstall-<32 hex digits>`, the name [`Runner::uninstall`] gives an agent's
-/// folder after checking it; nothing else of the workdir.
-pub fn clean_uninstall_leftovers(workdir: &Path) {
-    let Ok(rd) = std::fs::read_dir(workdir) else {
-        return;
+        Action::Stop => engine::Job::Stop,
+        Action::Restart => engine::Job::Restart,
+        Action::Uninstall => engine::Job::Uninstall,
+        Action::Reset => engine::Job::Reset,
+        Action::Config => return (ERR_INVALID, "config jobs are not agent jobs".into()),
     };
-    for e in rd.flatten() {
-        let n = e.file_name().to_string_lossy().into_owned();
-        if is_uninstall_leftover(&n) && e.file_type().is_ok_and(|t| t.is_dir()) {
-            tracing::info!(dir = %e.path().display(), "removing an interrupted uninstall");
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
-}
-
-fn is_uninstall_leftover(file_name: &str) -> bool {
-    let Some(rest) = file_name.strip_prefix('.') else {
-        return false;
+    // Env vars and limits are set by install and may be updated by any later job (empty:
+    // not given); an uninstall has nothing to keep them for.
+    let keep = job.action != Action::Uninstall;
+    let envs = (keep && !job.envs.is_empty()).then(|| job.envs.clone());
+    let limits = (keep && !job.limits.is_empty()).then(|| job.limits.clone());
+    let done = engine.agent(name).job(order, envs, limits).await;
+    let out = match done {
+        Done::Ok(m) => (ERR_OK, m),
+        Done::Failed(m) => (ERR_FAILED, m),
+        Done::RolledBack(m) => (ERR_ROLLED_BACK, m),
+        Done::Invalid(m) => (ERR_INVALID, m),
     };
-    let Some((agent, id)) = rest.rsplit_once(UNINSTALL_INFIX) else {
-        return false;
-    };
-    proto::validate_agent_name(agent).is_ok()
-        && id.len() == 32
-        && id.bytes().all(|b| b.is_ascii_hexdigit())
+    tracing::info!(job = %job.id, action = job.action.as_str(), agent = %name, errcode = out.0, message = %out.1, "job finished");
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_uninstall_names_are_leftovers() {
-        let id = "0123456789abcdef0123456789abcdef";
-        assert!(is_uninstall_leftover(&format!(".basic.uninstall-{id}")));
-        assert!(!is_uninstall_leftover(&format!("basic.uninstall-{id}")));
-        assert!(!is_uninstall_leftover(".basic.uninstall-x"));
-        assert!(!is_uninstall_leftover(&format!("..uninstall-{id}")));
-    }
 
     fn job(action: Action) -> Job {
         Job {
@@ -661,31 +317,5 @@ mod tests {
         assert!(check(&c, "").unwrap_err().contains("step"));
         c.step = Some(30);
         assert_eq!(check(&c, ""), Ok(None));
-    }
-
-    #[test]
-    fn states_are_reported_in_bootagent_words() {
-        assert_eq!(Runner::wire_state("started"), "running");
-        assert_eq!(Runner::wire_state("stoped"), "stoped");
-        assert_eq!(Runner::wire_state("stopped"), "stoped");
-        assert_eq!(
-            Runner::wire_state("control status: boom"),
-            "control status: boom"
-        );
-    }
-
-    #[test]
-    fn settings_round_trip() {
-        let t = tempfile::tempdir().unwrap();
-        let d = t.path().join("a");
-        assert_eq!(load_settings(&d), Settings::default());
-        let s = Settings {
-            envs: [("PATH".to_string(), "/usr/bin".to_string())].into(),
-            limits: [("CPU".to_string(), "10%".to_string())].into(),
-        };
-        save_settings(&d, &s).unwrap();
-        assert_eq!(load_settings(&d), s);
-        std::fs::write(d.join(SETTINGS_FILE), "garbage").unwrap();
-        assert_eq!(load_settings(&d), Settings::default());
     }
 }

@@ -222,6 +222,7 @@ pub fn load(path: &Path) -> Result<Book, BookError> {
     serde_json::from_slice(&text).map_err(|e| fail(format!("corrupt: {e}")))
 }
 
+#[allow(clippy::disallowed_methods)] // Blocking: on the blocking pool, or once at start.
 pub fn save(path: &Path, b: &Book) -> Result<(), BookError> {
     let write = |source| BookError::Write {
         path: path.to_path_buf(),

@@ -141,6 +141,7 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<Meta, MetaError> {
 }
 
 /// Writes the metafile atomically, creating its folder if needed.
+#[allow(clippy::disallowed_methods)] // Blocking: on the blocking pool, or once at start.
 pub fn save(path: &Path, m: &Meta) -> Result<(), MetaError> {
     let write = |source| MetaError::Write {
         path: path.to_path_buf(),
@@ -156,6 +157,7 @@ pub fn save(path: &Path, m: &Meta) -> Result<(), MetaError> {
 
 /// Moves a corrupt metafile aside (`<name>.corrupt-<unix seconds>`) so that the next start
 /// does not trip over it again and an operator can still look at it. Returns the new path.
+#[allow(clippy::disallowed_methods)] // Blocking: on the blocking pool, or once at start.
 pub fn move_aside(path: &Path) -> std::io::Result<PathBuf> {
     let name = path
         .file_name()

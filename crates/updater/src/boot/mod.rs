@@ -6,7 +6,7 @@
 //! back to the heartbeat daemon when a server answers 404/405 to the BootAgent endpoints,
 //! probing BootAgent again every [`REPROBE`].
 //!
-//! Jobs run through [`exec::Runner`], which acts with the legacy path's own machinery, in
+//! Jobs run through the agents' actors ([`crate::engine`]), the legacy path's own machinery, in
 //! their own tasks: a slow download never holds up the reports.
 
 pub mod client;
@@ -31,9 +31,9 @@ use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::agent::{self, Ctx};
 use crate::config::{Protocol, Resolved};
 use crate::daemon::{self, Daemon, DaemonError, MAX_AGENTS, STATUS_WAIT};
+use crate::engine::{Ctx, Engine};
 use crate::state::{now_unix, Shared};
 use client::{CallError, Client, StatusAnswer};
 use jobs::{Book, Seen, ERR_FAILED, ERR_INVALID, ERR_OK};
@@ -133,11 +133,37 @@ pub fn check_metafile(cfg: &Resolved) -> Result<String, String> {
     }
 }
 
-/// Runs the updater with the protocol the config names until `shutdown` resolves.
+/// Runs the updater with the protocol the config names until `shutdown` resolves. One
+/// [`Engine`] serves every protocol the run goes through; its actors are stopped on the
+/// way out (a control action in progress is given time to finish; agents keep running).
 pub async fn run(
     cfg: Resolved,
     shared: Shared,
     opts: Options,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), BootError> {
+    std::fs::create_dir_all(&cfg.workdir).map_err(|source| DaemonError::Workdir {
+        path: cfg.workdir.display().to_string(),
+        source,
+    })?;
+    let engine = Arc::new(Engine::new(Ctx::from_config(&cfg, shared.clone())?));
+    let c = &cfg.config;
+    // Enough for one switch and its rollback: stop, start, wait, stop, start, wait.
+    let grace = Duration::from_secs(
+        (c.control_timeout_secs * 4 + c.start_timeout_secs * 2)
+            .min(daemon::SHUTDOWN_GRACE_MAX_SECS),
+    );
+    let res = run_with(cfg, shared, opts, engine.clone(), shutdown).await;
+    tracing::info!("ops-updater stopping");
+    engine.shutdown(grace).await;
+    res
+}
+
+async fn run_with(
+    cfg: Resolved,
+    shared: Shared,
+    opts: Options,
+    engine: Arc<Engine>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BootError> {
     if cfg.config.protocol == Protocol::Legacy {
@@ -147,12 +173,12 @@ pub async fn run(
             );
         }
         shared.daemon(|d| d.protocol = "legacy".into());
-        Daemon::new(cfg, shared)?.run(shutdown).await;
+        Daemon::new(cfg, shared, engine)?.run(shutdown).await;
         return Ok(());
     }
     let shutdown = shutdown.boxed_local().shared();
     let started = Instant::now();
-    let mut boot = Boot::new(cfg.clone(), shared.clone(), opts, started)?;
+    let mut boot = Boot::new(cfg.clone(), shared.clone(), opts, started, engine.clone())?;
     loop {
         match boot.run(shutdown.clone()).await {
             Exit::Shutdown => return Ok(()),
@@ -165,7 +191,7 @@ pub async fn run(
                     d.server = legacy.heartbeat_url.clone();
                     d.protocol = "legacy (fallback)".into();
                 });
-                let d = Daemon::new(legacy, shared.clone())?;
+                let d = Daemon::new(legacy, shared.clone(), engine.clone())?;
                 let reprobe = Arc::new(AtomicBool::new(false));
                 let flag = reprobe.clone();
                 let sd = shutdown.clone();
@@ -222,7 +248,7 @@ struct Boot {
     client: Client,
     backoff: servers::Backoff,
     builtin: Vec<String>,
-    runner: Arc<exec::Runner>,
+    engine: Arc<Engine>,
     /// Jobs running now: id → (agent, task).
     running: HashMap<String, (String, tokio::task::JoinHandle<()>)>,
     done_tx: mpsc::UnboundedSender<Finished>,
@@ -244,6 +270,7 @@ impl Boot {
         shared: Shared,
         opts: Options,
         started: Instant,
+        engine: Arc<Engine>,
     ) -> Result<Boot, BootError> {
         let c = &cfg.config;
         std::fs::create_dir_all(&cfg.workdir).map_err(|source| DaemonError::Workdir {
@@ -295,8 +322,7 @@ impl Boot {
             c.max_response_bytes,
             c.tls_insecure,
         )?;
-        let ctx = Ctx::from_config(&cfg, shared.clone())?;
-        exec::clean_uninstall_leftovers(&cfg.workdir);
+        crate::engine::clean_uninstall_leftovers(&cfg.workdir);
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         Ok(Boot {
             cfg,
@@ -308,7 +334,7 @@ impl Boot {
             client,
             backoff: servers::Backoff::default(),
             builtin,
-            runner: Arc::new(exec::Runner::new(Arc::new(ctx))),
+            engine,
             running: HashMap::new(),
             done_tx,
             done_rx,
@@ -332,8 +358,18 @@ impl Boot {
         servers::merge(&self.cfg.config.server, &self.meta, &self.builtin)
     }
 
-    fn save_meta(&self) -> bool {
-        match metafile::save(&self.meta_path, &self.meta) {
+    /// Saves the metafile on the blocking pool.
+    async fn save_meta(&self) -> bool {
+        let (path, meta) = (self.meta_path.clone(), self.meta.clone());
+        let res = crate::fsx::blocking(move || Ok(metafile::save(&path, &meta)))
+            .await
+            .unwrap_or_else(|e| {
+                Err(metafile::MetaError::Write {
+                    path: self.meta_path.clone(),
+                    source: e,
+                })
+            });
+        match res {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!(error = %e, "cannot save the metafile");
@@ -342,9 +378,13 @@ impl Boot {
         }
     }
 
-    fn save_book(&self) {
-        if let Err(e) = jobs::save(&self.record_path, &self.book) {
-            tracing::error!(error = %e, "cannot save the job record");
+    /// Saves the job record on the blocking pool.
+    async fn save_book(&self) {
+        let (path, book) = (self.record_path.clone(), self.book.clone());
+        match crate::fsx::blocking(move || Ok(jobs::save(&path, &book))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot save the job record"),
+            Err(e) => tracing::error!(error = %e, "cannot save the job record"),
         }
     }
 
@@ -369,7 +409,7 @@ impl Boot {
                 Some((id, (code, message))) = self.done_rx.recv() => {
                     self.running.remove(&id);
                     self.book.finish(&id, code, &message, now_unix());
-                    self.save_book();
+                    self.save_book().await;
                 }
                 _ = tokio::time::sleep_until(next) => {
                     let r: f64 = rand::thread_rng().gen_range(0.0..1.0);
@@ -404,11 +444,9 @@ impl Boot {
                 .min(daemon::SHUTDOWN_GRACE_MAX_SECS),
         );
         for (id, (name, task)) in std::mem::take(&mut self.running) {
-            let lock = self.runner.lock(&name);
-            let idle = lock.try_lock_owned();
-            match idle {
-                Ok(_guard) => task.abort(),
-                Err(_) => {
+            match self.engine.acting(&name) {
+                false => task.abort(),
+                true => {
                     tracing::info!(job = %id, agent = %name, "waiting for a job's control action before exiting");
                     let mut task = task;
                     if tokio::time::timeout(grace, &mut task).await.is_err() {
@@ -421,7 +459,7 @@ impl Boot {
         while let Ok((id, (code, message))) = self.done_rx.try_recv() {
             self.book.finish(&id, code, &message, now_unix());
         }
-        self.save_book();
+        self.save_book().await;
     }
 
     /// Sends `call` to the servers in order until one answers.
@@ -486,7 +524,7 @@ impl Boot {
         }
         self.meta.tags = resp.tags.chars().take(1024).collect();
         self.meta.hostname = self.cfg.hostname.clone();
-        if !self.save_meta() {
+        if !self.save_meta().await {
             return Err(RoundError::Failed);
         }
         tracing::info!(agentsn = %self.meta.agentsn, tags = %self.meta.tags, "registered");
@@ -512,6 +550,8 @@ impl Boot {
             step: self.step().as_secs(),
             agents,
             jobs: results.clone(),
+            // Our engine restarts agents by its policy ([`crate::engine::supervise`]).
+            supervised: true,
         };
         if self.cfg.config.debug {
             tracing::debug!(request = %serde_json::to_string(&req).unwrap_or_default(), "status report");
@@ -543,10 +583,10 @@ impl Boot {
         if !self.meta.confirmed {
             self.meta.confirmed = true;
             tracing::info!(agentsn = %self.meta.agentsn, "serial confirmed by a status answer");
-            self.save_meta();
+            self.save_meta().await;
         }
         if self.book.acknowledge(&results) {
-            self.save_book();
+            self.save_book().await;
         }
         self.shared.daemon(|d| {
             d.heartbeats_ok += 1;
@@ -554,7 +594,7 @@ impl Boot {
             d.last_heartbeat_error = None;
             d.server_error = None;
         });
-        self.take_jobs(answer);
+        self.take_jobs(answer).await;
         Ok(())
     }
 
@@ -564,31 +604,21 @@ impl Boot {
     async fn collect(&mut self) -> Vec<WireAgent> {
         let mut names = crate::workdir::agent_names(
             &self.cfg.workdir,
-            &self.runner.own(),
+            &self.engine.ctx().own,
             &self.cfg.config.desired_agent,
         );
         names.truncate(MAX_AGENTS);
         let wait = STATUS_WAIT.min(self.runner_status_timeout());
-        let futs = names.into_iter().map(|n| {
-            let runner = self.runner.clone();
-            async move {
-                let ctx = runner.ctx_for(&n);
-                let lock = runner.lock(&n);
-                let real = agent::collect_within(ctx, n.clone(), lock, wait).await?;
-                let status = exec::Runner::wire_state(&real.status);
-                let uptime = runner.uptime(&n, status == proto::bootagent::STATE_RUNNING);
-                Some(WireAgent {
-                    name: real.name,
-                    version: real.version,
-                    status,
-                    uptime,
-                })
-            }
-        });
-        futures_util::future::join_all(futs)
+        self.engine
+            .collect(&names, wait)
             .await
             .into_iter()
-            .flatten()
+            .map(|c| WireAgent {
+                name: c.real.name,
+                version: c.real.version,
+                status: c.state,
+                uptime: c.uptime,
+            })
             .collect()
     }
 
@@ -617,7 +647,7 @@ impl Boot {
 
     /// Takes the jobs of a status answer: results of finished ones are re-queued, running
     /// ones are left alone, new or interrupted ones are checked and started.
-    fn take_jobs(&mut self, answer: StatusAnswer) {
+    async fn take_jobs(&mut self, answer: StatusAnswer) {
         self.note_waiting(&answer.response.waiting);
         let mut changed = false;
         for bad in answer.bad_jobs {
@@ -662,7 +692,7 @@ impl Boot {
                 }
             };
             if job.action == Action::Config {
-                let (code, message) = self.apply_config(&job);
+                let (code, message) = self.apply_config(&job).await;
                 self.book.finish(&job.id, code, &message, now_unix());
                 changed = true;
                 continue;
@@ -675,24 +705,24 @@ impl Boot {
             self.book
                 .start(&job.id, job.action.as_str(), &job.name, now_unix());
             // Recorded before it runs: a crash from here on runs it again on redelivery.
-            self.save_book();
-            let runner = self.runner.clone();
+            self.save_book().await;
+            let engine = self.engine.clone();
             let tx = self.done_tx.clone();
             let id = job.id.clone();
             let name = job.name.clone();
             let task = tokio::spawn(async move {
-                let out = runner.run(&job, sha).await;
+                let out = exec::run(&engine, &job, sha).await;
                 let _ = tx.send((job.id.clone(), out));
             });
             self.running.insert(id, (name, task));
         }
         if changed {
-            self.save_book();
+            self.save_book().await;
         }
         self.log.finish_round();
     }
 
-    fn apply_config(&mut self, job: &Job) -> exec::Outcome {
+    async fn apply_config(&mut self, job: &Job) -> exec::Outcome {
         let before = self.meta.clone();
         let list = proto::bootagent::split_svrlist(&job.svrlist);
         if !list.is_empty() {
@@ -701,7 +731,7 @@ impl Boot {
         if let Some(step) = job.step {
             self.meta.step = step;
         }
-        if !self.save_meta() {
+        if !self.save_meta().await {
             self.meta = before;
             return (
                 ERR_FAILED,
@@ -720,6 +750,8 @@ impl Boot {
     }
 }
 
+/// Blocking: runs once at start, before the first round.
+#[allow(clippy::disallowed_methods)]
 fn first_start(cfg: &Resolved, path: &Path, servers: Vec<String>) -> Result<Meta, BootError> {
     let m = Meta::first_start(&cfg.hostname, servers);
     metafile::save(path, &m)?;

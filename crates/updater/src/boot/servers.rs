@@ -80,7 +80,7 @@ impl Backoff {
         let e = self.state.entry(server.to_string()).or_insert((0, now));
         e.0 = e.0.saturating_add(1);
         let wait =
-            crate::agent::backoff_delay(e.0, SERVER_RETRY_BASE.min(cap), cap, rand::random());
+            crate::engine::backoff_delay(e.0, SERVER_RETRY_BASE.min(cap), cap, rand::random());
         e.1 = now + wait;
     }
 

@@ -171,6 +171,25 @@ impl Meta {
     }
 }
 
+/// `POST http://{addr}{path}` with a JSON body; status and body.
+pub fn http_post(addr: SocketAddr, path: &str, body: &Value) -> (u16, String) {
+    let body = body.to_string();
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, body.to_string())
+}
+
 /// One `agents[]` entry: a default with optional `others`.
 pub fn agent_entry(name: &str, version: &str, base: &str, cmd: &str) -> Value {
     json!({"default": {"name": name, "version": version, "tarball": base, "md5": "", "cmd": cmd}})
@@ -325,6 +344,19 @@ impl Updater {
 
 impl Drop for Updater {
     fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var_os("UPDATER_LOG_ON_FAILURE").is_some() {
+            let text = self.log_text();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.contains("hyper") && !l.contains("reqwest"))
+                .collect();
+            let from = lines.len().saturating_sub(3000);
+            eprintln!(
+                "--- ops-updater log ({}) ---\n{}",
+                self.hostname,
+                lines[from..].join("\n")
+            );
+        }
         self.kill9();
         stop_all_agents(&self.work());
     }

@@ -1,32 +1,54 @@
-//! Per-agent convergence: one worker task per agent brings it to the state the server
-//! wants (install, switch, roll back, start, stop) and prunes old versions.
+//! The agent engine: one actor per agent serves both protocols. The legacy answer (a
+//! desired state, sent every round) and BootAgent jobs (orders, each answered once) are
+//! both orders to the same actor, which has the one implementation of install, switch,
+//! rollback, start, stop, restart, uninstall, settings (`envs`, `limits`) and supervision
+//! (the restart policy of [`supervise`]).
 //!
-//! Agents are independent: each has its own task, fed the latest desired state over a
-//! `watch` channel, so a slow download or a hung script for one agent never delays the
-//! heartbeat or the others. Each agent also has an action lock, held around every control
-//! script run (`start`, `stop`, `status`): two scripts never run on one agent at once. The
-//! download happens outside the lock, so the round keeps reading the agent's real status
-//! while a new version is fetched; during a switch the round reports the last status it
-//! read instead of waiting (see [`collect`]).
+//! Agents are independent: each has its own task, so a slow download or a hung script for
+//! one agent never delays the heartbeat or the others. Each agent also has an action lock,
+//! held around every control script run (`start`, `stop`, `status`): two scripts never run
+//! on one agent at once. The download happens outside the lock, so the round keeps reading
+//! the agent's real status while a new version is fetched; during a switch the round
+//! reports the last status it read instead of waiting (see [`collect`]).
+//!
+//! Blocking filesystem work (removing folders, fsync, settings and `.version` writes) goes
+//! to tokio's blocking pool ([`crate::fsx::blocking`]); `crates/updater/clippy.toml` fences
+//! the blocking calls.
+
+mod actor;
+pub use actor::clean_uninstall_leftovers;
+pub mod settings;
+pub mod supervise;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
 use proto::legacy::{Cmd, DesiredAgent, RealAgent};
-use tokio::sync::{watch, Mutex};
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use tokio::time::Instant;
 
-use crate::artifact::{self, Fetcher, Want};
+use crate::artifact::{self, Fetcher};
 use crate::control::{self, AgentStatus, ControlConfig};
 use crate::daemon::CONTROL_GRACE;
 use crate::fsx;
-use crate::process;
-use crate::state::{now_unix, BackoffView, Outcome, Shared};
+use crate::state::{now_unix, Shared};
 
 /// How often `control status` is polled while waiting for a new version to start.
 pub const START_POLL: Duration = Duration::from_millis(200);
+/// Orders (jobs) queued for one agent at most; one more is refused as busy.
+pub const MAX_QUEUED_ORDERS: usize = 8;
+
+/// `envs` check, shared by both protocols.
+pub fn check_envs(m: &BTreeMap<String, String>) -> Result<(), String> {
+    crate::boot::exec::check_map("envs", m, true)
+}
+
+/// `limits` check (shape and syntax), shared by both protocols.
+pub fn check_limits(m: &BTreeMap<String, String>) -> Result<(), String> {
+    crate::boot::exec::check_map("limits", m, false)
+}
 
 /// What the server wants for one agent, checked: every name and URL here is safe to use.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +63,11 @@ pub struct Desired {
     pub md5: Option<String>,
     /// Lowercase hex, when the server sent one.
     pub sha256: Option<String>,
+    /// Environment for the agent's control scripts, when the server sent it (our ops-meta
+    /// does, in both protocols); `None` keeps what the agent has.
+    pub envs: Option<BTreeMap<String, String>>,
+    /// Resource limits, when the server sent them; `None` keeps what the agent has.
+    pub limits: Option<BTreeMap<String, String>>,
 }
 
 /// Why a desired agent from the server was skipped.
@@ -54,6 +81,8 @@ pub enum DesiredError {
     BadUrl { name: String, url: String },
     #[error("agent {name:?}: sha256 {value:?} is not 64 hex digits")]
     BadSha256 { name: String, value: String },
+    #[error("agent {name:?}: {error}")]
+    BadMap { name: String, error: String },
 }
 
 fn is_http_url(u: &str) -> bool {
@@ -103,6 +132,16 @@ impl Desired {
                 })
             }
         };
+        let bad_map = |error: String| DesiredError::BadMap {
+            name: d.name.clone(),
+            error,
+        };
+        if let Some(m) = &d.envs {
+            check_envs(m).map_err(bad_map)?;
+        }
+        if let Some(m) = &d.limits {
+            check_limits(m).map_err(bad_map)?;
+        }
         Ok(Desired {
             name: d.name.clone(),
             version: d.version.clone(),
@@ -111,6 +150,8 @@ impl Desired {
             md5_url: d.md5_url(),
             md5: None,
             sha256,
+            envs: d.envs.clone(),
+            limits: d.limits.clone(),
         })
     }
 
@@ -244,8 +285,8 @@ pub struct Ctx {
     pub keep_versions: usize,
     pub retry: RetryPolicy,
     pub shared: Shared,
-    /// Extra environment for control scripts (none by default).
-    pub envs: BTreeMap<String, String>,
+    /// The restart policy.
+    pub policy: supervise::Policy,
     /// The updater's own files: no action removes or renames them or a folder holding one.
     pub own: Arc<crate::workdir::Own>,
 }
@@ -287,7 +328,7 @@ impl Ctx {
                 failed_start: Duration::from_secs(c.failed_start_retry_secs),
             },
             shared,
-            envs: BTreeMap::new(),
+            policy: c.supervise,
             own: Arc::new(crate::workdir::Own::new(cfg.own_files.iter().cloned())),
         })
     }
@@ -303,42 +344,123 @@ impl Ctx {
     }
 }
 
-/// A running worker for one agent.
+/// An order for an agent's actor, other than the legacy desired state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // A few orders a day; boxing buys nothing.
+pub enum Job {
+    /// Install (or upgrade to) `desired.version` and run it; run it if it is installed.
+    Install(Desired),
+    Stop,
+    Restart,
+    /// Stop and remove the agent's folder.
+    Uninstall,
+    /// Clear a `fatal` verdict and the failure count; start the agent if it should run.
+    Reset,
+}
+
+impl Job {
+    fn as_str(&self) -> &'static str {
+        match self {
+            Job::Install(_) => "install",
+            Job::Stop => "stop",
+            Job::Restart => "restart",
+            Job::Uninstall => "uninstall",
+            Job::Reset => "reset",
+        }
+    }
+}
+
+/// How an order ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Done {
+    Ok(String),
+    /// Nothing changed on the running side, or the action failed.
+    Failed(String),
+    /// The new version did not start; the previous one was put back.
+    RolledBack(String),
+    /// The order was refused before anything was done.
+    Invalid(String),
+}
+
+struct Order {
+    job: Job,
+    /// Settings the job carries (`None`: keep the agent's).
+    envs: Option<BTreeMap<String, String>>,
+    limits: Option<BTreeMap<String, String>>,
+    reply: oneshot::Sender<Done>,
+}
+
+/// What the actor and the status readers share for one agent.
+#[derive(Debug, Default)]
+pub struct Cell {
+    pub sup: supervise::State,
+    /// The agent's control-script environment (its settings' `envs`).
+    pub envs: BTreeMap<String, String>,
+}
+
+/// A running actor for one agent.
 #[derive(Debug)]
 pub struct Handle {
     name: String,
-    tx: watch::Sender<Option<Desired>>,
+    desire: watch::Sender<Option<Desired>>,
+    orders: mpsc::Sender<Order>,
     lock: Arc<Mutex<()>>,
+    cell: Arc<StdMutex<Cell>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Handle {
-    /// Starts the worker for `name` (a validated agent name). It first removes leftovers of
-    /// interrupted work in the agent's folder.
+    /// Starts the actor for `name` (a validated agent name). It first removes leftovers of
+    /// interrupted work in the agent's folder and loads its settings.
     pub fn spawn(ctx: Arc<Ctx>, name: &str) -> Handle {
-        let (tx, rx) = watch::channel(None);
+        let (desire, desire_rx) = watch::channel(None);
+        let (orders, orders_rx) = mpsc::channel(MAX_QUEUED_ORDERS);
         let lock = Arc::new(Mutex::new(()));
-        let worker = Worker {
-            ctx,
-            name: name.to_string(),
-            rx,
-            lock: lock.clone(),
-            backoff: None,
-            wait_logged: None,
-        };
-        let task = tokio::spawn(worker.run());
+        let cell = Arc::new(StdMutex::new(Cell::default()));
+        let a = actor::Actor::new(ctx, name, desire_rx, orders_rx, lock.clone(), cell.clone());
+        let task = tokio::spawn(a.run());
         Handle {
             name: name.to_string(),
-            tx,
+            desire,
+            orders,
             lock,
+            cell,
             task,
         }
     }
 
-    /// Hands the worker the latest desired state. Sent every round, so that an agent that
-    /// stopped by itself is started again at the next round.
+    /// Hands the actor the latest desired state (legacy). Sent every round.
     pub fn desire(&self, d: Desired) {
-        self.tx.send_replace(Some(d));
+        self.desire.send_replace(Some(d));
+    }
+
+    /// Runs one job on the agent and waits for its outcome.
+    pub async fn job(
+        &self,
+        job: Job,
+        envs: Option<BTreeMap<String, String>>,
+        limits: Option<BTreeMap<String, String>>,
+    ) -> Done {
+        let what = job.as_str();
+        let (reply, rx) = oneshot::channel();
+        let order = Order {
+            job,
+            envs,
+            limits,
+            reply,
+        };
+        if self.orders.try_send(order).is_err() {
+            return Done::Failed(format!(
+                "agent {:?}: {MAX_QUEUED_ORDERS} orders are queued already; {what} not taken",
+                self.name
+            ));
+        }
+        rx.await.unwrap_or_else(|_| {
+            Done::Failed(format!(
+                "agent {:?}: stopped before the {what} finished",
+                self.name
+            ))
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -350,17 +472,29 @@ impl Handle {
         self.lock.clone()
     }
 
-    /// Stops the worker without leaving an agent half-switched: a worker in the middle of
+    /// The state shared with the actor.
+    pub fn cell(&self) -> Arc<StdMutex<Cell>> {
+        self.cell.clone()
+    }
+
+    /// True while the actor holds the action lock (a control action in progress).
+    pub fn acting(&self) -> bool {
+        self.lock.try_lock().is_err()
+    }
+
+    /// Stops the actor without leaving an agent half-switched: an actor in the middle of
     /// control actions (it holds the action lock: stopping the old version, starting the
-    /// new one, rolling back) is given up to `grace` to finish them; a worker that is idle
-    /// or downloading is stopped at once (a partial download is resumed at the next start).
+    /// new one, rolling back) is given up to `grace` to finish them; one that is idle or
+    /// downloading is stopped at once (a partial download is resumed at the next start).
     pub async fn shutdown(mut self, grace: Duration) {
-        // No more desired states: the worker's loop ends after its current action.
+        // No more orders: the actor's loop ends after its current action.
         let (dead_tx, _) = watch::channel(None);
-        drop(std::mem::replace(&mut self.tx, dead_tx));
+        drop(std::mem::replace(&mut self.desire, dead_tx));
+        let (dead_orders, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.orders, dead_orders));
         let idle = self.lock.clone().try_lock_owned();
         match idle {
-            // Holding the lock keeps the worker from starting a switch while it is aborted.
+            // Holding the lock keeps the actor from starting a switch while it is aborted.
             Ok(_guard) => self.task.abort(),
             Err(_) => {
                 tracing::info!(agent = %self.name, "waiting for an action in progress before exiting");
@@ -380,29 +514,104 @@ impl Drop for Handle {
     }
 }
 
+/// The agents of one workdir: one actor each, kept across protocol changes (`auto` falling
+/// back to the legacy heartbeat and probing BootAgent again), so supervision state and
+/// in-flight work carry over.
+#[derive(Debug)]
+pub struct Engine {
+    ctx: Arc<Ctx>,
+    agents: StdMutex<BTreeMap<String, Arc<Handle>>>,
+}
+
+impl Engine {
+    pub fn new(ctx: Ctx) -> Engine {
+        Engine {
+            ctx: Arc::new(ctx),
+            agents: StdMutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn ctx(&self) -> &Arc<Ctx> {
+        &self.ctx
+    }
+
+    /// The actor of `name` (a validated agent name), started on first use.
+    pub fn agent(&self, name: &str) -> Arc<Handle> {
+        let mut m = self.agents.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(name.to_string())
+            .or_insert_with(|| Arc::new(Handle::spawn(self.ctx.clone(), name)))
+            .clone()
+    }
+
+    /// True when an actor of `name` holds its action lock.
+    pub fn acting(&self, name: &str) -> bool {
+        let m = self.agents.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(name).is_some_and(|h| h.acting())
+    }
+
+    /// Reads the agents' states for a report: each read in its own task, waited for at most
+    /// `wait` ([`collect_within`]).
+    pub async fn collect(&self, names: &[String], wait: Duration) -> Vec<Collected> {
+        let futs = names.iter().map(|n| {
+            let h = self.agent(n);
+            collect_within(self.ctx.clone(), h, wait)
+        });
+        futures_util::future::join_all(futs)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// Stops every actor ([`Handle::shutdown`]).
+    pub async fn shutdown(&self, grace: Duration) {
+        let all = std::mem::take(&mut *self.agents.lock().unwrap_or_else(|e| e.into_inner()));
+        let handles = all.into_values().filter_map(|h| Arc::try_unwrap(h).ok());
+        futures_util::future::join_all(handles.map(|h| h.shutdown(grace))).await;
+    }
+}
+
+/// One agent as a report carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Collected {
+    /// For the legacy heartbeat: the version and what `control status` printed — or
+    /// `fatal` / `killed` while the supervisor holds the agent.
+    pub real: RealAgent,
+    /// BootAgent's state word: `running`, `stoped`, `fatal`, `killed`, or an error text.
+    pub state: String,
+    /// Seconds running, 0 when not known to run.
+    pub uptime: u64,
+}
+
+/// The BootAgent state word for a `control status` wire string.
+pub fn wire_state(status: &str) -> String {
+    match status {
+        proto::legacy::STATUS_STARTED => proto::bootagent::STATE_RUNNING.to_string(),
+        s if proto::legacy::is_stopped_status(s) => proto::bootagent::STATE_STOPED.to_string(),
+        other => other.to_string(),
+    }
+}
+
 /// [`collect`] in its own task, waited for at most `wait`. A script that takes longer keeps
 /// running in the background (until the status timeout kills it) with its result kept for
 /// the next round; meanwhile the agent is reported with the last status known. `None` when
-/// `name` is not an agent or the task failed. Shared by the legacy and BootAgent rounds.
-pub async fn collect_within(
-    ctx: Arc<Ctx>,
-    name: String,
-    lock: Arc<Mutex<()>>,
-    wait: Duration,
-) -> Option<RealAgent> {
+/// the agent is not an agent or the task failed. Shared by the legacy and BootAgent rounds.
+pub async fn collect_within(ctx: Arc<Ctx>, h: Arc<Handle>, wait: Duration) -> Option<Collected> {
+    let name = h.name().to_string();
     let read = {
-        let (ctx, name) = (ctx.clone(), name.clone());
-        tokio::spawn(async move { collect(&ctx, &name, &lock).await })
+        let (ctx, h) = (ctx.clone(), h.clone());
+        tokio::spawn(async move { collect(&ctx, &h).await })
     };
     // On timeout the JoinHandle is dropped, which detaches (not cancels) the read.
-    match tokio::time::timeout(wait, read).await {
-        Ok(Ok(r)) => r,
+    let real = match tokio::time::timeout(wait, read).await {
+        Ok(Ok(r)) => r?,
         Ok(Err(join)) => {
             tracing::error!(agent = %name, error = %join, "status task failed");
-            None
+            return None;
         }
         Err(_) => {
-            let v = fsx::read_version_file(&ctx.agent_dir(&name))
+            let dir = ctx.agent_dir(&name);
+            let v = fsx::read_version_file(&dir)
                 .ok()
                 .flatten()
                 .filter(|v| proto::validate_version(v).is_ok())?;
@@ -413,21 +622,49 @@ pub async fn collect_within(
                 &format!("control status: no answer within {wait:?}"),
             );
             tracing::debug!(agent = %name, version = %v, "status still running; reporting the last known");
-            Some(RealAgent {
+            RealAgent {
                 name,
                 version: v,
                 status,
                 timestamp,
-            })
+            }
         }
+    };
+    Some(held(&h, real))
+}
+
+/// The report of `real`, with the supervisor's verdict over it.
+fn held(h: &Handle, mut real: RealAgent) -> Collected {
+    let cell = h.cell.lock().unwrap_or_else(|e| e.into_inner());
+    let now = now_unix();
+    if let Some(word) = supervise::held_state(&cell.sup) {
+        real.status = word.to_string();
+        return Collected {
+            real,
+            state: word.to_string(),
+            uptime: 0,
+        };
+    }
+    let state = wire_state(&real.status);
+    let uptime = if state == proto::bootagent::STATE_RUNNING {
+        cell.sup.uptime(now)
+    } else {
+        0
+    };
+    Collected {
+        real,
+        state,
+        uptime,
     }
 }
 
-/// Reads one agent's real state for the heartbeat. `None` when `name` is not an agent
-/// (no `.version`). If an action holds the agent's lock (a switch in progress), the last
+/// Reads one agent's real state for the heartbeat. `None` when it is not an agent (no
+/// `.version`). If an action holds the agent's lock (a switch in progress), the last
 /// status read is reported rather than waiting: a heartbeat is never held up by one agent.
 /// A status script that hangs is killed after the status timeout and reported as an error.
-pub async fn collect(ctx: &Ctx, name: &str, lock: &Mutex<()>) -> Option<RealAgent> {
+/// An agent the supervisor holds as `fatal` is not asked.
+pub async fn collect(ctx: &Ctx, h: &Handle) -> Option<RealAgent> {
+    let name = h.name();
     let dir = ctx.agent_dir(name);
     let version = match fsx::read_version_file(&dir) {
         Ok(Some(v)) => v,
@@ -441,11 +678,23 @@ pub async fn collect(ctx: &Ctx, name: &str, lock: &Mutex<()>) -> Option<RealAgen
         tracing::warn!(agent = %name, error = %e, "ignoring agent with a bad .version");
         return None;
     }
-    let (status, timestamp) = match lock.try_lock() {
+    let (envs, fatal) = {
+        let c = h.cell.lock().unwrap_or_else(|e| e.into_inner());
+        (c.envs.clone(), c.sup.is_fatal())
+    };
+    if fatal {
+        return Some(RealAgent {
+            name: name.to_string(),
+            version,
+            status: proto::bootagent::STATE_FATAL.to_string(),
+            timestamp: now_unix(),
+        });
+    }
+    let (status, timestamp) = match h.lock.try_lock() {
         Ok(_guard) => {
             let vdir = dir.join(&version);
             let st = if vdir.is_dir() {
-                control::status(&vdir, &ctx.envs, &ctx.status).await
+                control::status(&vdir, &envs, &ctx.status).await
             } else {
                 AgentStatus::Error(format!("version folder {version} is missing"))
             };
@@ -456,6 +705,13 @@ pub async fn collect(ctx: &Ctx, name: &str, lock: &Mutex<()>) -> Option<RealAgen
                 v.status = Some(wire.clone());
                 v.status_at = Some(now);
             });
+            // An agent found running is running from now, as far as we can know.
+            if st == AgentStatus::Started {
+                let mut c = h.cell.lock().unwrap_or_else(|e| e.into_inner());
+                if matches!(c.sup.phase, supervise::Phase::Idle) {
+                    c.sup.running(Instant::now(), now);
+                }
+            }
             (wire, now)
         }
         Err(_) => last_known(ctx, name, &version, "busy: action in progress"),
@@ -475,415 +731,6 @@ pub fn last_known(ctx: &Ctx, name: &str, version: &str, fallback: &str) -> (Stri
     match (view.current_version, view.status, view.status_at) {
         (Some(v), Some(s), Some(t)) if v == version => (s, t),
         _ => (fallback.to_string(), now_unix()),
-    }
-}
-
-struct Worker {
-    ctx: Arc<Ctx>,
-    name: String,
-    rx: watch::Receiver<Option<Desired>>,
-    lock: Arc<Mutex<()>>,
-    backoff: Option<Backoff>,
-    /// The back-off deadline last said in the log, so a wait is logged once, not per round.
-    wait_logged: Option<i64>,
-}
-
-/// Why a switch failed, for the record.
-enum SwitchFailure {
-    /// Nothing changed on the running side (download, checksum, unpack).
-    Install(String),
-    /// The new version did not start; the previous one was put back.
-    Start(String),
-    /// The previous version could not be stopped (its `control stop` failed and something
-    /// of it still ran after SIGKILL): it stays current, the new one was not started.
-    Stop(String),
-}
-
-impl Worker {
-    fn dir(&self) -> PathBuf {
-        self.ctx.agent_dir(&self.name)
-    }
-
-    async fn run(mut self) {
-        // Only an agent's folder is cleaned: a desired name may be any folder of the workdir.
-        if let Ok(dir) = self.ctx.check_agent(&self.name) {
-            clean_startup_leftovers(&dir, &self.name);
-        }
-        while self.rx.changed().await.is_ok() {
-            let desired = self.rx.borrow_and_update().clone();
-            if let Some(d) = desired {
-                self.converge(&d).await;
-            }
-        }
-    }
-
-    async fn converge(&mut self, d: &Desired) {
-        let dir = self.dir();
-        // A change of desired version, URL or checksum clears the back-off: the operator
-        // fixed something.
-        if self
-            .backoff
-            .as_ref()
-            .is_some_and(|b| b.key != BackoffKey::of(d))
-        {
-            self.backoff = None;
-            self.ctx.shared.agent(&self.name, |v| v.backoff = None);
-        }
-        self.ctx.shared.agent(&self.name, |v| {
-            v.desired_version = Some(d.version.clone());
-            v.desired_cmd = Some(d.cmd_str().to_string());
-        });
-        let current = match fsx::read_version_file(&dir) {
-            Ok(v) => v.filter(|v| proto::validate_version(v).is_ok()),
-            Err(e) => {
-                tracing::warn!(agent = %self.name, error = %e, "cannot read .version; treating the agent as not installed");
-                None
-            }
-        };
-        let present = current.as_ref().is_some_and(|v| dir.join(v).is_dir());
-        match plan(
-            d,
-            current.as_deref(),
-            present,
-            self.backoff.as_ref(),
-            Instant::now(),
-        ) {
-            Plan::Nothing => {}
-            Plan::Wait {
-                until_unix,
-                current,
-            } => {
-                if self.wait_logged != Some(until_unix) {
-                    self.wait_logged = Some(until_unix);
-                    let why = self.backoff.as_ref().map_or("", |b| b.reason.as_str());
-                    let secs = (until_unix - crate::state::now_unix()).max(0);
-                    tracing::info!(agent = %self.name, version = %d.version, until_unix,
-                        "waiting {secs} s before trying this version again: {}", crate::redact(why));
-                } else {
-                    tracing::debug!(agent = %self.name, version = %d.version, until_unix, "held back by a previous failure");
-                }
-                // The version we rolled back to must not stay down if it crashes meanwhile.
-                if let Some(v) = current {
-                    self.ensure_started(&v).await;
-                }
-            }
-            Plan::EnsureStarted { version } => {
-                self.ensure_started(&version).await;
-                // Also in the steady state, so that a host taken over from the original
-                // updater (which kept every version) is trimmed to `keepVersions`.
-                self.prune(&version, d);
-            }
-            Plan::EnsureStopped { version } => self.ensure_stopped(&version).await,
-            Plan::Switch { from, to } => {
-                self.busy(true);
-                let res = self.switch(d, from.as_deref(), &to).await;
-                self.busy(false);
-                match res {
-                    Ok(()) => {
-                        self.backoff = None;
-                        self.record(
-                            format!("upgrade {} -> {to}", from.as_deref().unwrap_or("none")),
-                            Outcome::Ok,
-                            None,
-                        );
-                        self.ctx.shared.agent(&self.name, |v| {
-                            v.backoff = None;
-                            v.current_version = Some(to.clone());
-                        });
-                        self.prune(&to, d);
-                    }
-                    Err(SwitchFailure::Install(e)) => {
-                        let failures = self.backoff.as_ref().map_or(0, |b| b.failures) + 1;
-                        let r = self.ctx.retry;
-                        let delay = backoff_delay(failures, r.base, r.max, rand::random());
-                        tracing::warn!(agent = %self.name, version = %to, failures, retry_in = ?delay, error = %e, "install failed");
-                        self.set_backoff(d, failures, delay, &e);
-                        self.record(format!("install {to}"), Outcome::Failed, Some(e));
-                    }
-                    Err(SwitchFailure::Stop(e)) => {
-                        let delay = self.ctx.retry.failed_start;
-                        self.set_backoff(d, 1, delay, &e);
-                        self.record(
-                            format!("upgrade {} -> {to}", from.as_deref().unwrap_or("none")),
-                            Outcome::Failed,
-                            Some(e),
-                        );
-                    }
-                    Err(SwitchFailure::Start(e)) => {
-                        let delay = self.ctx.retry.failed_start;
-                        tracing::error!(agent = %self.name, version = %to, retry_in = ?delay, error = %e, "new version did not start; rolled back");
-                        self.set_backoff(d, 1, delay, &e);
-                        self.record(
-                            format!("upgrade {} -> {to}", from.as_deref().unwrap_or("none")),
-                            Outcome::RolledBack,
-                            Some(e),
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    fn busy(&self, b: bool) {
-        self.ctx.shared.agent(&self.name, |v| v.busy = b);
-    }
-
-    fn set_backoff(&mut self, d: &Desired, failures: u32, delay: Duration, reason: &str) {
-        let until_unix = now_unix() + delay.as_secs() as i64;
-        let b = Backoff {
-            key: BackoffKey::of(d),
-            failures,
-            until: Instant::now() + delay,
-            until_unix,
-            reason: reason.to_string(),
-        };
-        let view = BackoffView {
-            version: d.version.clone(),
-            tarball_url: crate::redact(&d.tarball_url).into_owned(),
-            failures,
-            next_retry_at: until_unix,
-            reason: reason.to_string(),
-        };
-        self.backoff = Some(b);
-        self.ctx
-            .shared
-            .agent(&self.name, |v| v.backoff = Some(view));
-    }
-
-    fn record(&self, action: String, outcome: Outcome, error: Option<String>) {
-        let now = now_unix();
-        self.ctx.shared.agent(&self.name, |v| {
-            v.last_action = Some(action);
-            v.last_result = Some(outcome);
-            if error.is_some() || outcome == Outcome::Ok {
-                v.last_error = error;
-            }
-            v.last_action_at = Some(now);
-        });
-    }
-
-    /// Reads the status of `vdir` under the lock the caller holds, and notes it.
-    async fn status(&self, vdir: &Path, version: &str) -> AgentStatus {
-        let st = control::status(vdir, &self.ctx.envs, &self.ctx.status).await;
-        let wire = st.wire();
-        let now = now_unix();
-        let current = fsx::read_version_file(&self.dir()).ok().flatten();
-        if current.as_deref() == Some(version) {
-            self.ctx.shared.agent(&self.name, |v| {
-                v.current_version = Some(version.to_string());
-                v.status = Some(wire);
-                v.status_at = Some(now);
-            });
-        }
-        st
-    }
-
-    /// Polls `control status` every [`START_POLL`] until it says started or the start
-    /// timeout passes. Returns the last status seen.
-    async fn wait_started(&self, vdir: &Path, version: &str) -> AgentStatus {
-        let deadline = Instant::now() + self.ctx.start_timeout;
-        loop {
-            let st = self.status(vdir, version).await;
-            if st == AgentStatus::Started || Instant::now() + START_POLL > deadline {
-                return st;
-            }
-            tokio::time::sleep(START_POLL).await;
-        }
-    }
-
-    /// `control start`, then wait for `started`.
-    async fn start_and_check(&self, vdir: &Path, version: &str) -> Result<(), String> {
-        control::control(vdir, "start", &self.ctx.envs, &self.ctx.control)
-            .await
-            .map_err(|e| e.to_string())?;
-        match self.wait_started(vdir, version).await {
-            AgentStatus::Started => Ok(()),
-            st => Err(format!(
-                "control start in {} succeeded but status is {:?} after {:?}",
-                vdir.display(),
-                st.wire(),
-                self.ctx.start_timeout
-            )),
-        }
-    }
-
-    async fn ensure_started(&self, version: &str) {
-        let vdir = self.dir().join(version);
-        let _g = self.lock.lock().await;
-        match self.status(&vdir, version).await {
-            AgentStatus::Started => {}
-            AgentStatus::Stopped => {
-                tracing::info!(agent = %self.name, version, "agent is stopped; starting it");
-                self.busy(true);
-                let res = self.start_and_check(&vdir, version).await;
-                self.busy(false);
-                match res {
-                    Ok(()) => {
-                        tracing::info!(agent = %self.name, version, "agent started");
-                        self.record(format!("start {version}"), Outcome::Ok, None)
-                    }
-                    Err(e) => {
-                        tracing::warn!(agent = %self.name, version, error = %e, "start failed");
-                        self.record(format!("start {version}"), Outcome::Failed, Some(e))
-                    }
-                }
-            }
-            // The state is unknown (the script failed or hung): starting blind could run a
-            // second copy, so leave it alone and report the error upstream.
-            AgentStatus::Error(e) => {
-                tracing::debug!(agent = %self.name, version, error = %e, "status unreadable; not acting");
-            }
-        }
-    }
-
-    async fn ensure_stopped(&self, version: &str) {
-        let vdir = self.dir().join(version);
-        let _g = self.lock.lock().await;
-        if self.status(&vdir, version).await == AgentStatus::Stopped {
-            return;
-        }
-        tracing::info!(agent = %self.name, version, "stopping agent");
-        self.busy(true);
-        let res = control::control(&vdir, "stop", &self.ctx.envs, &self.ctx.control).await;
-        let after = self.status(&vdir, version).await;
-        self.busy(false);
-        match (res, after) {
-            (Ok(_), AgentStatus::Stopped) => {
-                self.record(format!("stop {version}"), Outcome::Ok, None)
-            }
-            (Err(e), _) => self.record(
-                format!("stop {version}"),
-                Outcome::Failed,
-                Some(e.to_string()),
-            ),
-            (Ok(_), st) => self.record(
-                format!("stop {version}"),
-                Outcome::Failed,
-                Some(format!(
-                    "control stop succeeded but status is {:?}",
-                    st.wire()
-                )),
-            ),
-        }
-    }
-
-    /// Installs `to` (outside the lock), then under the lock stops `from`, starts `to`,
-    /// waits for it, and writes `.version`; rolls back to `from` if `to` does not start.
-    async fn switch(&self, d: &Desired, from: Option<&str>, to: &str) -> Result<(), SwitchFailure> {
-        let dir = self.dir();
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| SwitchFailure::Install(format!("{}: {e}", dir.display())))?;
-        tracing::info!(agent = %self.name, version = %to, url = %crate::redact(&d.tarball_url), "installing");
-        self.ctx.shared.agent(&self.name, |v| {
-            v.last_action = Some(format!("install {to}"));
-        });
-        let want = Want {
-            md5: d.md5.clone(),
-            sha256: d.sha256.clone(),
-        };
-        let vdir = artifact::install(
-            &self.ctx.fetcher,
-            &dir,
-            &self.name,
-            to,
-            &d.tarball_url,
-            // An empty md5 URL means the artifact has no `.md5` file (BootAgent jobs carry a
-            // SHA-256 instead).
-            (!d.md5_url.is_empty()).then_some(d.md5_url.as_str()),
-            want,
-        )
-        .await
-        .map_err(|e| SwitchFailure::Install(e.to_string()))?;
-
-        let _g = self.lock.lock().await;
-        if let Some(old) = from {
-            let odir = dir.join(old);
-            tracing::info!(agent = %self.name, version = %old, "stopping previous version");
-            if let Err(e) = control::control(&odir, "stop", &self.ctx.envs, &self.ctx.control).await
-            {
-                // Two copies of one agent must never run. The original started the new one
-                // anyway; we stop whatever of the old one is left (its processes: those whose
-                // working directory or executable lies in its folder, see
-                // `process::processes_in`), and if something of it survives SIGKILL, keep it
-                // current and give up on this switch.
-                tracing::warn!(agent = %self.name, version = %old, error = %e, "stopping previous version failed; killing what is left of it");
-                let left = process::stop_processes_in(&odir, self.ctx.control.grace).await;
-                if !left.is_empty() {
-                    let msg = format!(
-                        "stopping {old} failed ({e}) and {} of its processes still run after SIGKILL (pids {left:?}); {old} stays current, {to} was not started",
-                        left.len()
-                    );
-                    tracing::error!(agent = %self.name, version = %old, error = %msg, "switch abandoned");
-                    return Err(SwitchFailure::Stop(msg));
-                }
-                tracing::info!(agent = %self.name, version = %old, "previous version's processes stopped");
-            }
-        }
-        tracing::info!(agent = %self.name, version = %to, "starting new version");
-        let started = self.start_and_check(&vdir, to).await;
-        let started = match started {
-            Ok(()) => fsx::write_version_file(&dir, to)
-                .map_err(|e| format!("cannot write {}/.version: {e}", dir.display())),
-            Err(e) => Err(e),
-        };
-        match started {
-            Ok(()) => {
-                tracing::info!(agent = %self.name, version = %to, from = ?from, "agent upgraded");
-                Ok(())
-            }
-            Err(e) => {
-                tracing::warn!(agent = %self.name, version = %to, error = %e, "new version failed; rolling back");
-                if let Err(se) =
-                    control::control(&vdir, "stop", &self.ctx.envs, &self.ctx.control).await
-                {
-                    tracing::warn!(agent = %self.name, version = %to, error = %se, "stopping the failed version failed");
-                }
-                if let Some(old) = from {
-                    let odir = dir.join(old);
-                    match self.start_and_check(&odir, old).await {
-                        Ok(()) => {
-                            tracing::info!(agent = %self.name, version = %old, "previous version running again")
-                        }
-                        Err(re) => {
-                            tracing::error!(agent = %self.name, version = %old, error = %re, "previous version did not start again");
-                            return Err(SwitchFailure::Start(format!(
-                                "{e}; and restarting previous version {old} failed: {re}"
-                            )));
-                        }
-                    }
-                }
-                Err(SwitchFailure::Start(e))
-            }
-        }
-    }
-
-    /// Keeps the current version and the most recent others (by mtime), `keep_versions` in
-    /// all, and removes stale downloads that are not the desired tarball.
-    fn prune(&self, current: &str, d: &Desired) {
-        let dir = match self.ctx.check_agent(&self.name) {
-            Ok(dir) => dir,
-            Err(e) => {
-                tracing::warn!(agent = %self.name, error = %e, "not pruning");
-                return;
-            }
-        };
-        let doomed = versions_to_prune(&dir, current, self.ctx.keep_versions);
-        for v in doomed {
-            tracing::info!(agent = %self.name, version = %v, "removing old version");
-            if let Err(e) = remove_version(&dir, &v) {
-                tracing::warn!(agent = %self.name, version = %v, error = %e, "cannot remove old version");
-            }
-        }
-        let downloads = dir.join(artifact::DOWNLOAD_DIR);
-        let keep_prefix = proto::legacy::tarball_file(&self.name, &d.version);
-        if let Ok(rd) = std::fs::read_dir(&downloads) {
-            for e in rd.flatten() {
-                let n = e.file_name();
-                if !n.to_string_lossy().starts_with(&keep_prefix) {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
     }
 }
 
@@ -919,6 +766,7 @@ pub fn versions_to_prune(agent_dir: &Path, current: &str, keep: usize) -> Vec<St
 /// hidden folder (cleaned at start-up) rather than a half-deleted version.
 const PRUNE_INFIX: &str = ".prune-";
 
+#[allow(clippy::disallowed_methods)] // Blocking: called on the blocking pool.
 fn remove_version(agent_dir: &Path, version: &str) -> std::io::Result<()> {
     let from = agent_dir.join(version);
     let to = agent_dir.join(format!(
@@ -932,6 +780,7 @@ fn remove_version(agent_dir: &Path, version: &str) -> std::io::Result<()> {
 
 /// Start-up cleaning of one agent folder: torn unpacks (core's `clean_leftovers`) and
 /// half-removed old versions (ours).
+#[allow(clippy::disallowed_methods)] // Blocking: called on the blocking pool.
 fn clean_startup_leftovers(agent_dir: &Path, name: &str) {
     if let Err(e) = artifact::clean_leftovers(agent_dir) {
         tracing::warn!(agent = %name, error = %e, "cannot clean leftovers");
@@ -943,103 +792,6 @@ fn clean_startup_leftovers(agent_dir: &Path, name: &str) {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
-    }
-}
-
-/// One-shot actions on an agent with the worker's own machinery (install, switch with
-/// rollback, pruning, start-and-check), for callers that act on orders rather than on a
-/// desired state: BootAgent jobs ([`crate::boot`]). Control scripts run under the agent's
-/// action lock, as the worker runs them.
-pub(crate) struct Oneshot {
-    w: Worker,
-}
-
-/// Why a one-shot switch failed.
-pub(crate) enum OneshotFailure {
-    /// Nothing changed on the running side (download, checksum, unpack; or the previous
-    /// version could not be stopped and stays current).
-    Install(String),
-    /// The new version did not start; the previous one was put back.
-    Start(String),
-}
-
-impl Oneshot {
-    pub(crate) fn new(ctx: Arc<Ctx>, name: &str, lock: Arc<Mutex<()>>) -> Oneshot {
-        // Never fed: a one-shot worker does not run its loop.
-        let (_tx, rx) = watch::channel(None);
-        Oneshot {
-            w: Worker {
-                ctx,
-                name: name.to_string(),
-                rx,
-                lock,
-                backoff: None,
-                wait_logged: None,
-            },
-        }
-    }
-
-    /// Installs `d.version` and switches to it from `from` (stop, start, check, `.version`),
-    /// rolling back on failure; prunes old versions on success.
-    pub(crate) async fn switch(
-        &self,
-        d: &Desired,
-        from: Option<&str>,
-    ) -> Result<(), OneshotFailure> {
-        let to = d.version.clone();
-        self.w.busy(true);
-        let res = self.w.switch(d, from, &to).await;
-        self.w.busy(false);
-        let action = format!("upgrade {} -> {to}", from.unwrap_or("none"));
-        match res {
-            Ok(()) => {
-                self.w.record(action, Outcome::Ok, None);
-                self.w.ctx.shared.agent(&self.w.name, |v| {
-                    v.current_version = Some(to.clone());
-                });
-                self.w.prune(&to, d);
-                Ok(())
-            }
-            Err(SwitchFailure::Install(e)) => {
-                self.w
-                    .record(format!("install {to}"), Outcome::Failed, Some(e.clone()));
-                Err(OneshotFailure::Install(e))
-            }
-            Err(SwitchFailure::Start(e)) => {
-                self.w.record(action, Outcome::RolledBack, Some(e.clone()));
-                Err(OneshotFailure::Start(e))
-            }
-            // The running side is as it was: the old version is current and nothing new runs.
-            Err(SwitchFailure::Stop(e)) => {
-                self.w.record(action, Outcome::Failed, Some(e.clone()));
-                Err(OneshotFailure::Install(e))
-            }
-        }
-    }
-
-    /// `control status` of `version`; the caller holds the action lock.
-    pub(crate) async fn status(&self, version: &str) -> AgentStatus {
-        self.w.status(&self.w.dir().join(version), version).await
-    }
-
-    /// `control start` of `version`, then wait for `started`; the caller holds the lock.
-    pub(crate) async fn start_and_check(&self, version: &str) -> Result<(), String> {
-        let res = self
-            .w
-            .start_and_check(&self.w.dir().join(version), version)
-            .await;
-        let outcome = if res.is_ok() {
-            Outcome::Ok
-        } else {
-            Outcome::Failed
-        };
-        self.w
-            .record(format!("start {version}"), outcome, res.clone().err());
-        res
-    }
-
-    pub(crate) fn lock(&self) -> &Arc<Mutex<()>> {
-        &self.w.lock
     }
 }
 
@@ -1056,6 +808,8 @@ mod tests {
             md5_url: format!("http://m/a-{version}.tar.gz.md5"),
             md5: None,
             sha256: None,
+            envs: None,
+            limits: None,
         }
     }
 
@@ -1183,6 +937,8 @@ mod tests {
             md5: String::new(),
             cmd: "start".into(),
             sha256: Some("AB".repeat(32)),
+            envs: None,
+            limits: None,
         };
         let d = Desired::from_wire(&ok).unwrap();
         assert_eq!(
@@ -1250,7 +1006,7 @@ mod tests {
                 failed_start: Duration::from_secs(3),
             },
             shared: Shared::default(),
-            envs: BTreeMap::new(),
+            policy: supervise::Policy::default(),
             own: Arc::default(),
         }
     }
@@ -1270,37 +1026,39 @@ mod tests {
     async fn collect_reads_status_or_reports_the_last_known_when_busy() {
         let t = tempfile::tempdir().unwrap();
         write_agent(t.path(), "a", "1.0", "started");
-        let c = ctx(t.path());
-        let lock = Mutex::new(());
-        let r = collect(&c, "a", &lock).await.unwrap();
+        let c = Arc::new(ctx(t.path()));
+        let h = Handle::spawn(c.clone(), "a");
+        let r = collect(&c, &h).await.unwrap();
         assert_eq!((r.version.as_str(), r.status.as_str()), ("1.0", "started"));
         let first = r.timestamp;
 
         // The script now says stopped, but an action holds the lock: the last known
         // status is reported, with the time it was read, and the script is not run.
         write_agent(t.path(), "a", "1.0", "stoped");
-        let _busy = lock.lock().await;
-        let r = collect(&c, "a", &lock).await.unwrap();
+        let lock = h.lock();
+        let busy = lock.lock().await;
+        let r = collect(&c, &h).await.unwrap();
         assert_eq!(r.status, "started");
         assert_eq!(r.timestamp, first);
-        drop(_busy);
-        let r = collect(&c, "a", &lock).await.unwrap();
+        drop(busy);
+        let r = collect(&c, &h).await.unwrap();
         assert_eq!(r.status, "stoped");
     }
 
     #[tokio::test]
     async fn collect_skips_non_agents_and_reports_missing_folders() {
         let t = tempfile::tempdir().unwrap();
-        let c = ctx(t.path());
-        let lock = Mutex::new(());
+        let c = Arc::new(ctx(t.path()));
         std::fs::create_dir_all(t.path().join("plain")).unwrap();
-        assert_eq!(collect(&c, "plain", &lock).await, None);
+        assert_eq!(collect(&c, &Handle::spawn(c.clone(), "plain")).await, None);
         std::fs::create_dir_all(t.path().join("bad")).unwrap();
         std::fs::write(t.path().join("bad/.version"), "../../x").unwrap();
-        assert_eq!(collect(&c, "bad", &lock).await, None);
+        assert_eq!(collect(&c, &Handle::spawn(c.clone(), "bad")).await, None);
         std::fs::create_dir_all(t.path().join("gone")).unwrap();
         std::fs::write(t.path().join("gone/.version"), "2.0").unwrap();
-        let r = collect(&c, "gone", &lock).await.unwrap();
+        let r = collect(&c, &Handle::spawn(c.clone(), "gone"))
+            .await
+            .unwrap();
         assert_eq!(r.status, "version folder 2.0 is missing");
     }
 
