@@ -12,6 +12,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use proto::rules;
 use serde_json::{Map, Value};
 
 /// Default age after which a host that stopped reporting is forgotten: 3 days, as the original.
@@ -649,12 +650,14 @@ impl Parser {
         out
     }
 
-    /// `envs` or `limits` (ours): an object of strings, each entry checked.
+    /// `envs` or `limits` (ours): an object of strings, each entry checked by `check`
+    /// (`proto::rules`), every problem reported.
     fn string_map(
         &mut self,
         m: &Map<String, Value>,
         path: &str,
         key: &str,
+        check: fn(&str, &str) -> Result<(), String>,
     ) -> BTreeMap<String, String> {
         let field = join(path, key);
         let Some(v) = lookup(m, key) else {
@@ -664,23 +667,24 @@ impl Parser {
             self.error(&field, format!("want an object, got {}", kind(v)));
             return BTreeMap::new();
         };
-        if o.len() > crate::boot::MAX_MAP_ENTRIES {
+        if o.len() > rules::MAX_MAP_ENTRIES {
             self.error(
                 &field,
                 format!(
                     "has {} entries, the limit is {}",
                     o.len(),
-                    crate::boot::MAX_MAP_ENTRIES
+                    rules::MAX_MAP_ENTRIES
                 ),
             );
         }
+
         let mut out = BTreeMap::new();
         for (k, v) in o {
             let Some(s) = v.as_str() else {
                 self.error(&join(&field, k), format!("want a string, got {}", kind(v)));
                 continue;
             };
-            if let Err(e) = crate::boot::check_map_entry(k, s) {
+            if let Err(e) = check(k, s) {
                 self.error(&field, e);
             }
             out.insert(k.clone(), s.to_string());
@@ -782,8 +786,8 @@ impl Parser {
             );
         }
         let sha256 = self.sha256(d, path);
-        let envs = self.string_map(d, path, "envs");
-        let limits = self.string_map(d, path, "limits");
+        let envs = self.string_map(d, path, "envs", rules::check_env_entry);
+        let limits = self.string_map(d, path, "limits", rules::check_limit_entry);
         Some(AgentDefault {
             name,
             version,
@@ -842,8 +846,8 @@ impl Parser {
                     "is set but version is not: a sha256 belongs to the version in the same entry",
                 );
             }
-            let envs = self.string_map(o, &p, "envs");
-            let limits = self.string_map(o, &p, "limits");
+            let envs = self.string_map(o, &p, "envs", rules::check_env_entry);
+            let limits = self.string_map(o, &p, "limits", rules::check_limit_entry);
             out.push(AgentOverride {
                 prefix,
                 version,

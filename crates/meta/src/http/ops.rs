@@ -17,10 +17,11 @@ use axum::{Json, Router};
 use proto::bootagent::Action;
 use proto::ops::{BatchStatus, HostView, HostsResponse, JobsRequest, JobsResponse};
 use proto::ops::{RetryRequest, RetryResponse};
+use proto::rules;
 
 use super::agent::{parse_object, read_body};
 use super::{unix_now, AppError, AppState};
-use crate::boot::{self, OperatorJob, Selector, MAX_STEP_SECS, MIN_STEP_SECS};
+use crate::boot::{self, OperatorJob, Selector};
 
 /// Most hostnames one `hosts` selector may list.
 pub const MAX_SELECTED_HOSTS: usize = 10_000;
@@ -113,7 +114,7 @@ fn describe(sel: &Selector) -> String {
 }
 
 /// Checks a jobs request into an operator job and a selector.
-fn operator_job(req: JobsRequest) -> Result<(OperatorJob, Selector), AppError> {
+fn operator_job(mut req: JobsRequest) -> Result<(OperatorJob, Selector), AppError> {
     let action = match req.action.as_str() {
         "restart" => Action::Restart,
         "stop" => Action::Stop,
@@ -144,15 +145,13 @@ fn operator_job(req: JobsRequest) -> Result<(OperatorJob, Selector), AppError> {
             return Err(bad("svrlist, step", "action config needs at least one"));
         }
         if !req.svrlist.is_empty() {
-            boot::check_svrlist(&req.svrlist).map_err(|e| bad("svrlist", e))?;
+            // Sent as parsed: trimmed, without blanks or duplicates.
+            req.svrlist = rules::parse_svrlist(&req.svrlist)
+                .map_err(|e| bad("svrlist", e))?
+                .join(",");
         }
         if let Some(s) = req.step {
-            if !(MIN_STEP_SECS..=MAX_STEP_SECS).contains(&s) {
-                return Err(bad(
-                    "step",
-                    format!("{s} is not from {MIN_STEP_SECS} to {MAX_STEP_SECS} seconds"),
-                ));
-            }
+            rules::check_step(s).map_err(|e| bad("step", e))?;
         }
     } else {
         if req.name.is_empty() {
