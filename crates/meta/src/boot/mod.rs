@@ -16,6 +16,7 @@ use parking_lot::Mutex;
 use proto::bootagent::{self, Action, Job, StatusRequest};
 use proto::legacy::Cmd;
 use proto::ops::{self as wire, BatchJob, BatchStatus, HostView, JobsResponse, QueuedJob};
+use proto::{AgentName, Hostname, Serial};
 
 use crate::config::TagRule;
 use crate::desired::Desired;
@@ -89,8 +90,9 @@ pub fn wants_for(desired: &Desired, hostname: &str) -> Vec<Want> {
     desired
         .for_host(hostname)
         .into_iter()
+        .zip(desired.agent_names())
         .zip(desired.extras_for(hostname))
-        .map(|(d, (envs, limits))| {
+        .map(|((d, name), (envs, limits))| {
             let url = d.tarball_url();
             let known = desired.known(&url);
             let md5 = known.and_then(|k| k.md5.as_deref());
@@ -125,7 +127,7 @@ pub fn wants_for(desired: &Desired, hostname: &str) -> Vec<Want> {
                 checksum,
                 no_checksum,
                 cmd: Cmd::parse(&d.cmd),
-                name: d.name,
+                name: name.clone(),
                 version: d.version,
                 envs,
                 limits,
@@ -138,7 +140,8 @@ pub fn wants_for(desired: &Desired, hostname: &str) -> Vec<Want> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OperatorJob {
     pub action: Action,
-    pub name: String,
+    /// The agent (all actions but `config`, which has none).
+    pub name: Option<AgentName>,
     pub svrlist: String,
     pub step: Option<u64>,
 }
@@ -146,7 +149,7 @@ pub struct OperatorJob {
 /// How an operator selects hosts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selector {
-    Hosts(Vec<String>),
+    Hosts(Vec<Hostname>),
     Prefix(String),
     Tag(String),
 }
@@ -185,16 +188,17 @@ impl Boot {
         Boot::default()
     }
 
-    /// Registers a host; returns its serial and tags.
+    /// Registers a host with the serial it sent (`None`: it has none); returns the serial
+    /// it must use and its tags.
     pub fn register(
         &self,
         desired: &Desired,
-        hostname: &str,
-        serial: &str,
+        hostname: &Hostname,
+        serial: Option<&Serial>,
         now: i64,
-    ) -> (String, String, Registration) {
+    ) -> (Serial, String, Registration) {
         let (serial, how) = self.registry.register(hostname, serial, now);
-        let tags = tags_for(&desired.config.tag_rules, hostname);
+        let tags = tags_for(&desired.config.tag_rules, hostname.as_str());
         tracing::info!(host = %hostname, agentsn = %serial, how = ?how, tags = %tags, "bootagent registered");
         (serial, tags, how)
     }
@@ -289,13 +293,13 @@ impl Boot {
 
     /// Registered hostnames a selector picks (sorted), and the hostnames of a host list
     /// that are not registered.
-    pub fn select(&self, desired: &Desired, sel: &Selector) -> (Vec<String>, Vec<String>) {
+    pub fn select(&self, desired: &Desired, sel: &Selector) -> (Vec<Hostname>, Vec<Hostname>) {
         match sel {
             Selector::Hosts(hosts) => {
                 let mut found = Vec::new();
                 let mut missing = Vec::new();
                 for h in hosts {
-                    if self.registry.read(h, |_| ()).is_some() {
+                    if self.registry.read(h.as_str(), |_| ()).is_some() {
                         if !found.contains(h) {
                             found.push(h.clone());
                         }
@@ -325,10 +329,11 @@ impl Boot {
         &self,
         desired: &Desired,
         job: &OperatorJob,
-        hosts: &[String],
+        hosts: &[Hostname],
         now: i64,
     ) -> JobsResponse {
         let batch: Arc<str> = jobs::new_id().into();
+        let name = job.name.as_ref().map_or("", AgentName::as_str);
         let mut out = JobsResponse {
             id: batch.to_string(),
             ..JobsResponse::default()
@@ -338,16 +343,16 @@ impl Boot {
             // it; otherwise the next report would start it again.
             let hold = matches!(job.action, Action::Stop | Action::Uninstall)
                 .then(|| {
-                    wants_for(desired, h)
+                    wants_for(desired, h.as_str())
                         .into_iter()
-                        .find(|w| w.name == job.name)
+                        .find(|w| w.name == name)
                         .map(|w| w.fingerprint())
                 })
                 .flatten();
             let j = Job {
                 id: jobs::new_id(),
                 action: job.action,
-                name: job.name.clone(),
+                name: name.to_string(),
                 version: String::new(),
                 url: String::new(),
                 checksum: String::new(),
@@ -358,33 +363,33 @@ impl Boot {
                 step: job.step,
             };
             let id = j.id.clone();
-            let r = self.registry.with_hostname(h, |rec| {
+            let r = self.registry.with_hostname(h.as_str(), |rec| {
                 // Only an agent the host reported can be uninstalled: a mistyped name
                 // (`cfg.json`) must not reach a host, which would take it for an agent.
-                if job.action == Action::Uninstall && !reported(rec, &job.name) {
+                if job.action == Action::Uninstall && !reported(rec, name) {
                     return Err("the host has not reported this agent; nothing to uninstall");
                 }
                 rec.jobs
-                    .push_operator(j, batch.clone(), now, hold)
+                    .push_operator(j, job.name.clone(), batch.clone(), now, hold)
                     .map(|()| rec.serial.to_string())
             });
             match r {
                 Some(Ok(agentsn)) => out.jobs.push(QueuedJob {
-                    host: h.clone(),
+                    host: h.to_string(),
                     agentsn,
                     id,
                 }),
                 Some(Err(reason)) => out.skipped.push(wire::SkippedHost {
-                    host: h.clone(),
+                    host: h.to_string(),
                     reason: reason.into(),
                 }),
                 None => out.skipped.push(wire::SkippedHost {
-                    host: h.clone(),
+                    host: h.to_string(),
                     reason: "not registered".into(),
                 }),
             }
         }
-        tracing::info!(batch = %batch, action = job.action.as_str(), agent = %job.name, queued = out.jobs.len(), skipped = out.skipped.len(), "operator jobs queued");
+        tracing::info!(batch = %batch, action = job.action.as_str(), agent = %name, queued = out.jobs.len(), skipped = out.skipped.len(), "operator jobs queued");
         let mut b = self.batches.lock();
         if b.order.len() >= MAX_BATCHES {
             if let Some(old) = b.order.pop_front() {
@@ -396,7 +401,7 @@ impl Boot {
             batch,
             Batch {
                 action: job.action,
-                name: job.name.clone(),
+                name: name.to_string(),
                 created: now,
                 jobs: out.jobs.clone(),
             },
@@ -520,12 +525,12 @@ impl Boot {
     }
 
     /// Forgets failures and holds on `hosts` (of agent `name`, or all); returns how many.
-    pub fn retry(&self, hosts: &[String], name: Option<&str>) -> usize {
+    pub fn retry(&self, hosts: &[Hostname], name: Option<&str>) -> usize {
         hosts
             .iter()
             .filter_map(|h| {
                 self.registry
-                    .with_hostname(h, |rec| rec.jobs.clear_memos(name))
+                    .with_hostname(h.as_str(), |rec| rec.jobs.clear_memos(name))
             })
             .sum()
     }

@@ -17,7 +17,7 @@ use axum::{Json, Router};
 use proto::bootagent::Action;
 use proto::ops::{BatchStatus, HostView, HostsResponse, JobsRequest, JobsResponse};
 use proto::ops::{RetryRequest, RetryResponse};
-use proto::rules;
+use proto::{rules, AgentName, Hostname};
 
 use super::agent::{parse_object, read_body};
 use super::{unix_now, AppError, AppState};
@@ -88,9 +88,11 @@ fn selector(
                 ),
             ));
         }
-        for h in &hosts {
-            proto::validate_hostname(h).map_err(|e| bad("hosts", e))?;
-        }
+        let hosts = hosts
+            .into_iter()
+            .map(Hostname::try_from)
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad("hosts", e))?;
         return Ok(Selector::Hosts(hosts));
     }
     if let Some(p) = prefix {
@@ -137,7 +139,7 @@ fn operator_job(mut req: JobsRequest) -> Result<(OperatorJob, Selector), AppErro
             ))
         }
     };
-    if action == Action::Config {
+    let name = if action == Action::Config {
         if !req.name.is_empty() {
             return Err(bad("name", "does not go with action config"));
         }
@@ -153,6 +155,7 @@ fn operator_job(mut req: JobsRequest) -> Result<(OperatorJob, Selector), AppErro
         if let Some(s) = req.step {
             rules::check_step(s).map_err(|e| bad("step", e))?;
         }
+        None
     } else {
         if req.name.is_empty() {
             return Err(bad(
@@ -160,16 +163,17 @@ fn operator_job(mut req: JobsRequest) -> Result<(OperatorJob, Selector), AppErro
                 format!("is missing (action {})", action.as_str()),
             ));
         }
-        proto::validate_agent_name(&req.name).map_err(|e| bad("name", e))?;
+        let name = AgentName::parse(&req.name).map_err(|e| bad("name", e))?;
         if !req.svrlist.is_empty() || req.step.is_some() {
             return Err(bad("svrlist, step", "only go with action config"));
         }
-    }
+        Some(name)
+    };
     let sel = selector(req.hosts, req.prefix, req.tag)?;
     Ok((
         OperatorJob {
             action,
-            name: req.name,
+            name,
             svrlist: req.svrlist,
             step: req.step,
         },
@@ -194,7 +198,7 @@ async fn post_jobs(
     let mut out = st.boot.queue(&desired, &job, &hosts, unix_now());
     out.skipped
         .extend(missing.into_iter().map(|host| proto::ops::SkippedHost {
-            host,
+            host: host.into(),
             reason: "not registered".into(),
         }));
     Ok(Json(out))
@@ -238,7 +242,7 @@ async fn get_hosts(
     });
     let hosts = names
         .iter()
-        .filter_map(|h| st.boot.host_view(&desired, h))
+        .filter_map(|h| st.boot.host_view(&desired, h.as_str()))
         .collect();
     Ok(Json(HostsResponse { hosts }))
 }
