@@ -189,7 +189,8 @@ pub fn parse_svrlist(s: &str) -> Result<Vec<String>, String> {
             // Counted as distinct entries arrive, so a huge list costs no more than
             // MAX_SERVERS comparisons per entry before it is refused.
             return Err(format!(
-                "holds more than {MAX_SERVERS} servers, the limit is {MAX_SERVERS}"
+                "holds {} distinct servers or more, the limit is {MAX_SERVERS}",
+                MAX_SERVERS + 1
             ));
         }
         out.push(entry.to_string());
