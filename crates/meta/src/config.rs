@@ -12,6 +12,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use proto::{rules, AgentName, Version};
 use serde_json::{Map, Value};
 
 /// Default age after which a host that stopped reporting is forgotten: 3 days, as the original.
@@ -157,8 +158,10 @@ pub struct AgentConfig {
 /// `agents[].default`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentDefault {
-    pub name: String,
-    pub version: String,
+    /// Checked when the config is read: a name that fails leaves the entry out (and the
+    /// config refused).
+    pub name: AgentName,
+    pub version: Version,
     /// Base URL of the tarball.
     pub tarball: String,
     /// Base URL of the `.md5` file; empty means the tarball base.
@@ -649,12 +652,14 @@ impl Parser {
         out
     }
 
-    /// `envs` or `limits` (ours): an object of strings, each entry checked.
+    /// `envs` or `limits` (ours): an object of strings, each entry checked by `check`
+    /// (`proto::rules`), every problem reported.
     fn string_map(
         &mut self,
         m: &Map<String, Value>,
         path: &str,
         key: &str,
+        check: fn(&str, &str) -> Result<(), String>,
     ) -> BTreeMap<String, String> {
         let field = join(path, key);
         let Some(v) = lookup(m, key) else {
@@ -664,23 +669,24 @@ impl Parser {
             self.error(&field, format!("want an object, got {}", kind(v)));
             return BTreeMap::new();
         };
-        if o.len() > crate::boot::MAX_MAP_ENTRIES {
+        if o.len() > rules::MAX_MAP_ENTRIES {
             self.error(
                 &field,
                 format!(
                     "has {} entries, the limit is {}",
                     o.len(),
-                    crate::boot::MAX_MAP_ENTRIES
+                    rules::MAX_MAP_ENTRIES
                 ),
             );
         }
+
         let mut out = BTreeMap::new();
         for (k, v) in o {
             let Some(s) = v.as_str() else {
                 self.error(&join(&field, k), format!("want a string, got {}", kind(v)));
                 continue;
             };
-            if let Err(e) = crate::boot::check_map_entry(k, s) {
+            if let Err(e) = check(k, s) {
                 self.error(&field, e);
             }
             out.insert(k.clone(), s.to_string());
@@ -724,7 +730,7 @@ impl Parser {
             return Vec::new();
         };
         let mut out = Vec::with_capacity(items.len());
-        let mut seen: Vec<(String, String)> = Vec::new();
+        let mut seen: Vec<(AgentName, String)> = Vec::new();
         for (i, item) in items.iter().enumerate() {
             let path = format!("agents[{i}]");
             let Some(a) = self.object(item, &path, &["default", "others"]) else {
@@ -735,25 +741,23 @@ impl Parser {
                     self.warn(&path, "has no default; skipped, as the original does");
                     None
                 }
-                Some(d) => self.agent_default(d, &join(&path, "default")),
+                Some(d) => self.agent_default(d, &path, &mut seen),
             };
-            if let Some(d) = &default {
-                if let Some((_, first)) = seen.iter().find(|(n, _)| *n == d.name) {
-                    self.error(
-                        &join(&path, "default.name"),
-                        format!("agent {:?} is already configured at {first}", d.name),
-                    );
-                } else {
-                    seen.push((d.name.clone(), path.clone()));
-                }
-            }
             let others = self.others(a, &path);
             out.push(AgentConfig { default, others });
         }
         out
     }
 
-    fn agent_default(&mut self, v: &Value, path: &str) -> Option<AgentDefault> {
+    /// The `default` of agent entry `entry`; `seen` holds the names of the entries
+    /// before it (each agent is configured once), this one's is added.
+    fn agent_default(
+        &mut self,
+        v: &Value,
+        entry: &str,
+        seen: &mut Vec<(AgentName, String)>,
+    ) -> Option<AgentDefault> {
+        let path = &join(entry, "default");
         let d = self.object(
             v,
             path,
@@ -761,14 +765,20 @@ impl Parser {
                 "name", "version", "tarball", "md5", "cmd", "sha256", "envs", "limits",
             ],
         )?;
-        let name = self.string(d, path, "name");
-        if let Err(e) = proto::validate_agent_name(&name) {
-            self.error(&join(path, "name"), e.to_string());
+        let name = AgentName::try_from(self.string(d, path, "name"))
+            .map_err(|e| self.error(&join(path, "name"), e.to_string()));
+        if let Ok(name) = &name {
+            if let Some((_, first)) = seen.iter().find(|(n, _)| n == name) {
+                self.error(
+                    &join(path, "name"),
+                    format!("agent {name:?} is already configured at {first}"),
+                );
+            } else {
+                seen.push((name.clone(), entry.to_string()));
+            }
         }
-        let version = self.string(d, path, "version");
-        if let Err(e) = proto::validate_version(&version) {
-            self.error(&join(path, "version"), e.to_string());
-        }
+        let version = Version::try_from(self.string(d, path, "version"))
+            .map_err(|e| self.error(&join(path, "version"), e.to_string()));
         let tarball = self.string(d, path, "tarball");
         self.url(&join(path, "tarball"), &tarball);
         let md5 = self.string(d, path, "md5");
@@ -782,8 +792,12 @@ impl Parser {
             );
         }
         let sha256 = self.sha256(d, path);
-        let envs = self.string_map(d, path, "envs");
-        let limits = self.string_map(d, path, "limits");
+        let envs = self.string_map(d, path, "envs", rules::check_env_entry);
+        let limits = self.string_map(d, path, "limits", rules::check_limit_entry);
+        // Every other key was checked (and its problems recorded) first.
+        let (Ok(name), Ok(version)) = (name, version) else {
+            return None;
+        };
         Some(AgentDefault {
             name,
             version,
@@ -842,8 +856,8 @@ impl Parser {
                     "is set but version is not: a sha256 belongs to the version in the same entry",
                 );
             }
-            let envs = self.string_map(o, &p, "envs");
-            let limits = self.string_map(o, &p, "limits");
+            let envs = self.string_map(o, &p, "envs", rules::check_env_entry);
+            let limits = self.string_map(o, &p, "limits", rules::check_limit_entry);
             out.push(AgentOverride {
                 prefix,
                 version,

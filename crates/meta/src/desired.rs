@@ -11,6 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use proto::legacy::{DesiredAgent, HeartbeatResponse};
+use proto::AgentName;
 
 use crate::config::{AgentDefault, AgentOverride, Config};
 use crate::digests::{Artifact, Digests, Known};
@@ -149,6 +150,11 @@ impl Desired {
         out.extend_from_slice(TAIL);
     }
 
+    /// The name of each agent, checked, in the order of [`Desired::for_host`].
+    pub fn agent_names(&self) -> impl Iterator<Item = &AgentName> {
+        self.agents.iter().map(|a| &a.default.name)
+    }
+
     /// BootAgent `envs` and `limits` of each agent for `hostname`, in the order of
     /// [`Desired::for_host`]: the default's, each replaced whole by every matching
     /// override that sets it (in order, later wins).
@@ -226,12 +232,14 @@ impl CompiledAgent {
             }
         }
         let sha256 = sha.map(str::to_string).or_else(|| {
-            let url =
-                proto::legacy::join_url(tarball, &proto::legacy::tarball_file(&d.name, version));
+            let url = proto::legacy::join_url(
+                tarball,
+                &proto::legacy::tarball_file(d.name.as_str(), version),
+            );
             digests.get(&url).and_then(|k| k.sha256.clone())
         });
         DesiredAgent {
-            name: d.name.clone(),
+            name: d.name.to_string(),
             version: version.to_string(),
             tarball: tarball.to_string(),
             md5: md5.to_string(),

@@ -222,10 +222,10 @@ pub struct Job {
     pub envs: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub limits: BTreeMap<String, String>,
-    /// `config`: extra servers, `IP:PORT,IP:PORT`.
+    /// `config`: extra servers, `HOST:PORT,HOST:PORT` (syntax: [`crate::rules::parse_svrlist`]).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub svrlist: String,
-    /// `config`: new report step in seconds.
+    /// `config`: new report step in seconds (bounds: [`crate::rules::check_step`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<u64>,
 }
@@ -275,16 +275,6 @@ pub fn format_md5_checksum(hex: &str) -> String {
 /// Formats a lowercase hex SHA-256 as `SHA256:<hex>`.
 pub fn format_checksum(hex: &str) -> String {
     format!("SHA256:{hex}")
-}
-
-/// Splits a server list `host:port,host:port`, dropping blanks but keeping duplicates
-/// (seed 003 keeps them).
-pub fn split_svrlist(s: &str) -> Vec<String> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|x| !x.is_empty())
-        .map(str::to_string)
-        .collect()
 }
 
 #[cfg(test)]
@@ -355,13 +345,5 @@ mod tests {
             let e = validate_agentsn(bad).unwrap_err();
             assert!(e.to_string().starts_with("invalid agentsn"), "{e}");
         }
-    }
-
-    #[test]
-    fn svrlist_keeps_duplicates_and_drops_blanks() {
-        assert_eq!(
-            split_svrlist(" a:1, ,b:2,a:1,"),
-            vec!["a:1".to_string(), "b:2".into(), "a:1".into()]
-        );
     }
 }

@@ -3,6 +3,9 @@
 //! Agent names and versions become path parts on every host (`<workdir>/<agent>/<version>`),
 //! and hostnames become keys and lines of output on the server. This is a security
 //! boundary: both sides check every name with these functions before using it.
+//!
+//! These functions are the one definition of each rule; the types of [`crate::names`]
+//! (`AgentName`, `Version`, `Hostname`, `Serial`) are made only through them.
 
 use std::fmt;
 

@@ -15,13 +15,14 @@ use std::sync::Arc;
 use proto::bootagent::{Action, AgentStatus, Job, JobResult, Waiting, STATE_FATAL, STATE_KILLED};
 use proto::bootagent::{STATE_RUNNING, STATE_STOPED};
 use proto::legacy::Cmd;
+use proto::AgentName;
 
 /// Most jobs one host may have pending; more are refused (operator) or wait (derived).
 pub const MAX_PENDING_JOBS: usize = 32;
 /// Job results kept per host, the oldest dropped first.
 pub const MAX_RESULTS_KEPT: usize = 50;
-/// Longest result message kept, in bytes (cut at a character boundary).
-pub const MAX_MESSAGE_LEN: usize = 1024;
+/// Longest result message kept, in bytes (cut at a character boundary): the wire's rule.
+pub use proto::rules::MAX_MESSAGE_LEN;
 /// Most failed/held agents remembered per host. A host has one entry per configured
 /// agent at most, so this is only reached with a config of that many agents.
 pub const MAX_MEMOS: usize = 256;
@@ -29,7 +30,7 @@ pub const MAX_MEMOS: usize = 256;
 /// What the desired state asks of one agent on one host, in BootAgent terms.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Want {
-    pub name: String,
+    pub name: AgentName,
     pub version: String,
     /// `None` for an empty or unknown `cmd`: nothing is derived.
     pub cmd: Option<Cmd>,
@@ -78,6 +79,8 @@ pub enum Origin {
 #[derive(Debug, Clone)]
 pub struct Pending {
     pub job: Job,
+    /// The agent the job is about (`job.name`, checked); `None` for `config`.
+    pub agent: Option<AgentName>,
     pub origin: Origin,
     /// Unix seconds.
     pub created: i64,
@@ -102,12 +105,12 @@ pub struct Outcome {
 pub enum Skip {
     /// Install or upgrade wanted but no checksum of the artifact is known yet.
     NoChecksum {
-        name: String,
+        name: AgentName,
         version: String,
         why: String,
     },
     /// The host's queue is full.
-    QueueFull { name: String },
+    QueueFull { name: AgentName },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,7 +142,7 @@ pub enum JobState<'a> {
 pub struct HostJobs {
     pending: Vec<Pending>,
     results: VecDeque<Outcome>,
-    memos: HashMap<String, Memo>,
+    memos: HashMap<AgentName, Memo>,
     /// Agents the last derivation wanted a job for and could not hand one out, with why.
     waiting: Vec<Waiting>,
     /// The host restarts its agents itself (its last report said `supervised`): no
@@ -166,7 +169,7 @@ impl HostJobs {
             };
             let p = self.pending.remove(i);
             if r.errcode != 0 {
-                if let Origin::Derived { fingerprint } = p.origin {
+                if let (Origin::Derived { fingerprint }, Some(agent)) = (&p.origin, &p.agent) {
                     let version = if p.job.version.is_empty() {
                         String::new()
                     } else {
@@ -178,7 +181,7 @@ impl HostJobs {
                         r.errcode,
                         clean_text(&r.message, 256)
                     );
-                    self.remember(&p.job.name, fingerprint, MemoKind::Failed, why);
+                    self.remember(agent, *fingerprint, MemoKind::Failed, why);
                 }
             }
             self.push_outcome(Outcome {
@@ -187,7 +190,7 @@ impl HostJobs {
                 name: p.job.name,
                 version: p.job.version,
                 errcode: r.errcode,
-                message: clean_text(&r.message, MAX_MESSAGE_LEN),
+                message: proto::rules::clean_message(&r.message),
                 finished: now,
             });
             applied += 1;
@@ -202,7 +205,7 @@ impl HostJobs {
         self.results.push_back(o);
     }
 
-    fn remember(&mut self, name: &str, fingerprint: u64, kind: MemoKind, why: String) {
+    fn remember(&mut self, name: &AgentName, fingerprint: u64, kind: MemoKind, why: String) {
         if self.memos.len() >= MAX_MEMOS && !self.memos.contains_key(name) {
             // Keep the bound; losing a memo only means one more attempt.
             if let Some(k) = self.memos.keys().next().cloned() {
@@ -210,7 +213,7 @@ impl HostJobs {
             }
         }
         self.memos.insert(
-            name.to_string(),
+            name.clone(),
             Memo {
                 fingerprint,
                 kind,
@@ -278,7 +281,7 @@ impl HostJobs {
             let mut job = Job {
                 id: new_id(),
                 action,
-                name: w.name.clone(),
+                name: w.name.to_string(),
                 version: String::new(),
                 url: String::new(),
                 checksum: String::new(),
@@ -301,6 +304,7 @@ impl HostJobs {
             }
             self.pending.push(Pending {
                 job,
+                agent: Some(w.name.clone()),
                 origin: Origin::Derived { fingerprint: fp },
                 created: now,
                 sent: 0,
@@ -312,7 +316,7 @@ impl HostJobs {
     fn wait(&mut self, w: &Want, reason: String) {
         if self.waiting.len() < proto::bootagent::MAX_WAITING {
             self.waiting.push(Waiting {
-                name: w.name.clone(),
+                name: w.name.to_string(),
                 version: w.version.clone(),
                 reason: clean_text(&reason, proto::bootagent::MAX_WAITING_REASON_LEN),
             });
@@ -355,9 +359,11 @@ impl HostJobs {
     /// same agent (the operator's word wins) and queues behind earlier operator jobs for
     /// it; it is refused when the queue is full. `hold` (the agent's current desired
     /// fingerprint) keeps derivation off the agent until the desired state changes.
+    /// `agent` is the agent of `job.name`, checked (`None` for `config`).
     pub fn push_operator(
         &mut self,
         job: Job,
+        agent: Option<AgentName>,
         batch: Arc<str>,
         now: i64,
         hold: Option<u64>,
@@ -369,15 +375,16 @@ impl HostJobs {
         if self.pending.len() >= MAX_PENDING_JOBS {
             return Err("the host's job queue is full");
         }
-        if let Some(fp) = hold {
+        if let (Some(fp), Some(agent)) = (hold, &agent) {
             let why = format!(
                 "an operator job ({} in batch {batch}) stopped or removed it",
                 job.action.as_str()
             );
-            self.remember(&job.name, fp, MemoKind::Held, why);
+            self.remember(agent, fp, MemoKind::Held, why);
         }
         self.pending.push(Pending {
             job,
+            agent,
             origin: Origin::Operator { batch },
             created: now,
             sent: 0,
@@ -428,7 +435,7 @@ impl HostJobs {
                     MemoKind::Failed => "failed",
                     MemoKind::Held => "held",
                 };
-                (n.clone(), why)
+                (n.to_string(), why)
             })
             .collect();
         out.sort();
@@ -472,9 +479,13 @@ fn wanted_action(w: &Want, reported: Option<&AgentStatus>, supervised: bool) -> 
 mod tests {
     use super::*;
 
+    fn agent(name: &str) -> AgentName {
+        AgentName::parse(name).unwrap()
+    }
+
     fn want(version: &str, cmd: Option<Cmd>, sha: bool) -> Want {
         Want {
-            name: "basic".into(),
+            name: agent("basic"),
             version: version.into(),
             cmd,
             url: format!("http://d/basic-{version}.tar.gz"),
@@ -627,7 +638,7 @@ mod tests {
         assert_eq!(
             skips,
             vec![Skip::NoChecksum {
-                name: "basic".into(),
+                name: agent("basic"),
                 version: "1".into(),
                 why: "waiting: no checksum for basic-1.tar.gz yet".into(),
             }]
@@ -682,16 +693,28 @@ mod tests {
             svrlist: String::new(),
             step: None,
         };
-        h.push_operator(stop.clone(), "b".into(), 1, Some(w[0].fingerprint()))
-            .unwrap();
+        h.push_operator(
+            stop.clone(),
+            Some(agent("basic")),
+            "b".into(),
+            1,
+            Some(w[0].fingerprint()),
+        )
+        .unwrap();
         // The derived restart was replaced by the operator's stop.
         assert_eq!(h.to_send(), vec![stop.clone()]);
         // A second operator job for the same agent queues behind the first.
         let mut uninstall = stop.clone();
         uninstall.id = new_id();
         uninstall.action = Action::Uninstall;
-        h.push_operator(uninstall.clone(), "b".into(), 1, Some(w[0].fingerprint()))
-            .unwrap();
+        h.push_operator(
+            uninstall.clone(),
+            Some(agent("basic")),
+            "b".into(),
+            1,
+            Some(w[0].fingerprint()),
+        )
+        .unwrap();
         assert_eq!(h.to_send(), vec![stop.clone(), uninstall.clone()]);
         h.apply_results(&[result(&stop.id, 0), result(&uninstall.id, 0)], 2);
         h.derive(&w, &[rep("1", STATE_STOPED)], 3);
@@ -704,12 +727,13 @@ mod tests {
             let mut j = stop.clone();
             j.id = new_id();
             j.name = format!("a{i}");
-            h.push_operator(j, "b".into(), 4, None).unwrap();
+            let a = Some(agent(&j.name));
+            h.push_operator(j, a, "b".into(), 4, None).unwrap();
         }
         let mut j = stop.clone();
         j.name = "one-more".into();
         assert_eq!(
-            h.push_operator(j, "b".into(), 4, None),
+            h.push_operator(j, Some(agent("one-more")), "b".into(), 4, None),
             Err("the host's job queue is full")
         );
         for i in 0..MAX_PENDING_JOBS {
@@ -723,12 +747,18 @@ mod tests {
     }
 
     #[test]
-    fn messages_are_cut_and_cleaned() {
-        assert_eq!(clean_text("a\nb", 10), "a b");
-        assert_eq!(clean_text("ééé", 3), "é");
-        assert_eq!(
-            clean_text(&"x".repeat(5000), MAX_MESSAGE_LEN).len(),
-            MAX_MESSAGE_LEN
-        );
+    fn result_messages_are_kept_cut_and_cleaned() {
+        let mut h = HostJobs::default();
+        h.derive(&[want("1", Some(Cmd::Start), true)], &[], 0);
+        let id = h.to_send()[0].id.clone();
+        let r = JobResult {
+            id,
+            errcode: 0,
+            message: format!("a\nb{}", "x".repeat(5000)),
+        };
+        h.apply_results(&[r], 1);
+        let kept = &h.results().next().unwrap().message;
+        assert_eq!(kept.len(), MAX_MESSAGE_LEN);
+        assert!(kept.starts_with("a b"), "{kept}");
     }
 }

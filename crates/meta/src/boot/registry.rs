@@ -10,6 +10,7 @@ use std::hash::{BuildHasher, RandomState};
 
 use parking_lot::{Mutex, RwLock};
 use proto::bootagent::AgentStatus;
+use proto::{Hostname, Serial};
 
 use super::jobs::HostJobs;
 
@@ -31,7 +32,7 @@ pub struct Report {
 /// One registered host.
 #[derive(Debug)]
 pub struct HostRec {
-    pub serial: Box<str>,
+    pub serial: Serial,
     /// Unix seconds (server clock).
     pub registered: i64,
     /// Unix seconds (server clock) of the last report; `registered` until one comes.
@@ -63,12 +64,12 @@ pub enum Refusal {
     Conflict,
 }
 
-type Shard = RwLock<HashMap<Box<str>, HostRec>>;
+type Shard = RwLock<HashMap<Hostname, HostRec>>;
 
 /// The registry.
 #[derive(Debug)]
 pub struct Registry {
-    serials: Mutex<HashMap<Box<str>, Box<str>>>,
+    serials: Mutex<HashMap<Serial, Hostname>>,
     shards: Box<[Shard]>,
     hasher: RandomState,
 }
@@ -92,33 +93,37 @@ impl Registry {
         &self.shards[(self.hasher.hash_one(host) as usize) & (SHARDS - 1)]
     }
 
-    /// Registers `hostname` with the serial it sent (empty when it has none) and returns
+    /// Registers `hostname` with the serial it sent (`None` when it has none) and returns
     /// the serial it must use from now on. A hostname holds one serial: registering it
     /// under another one replaces the old serial (the host lost its metafile).
-    pub fn register(&self, hostname: &str, serial: &str, now: i64) -> (String, Registration) {
+    pub fn register(
+        &self,
+        hostname: &Hostname,
+        serial: Option<&Serial>,
+        now: i64,
+    ) -> (Serial, Registration) {
         let mut serials = self.serials.lock();
-        let (serial, how) = if serial.is_empty() {
-            (super::jobs::new_id(), Registration::Issued)
-        } else {
-            match serials.get(serial) {
-                Some(h) if &**h == hostname => (serial.to_string(), Registration::Kept),
-                Some(_) => (super::jobs::new_id(), Registration::Cloned),
-                None => (serial.to_string(), Registration::Adopted),
-            }
+        let (serial, how) = match serial {
+            None => (new_serial(), Registration::Issued),
+            Some(serial) => match serials.get(serial) {
+                Some(h) if h == hostname => (serial.clone(), Registration::Kept),
+                Some(_) => (new_serial(), Registration::Cloned),
+                None => (serial.clone(), Registration::Adopted),
+            },
         };
-        let mut shard = self.shard(hostname).write();
+        let mut shard = self.shard(hostname.as_str()).write();
         match shard.get_mut(hostname) {
-            Some(rec) if *rec.serial == *serial => {}
+            Some(rec) if rec.serial == serial => {}
             Some(rec) => {
                 tracing::info!(host = %hostname, old = %rec.serial, new = %serial, "host registered under a new serial; the old one is dropped");
                 serials.remove(&rec.serial);
-                rec.serial = serial.as_str().into();
+                rec.serial = serial.clone();
             }
             None => {
                 shard.insert(
-                    hostname.into(),
+                    hostname.clone(),
                     HostRec {
-                        serial: serial.as_str().into(),
+                        serial: serial.clone(),
                         registered: now,
                         last_seen: now,
                         report: None,
@@ -127,7 +132,7 @@ impl Registry {
                 );
             }
         }
-        serials.insert(serial.as_str().into(), hostname.into());
+        serials.insert(serial.clone(), hostname.clone());
         (serial, how)
     }
 
@@ -141,14 +146,14 @@ impl Registry {
         {
             let mut shard = self.shard(hostname).write();
             if let Some(rec) = shard.get_mut(hostname) {
-                if *rec.serial == *serial {
+                if rec.serial == serial {
                     return Ok(f(rec));
                 }
             }
         }
         // Only refusals look at the serial index.
         match self.serials.lock().get(serial) {
-            Some(h) if **h != *hostname => Err(Refusal::Conflict),
+            Some(h) if h != hostname => Err(Refusal::Conflict),
             _ => Err(Refusal::Unregistered),
         }
     }
@@ -164,10 +169,10 @@ impl Registry {
     }
 
     /// Every hostname `keep` accepts, sorted.
-    pub fn hostnames(&self, mut keep: impl FnMut(&str) -> bool) -> Vec<String> {
+    pub fn hostnames(&self, mut keep: impl FnMut(&str) -> bool) -> Vec<Hostname> {
         let mut out = Vec::new();
         for s in self.shards.iter() {
-            out.extend(s.read().keys().filter(|h| keep(h)).map(|h| h.to_string()));
+            out.extend(s.read().keys().filter(|h| keep(h.as_str())).cloned());
         }
         out.sort();
         out
@@ -200,45 +205,59 @@ impl Registry {
     }
 }
 
+/// A fresh serial: a random UUID.
+pub fn new_serial() -> Serial {
+    Serial::parse(&super::jobs::new_id()).expect("a UUID is a valid serial")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn h(s: &str) -> Hostname {
+        Hostname::parse(s).unwrap()
+    }
+
     #[test]
     fn registration_cases() {
         let r = Registry::new();
-        let (s1, how) = r.register("web-1", "", 0);
+        let (s1, how) = r.register(&h("web-1"), None, 0);
         assert_eq!(how, Registration::Issued);
-        assert!(proto::bootagent::validate_agentsn(&s1).is_ok());
         assert_eq!(
-            r.register("web-1", &s1, 1),
+            r.register(&h("web-1"), Some(&s1), 1),
             (s1.clone(), Registration::Kept)
         );
         // A clone of web-1's disk, booted as web-2.
-        let (s2, how) = r.register("web-2", &s1, 2);
+        let (s2, how) = r.register(&h("web-2"), Some(&s1), 2);
         assert_eq!(how, Registration::Cloned);
         assert_ne!(s2, s1);
-        assert_eq!(r.with_host("web-1", &s1, |_| ()), Ok(()));
-        assert_eq!(r.with_host("web-2", &s1, |_| ()), Err(Refusal::Conflict));
-        assert_eq!(r.with_host("web-2", &s2, |_| ()), Ok(()));
+        assert_eq!(r.with_host("web-1", s1.as_str(), |_| ()), Ok(()));
+        assert_eq!(
+            r.with_host("web-2", s1.as_str(), |_| ()),
+            Err(Refusal::Conflict)
+        );
+        assert_eq!(r.with_host("web-2", s2.as_str(), |_| ()), Ok(()));
         assert_eq!(
             r.with_host("web-3", "nope", |_| ()),
             Err(Refusal::Unregistered)
         );
         // A serial the server never saw (it restarted): accepted.
+        let unseen = Serial::parse("00000000-0000-4000-8000-000000000001").unwrap();
         assert_eq!(
-            r.register("db-1", "00000000-0000-4000-8000-000000000001", 3)
-                .1,
+            r.register(&h("db-1"), Some(&unseen), 3).1,
             Registration::Adopted
         );
         // web-1 lost its metafile: the new serial replaces the old one.
-        let (s3, _) = r.register("web-1", "", 4);
+        let (s3, _) = r.register(&h("web-1"), None, 4);
         assert_eq!(
-            r.with_host("web-1", &s1, |_| ()),
+            r.with_host("web-1", s1.as_str(), |_| ()),
             Err(Refusal::Unregistered)
         );
-        assert_eq!(r.with_host("web-1", &s3, |_| ()), Ok(()));
-        assert_eq!(r.register("web-9", &s1, 5).1, Registration::Adopted);
+        assert_eq!(r.with_host("web-1", s3.as_str(), |_| ()), Ok(()));
+        assert_eq!(
+            r.register(&h("web-9"), Some(&s1), 5).1,
+            Registration::Adopted
+        );
         assert_eq!(
             r.hostnames(|h| h.starts_with("web")),
             ["web-1", "web-2", "web-9"]
@@ -248,13 +267,19 @@ mod tests {
     #[test]
     fn sweep_forgets_hosts_and_their_serials() {
         let r = Registry::new();
-        let (old, _) = r.register("old", "", 10);
-        let (new, _) = r.register("new", "", 20);
+        let (old, _) = r.register(&h("old"), None, 10);
+        let (new, _) = r.register(&h("new"), None, 20);
         assert_eq!(r.sweep(15), 1);
         assert_eq!(r.len(), 1);
-        assert_eq!(r.with_host("old", &old, |_| ()), Err(Refusal::Unregistered));
+        assert_eq!(
+            r.with_host("old", old.as_str(), |_| ()),
+            Err(Refusal::Unregistered)
+        );
         // The serial is free again: another host may adopt it without a conflict.
-        assert_eq!(r.register("other", &old, 30).1, Registration::Adopted);
-        assert_eq!(r.with_host("new", &new, |_| ()), Ok(()));
+        assert_eq!(
+            r.register(&h("other"), Some(&old), 30).1,
+            Registration::Adopted
+        );
+        assert_eq!(r.with_host("new", new.as_str(), |_| ()), Ok(()));
     }
 }

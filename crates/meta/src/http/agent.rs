@@ -16,6 +16,7 @@ use proto::bootagent::{
     self, RegisterRequest, RegisterResponse, StatusRequest, StatusResponse, STATUS_OK,
 };
 use proto::legacy::RealAgentRef;
+use proto::{Hostname, Serial};
 
 use super::{unix_now, AppError, AppState};
 use crate::boot::{Refusal, MAX_RESULTS_PER_REPORT};
@@ -88,11 +89,12 @@ pub(super) fn parse_object<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Resu
     serde_json::from_slice(bytes).map_err(|e| e.to_string())
 }
 
-fn check_hostname(h: &str) -> Result<(), AppError> {
+/// The reported hostname, checked: the edge where it becomes a [`Hostname`].
+fn check_hostname(h: &str) -> Result<Hostname, AppError> {
     if h.is_empty() {
         return Err(AppError::HostnameBlank);
     }
-    Ok(proto::validate_hostname(h)?)
+    Ok(Hostname::parse(h)?)
 }
 
 async fn register(
@@ -103,16 +105,18 @@ async fn register(
     let desired = st.current.load();
     let bytes = read_body(&headers, body, desired.config.max_body_bytes).await?;
     let req: RegisterRequest = parse_object(&bytes).map_err(|_| AppError::BodyFormat)?;
-    check_hostname(&req.hostname)?;
-    if !req.agentsn.is_empty() {
-        bootagent::validate_agentsn(&req.agentsn)?;
-    }
+    let hostname = check_hostname(&req.hostname)?;
+    let serial = if req.agentsn.is_empty() {
+        None
+    } else {
+        Some(Serial::parse(&req.agentsn)?)
+    };
     let (agentsn, tags, _) = st
         .boot
-        .register(&desired, &req.hostname, &req.agentsn, unix_now());
+        .register(&desired, &hostname, serial.as_ref(), unix_now());
     Ok(Json(RegisterResponse {
         status: STATUS_OK,
-        agentsn,
+        agentsn: agentsn.into(),
         tags,
         message: String::new(),
     }))

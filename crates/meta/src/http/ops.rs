@@ -17,10 +17,11 @@ use axum::{Json, Router};
 use proto::bootagent::Action;
 use proto::ops::{BatchStatus, HostView, HostsResponse, JobsRequest, JobsResponse};
 use proto::ops::{RetryRequest, RetryResponse};
+use proto::{rules, AgentName, Hostname};
 
 use super::agent::{parse_object, read_body};
 use super::{unix_now, AppError, AppState};
-use crate::boot::{self, OperatorJob, Selector, MAX_STEP_SECS, MIN_STEP_SECS};
+use crate::boot::{self, OperatorJob, Selector};
 
 /// Most hostnames one `hosts` selector may list.
 pub const MAX_SELECTED_HOSTS: usize = 10_000;
@@ -87,9 +88,11 @@ fn selector(
                 ),
             ));
         }
-        for h in &hosts {
-            proto::validate_hostname(h).map_err(|e| bad("hosts", e))?;
-        }
+        let hosts = hosts
+            .into_iter()
+            .map(Hostname::try_from)
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad("hosts", e))?;
         return Ok(Selector::Hosts(hosts));
     }
     if let Some(p) = prefix {
@@ -113,7 +116,7 @@ fn describe(sel: &Selector) -> String {
 }
 
 /// Checks a jobs request into an operator job and a selector.
-fn operator_job(req: JobsRequest) -> Result<(OperatorJob, Selector), AppError> {
+fn operator_job(mut req: JobsRequest) -> Result<(OperatorJob, Selector), AppError> {
     let action = match req.action.as_str() {
         "restart" => Action::Restart,
         "stop" => Action::Stop,
@@ -137,7 +140,7 @@ fn operator_job(req: JobsRequest) -> Result<(OperatorJob, Selector), AppError> {
             ))
         }
     };
-    if action == Action::Config {
+    let name = if action == Action::Config {
         if !req.name.is_empty() {
             return Err(bad("name", "does not go with action config"));
         }
@@ -145,16 +148,15 @@ fn operator_job(req: JobsRequest) -> Result<(OperatorJob, Selector), AppError> {
             return Err(bad("svrlist, step", "action config needs at least one"));
         }
         if !req.svrlist.is_empty() {
-            boot::check_svrlist(&req.svrlist).map_err(|e| bad("svrlist", e))?;
+            // Sent as parsed: trimmed, without blanks or duplicates.
+            req.svrlist = rules::parse_svrlist(&req.svrlist)
+                .map_err(|e| bad("svrlist", e))?
+                .join(",");
         }
         if let Some(s) = req.step {
-            if !(MIN_STEP_SECS..=MAX_STEP_SECS).contains(&s) {
-                return Err(bad(
-                    "step",
-                    format!("{s} is not from {MIN_STEP_SECS} to {MAX_STEP_SECS} seconds"),
-                ));
-            }
+            rules::check_step(s).map_err(|e| bad("step", e))?;
         }
+        None
     } else {
         if req.name.is_empty() {
             return Err(bad(
@@ -162,16 +164,17 @@ fn operator_job(req: JobsRequest) -> Result<(OperatorJob, Selector), AppError> {
                 format!("is missing (action {})", action.as_str()),
             ));
         }
-        proto::validate_agent_name(&req.name).map_err(|e| bad("name", e))?;
+        let name = AgentName::parse(&req.name).map_err(|e| bad("name", e))?;
         if !req.svrlist.is_empty() || req.step.is_some() {
             return Err(bad("svrlist, step", "only go with action config"));
         }
-    }
+        Some(name)
+    };
     let sel = selector(req.hosts, req.prefix, req.tag)?;
     Ok((
         OperatorJob {
             action,
-            name: req.name,
+            name,
             svrlist: req.svrlist,
             step: req.step,
         },
@@ -196,7 +199,7 @@ async fn post_jobs(
     let mut out = st.boot.queue(&desired, &job, &hosts, unix_now());
     out.skipped
         .extend(missing.into_iter().map(|host| proto::ops::SkippedHost {
-            host,
+            host: host.into(),
             reason: "not registered".into(),
         }));
     Ok(Json(out))
@@ -240,7 +243,7 @@ async fn get_hosts(
     });
     let hosts = names
         .iter()
-        .filter_map(|h| st.boot.host_view(&desired, h))
+        .filter_map(|h| st.boot.host_view(&desired, h.as_str()))
         .collect();
     Ok(Json(HostsResponse { hosts }))
 }

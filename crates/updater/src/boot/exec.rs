@@ -2,24 +2,13 @@
 //! agent's actor in [`crate::engine`] as an order — the same actor, with the same install,
 //! switch, rollback, start and stop, that serves the legacy answer.
 
-use std::collections::BTreeMap;
-
 use proto::bootagent::{Action, Checksum, Job};
 use proto::legacy::Cmd;
+use proto::rules;
 
 use super::jobs::{ERR_FAILED, ERR_INVALID, ERR_OK, ERR_ROLLED_BACK, MAX_ID_LEN};
 use crate::engine::{self, Desired, Done, Engine};
 
-/// Most entries of `envs` or `limits`.
-pub const MAX_MAP_ENTRIES: usize = 64;
-/// Longest key of `envs` or `limits`, in bytes.
-pub const MAX_MAP_KEY_LEN: usize = 128;
-/// Longest value of `envs` or `limits`, in bytes.
-pub const MAX_MAP_VALUE_LEN: usize = 1024;
-/// Most servers a `config` job may set.
-pub const MAX_SVRLIST: usize = super::metafile::MAX_SERVERS;
-/// Longest report step a `config` job may set, in seconds (a week).
-pub const MAX_STEP_SECS: u64 = 7 * 86_400;
 /// What a job ended with: `errcode` and `message` for the next report.
 pub type Outcome = (i32, String);
 
@@ -34,41 +23,6 @@ fn is_http_url(u: &str) -> bool {
                 .bytes()
                 .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
     })
-}
-
-pub(crate) fn check_map(
-    field: &str,
-    m: &BTreeMap<String, String>,
-    env_names: bool,
-) -> Result<(), String> {
-    if m.len() > MAX_MAP_ENTRIES {
-        return Err(format!(
-            "{field}: {} entries, the limit is {MAX_MAP_ENTRIES}",
-            m.len()
-        ));
-    }
-    for (k, v) in m {
-        let key_ok = !k.is_empty()
-            && k.len() <= MAX_MAP_KEY_LEN
-            && (!env_names
-                || (k
-                    .bytes()
-                    .next()
-                    .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
-                    && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')));
-        if !key_ok || k.chars().any(char::is_control) {
-            return Err(format!(
-                "{field}: key {:?} is not a name of letters, digits and '_' (at most {MAX_MAP_KEY_LEN} bytes)",
-                k.chars().take(64).collect::<String>()
-            ));
-        }
-        if v.len() > MAX_MAP_VALUE_LEN || v.chars().any(char::is_control) {
-            return Err(format!(
-                "{field}: value of {k} is longer than {MAX_MAP_VALUE_LEN} bytes or holds a control character"
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Checks a job before anything is done for it. `only` is the config's `desiredAgent`.
@@ -96,25 +50,11 @@ pub fn check(job: &Job, only: &str) -> Result<Option<JobDigests>, String> {
         if job.svrlist.trim().is_empty() && job.step.is_none() {
             return Err("config job sets neither svrlist nor step".into());
         }
-        let list = proto::bootagent::split_svrlist(&job.svrlist);
-        if list.len() > MAX_SVRLIST {
-            return Err(format!(
-                "svrlist holds {} servers, the limit is {MAX_SVRLIST}",
-                list.len()
-            ));
-        }
-        if !job.svrlist.trim().is_empty() && list.is_empty() {
-            return Err("svrlist holds no server".into());
-        }
-        for s in &list {
-            super::servers::base_url(s).map_err(|e| format!("svrlist: {e}"))?;
+        if !job.svrlist.trim().is_empty() {
+            rules::parse_svrlist(&job.svrlist).map_err(|e| format!("svrlist: {e}"))?;
         }
         if let Some(step) = job.step {
-            if step == 0 || step > MAX_STEP_SECS {
-                return Err(format!(
-                    "step {step} is not from 1 to {MAX_STEP_SECS} seconds"
-                ));
-            }
+            rules::check_step(step).map_err(|e| format!("step: {e}"))?;
         }
         return Ok(None);
     }
@@ -125,8 +65,8 @@ pub fn check(job: &Job, only: &str) -> Result<Option<JobDigests>, String> {
             job.name
         ));
     }
-    check_map("envs", &job.envs, true)?;
-    check_map("limits", &job.limits, false)?;
+    rules::check_envs(&job.envs).map_err(|e| format!("envs: {e}"))?;
+    rules::check_limits_map(&job.limits).map_err(|e| format!("limits: {e}"))?;
     if matches!(job.action, Action::Install | Action::Upgrade) {
         if job.version.is_empty() {
             return Err(format!(
@@ -233,6 +173,7 @@ pub async fn run(engine: &Engine, job: &Job, digests: Option<JobDigests>) -> Out
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn job(action: Action) -> Job {
         Job {
@@ -301,6 +242,10 @@ mod tests {
             j.envs.insert("PATH".into(), "a\0b".into());
         })
         .contains("envs"));
+        assert!(bad(&|j| {
+            j.limits.insert("a\nb".into(), "1".into());
+        })
+        .contains("limits"));
         assert!(check(&job(Action::Stop), "other")
             .unwrap_err()
             .contains("desiredAgent"));
@@ -317,5 +262,21 @@ mod tests {
         assert!(check(&c, "").unwrap_err().contains("step"));
         c.step = Some(30);
         assert_eq!(check(&c, ""), Ok(None));
+        // The bounds are proto's, the ones ops-meta sends within (the updater took 1 s
+        // to a week before the rule was shared).
+        for (step, ok) in [(9, false), (10, true), (86_400, true), (86_401, false)] {
+            c.step = Some(step);
+            assert_eq!(check(&c, "").is_ok(), ok, "step {step}");
+        }
+        c.step = None;
+        c.svrlist = "https://m.example:443, [::1]:2000".into();
+        assert_eq!(check(&c, ""), Ok(None));
+        c.svrlist = vec!["10.0.0.1:1"; 17].join(",");
+        assert_eq!(check(&c, ""), Ok(None), "duplicates count once");
+        c.svrlist = (1..=17)
+            .map(|i| format!("10.0.0.{i}:1"))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert!(check(&c, "").unwrap_err().contains("the limit is 16"));
     }
 }

@@ -25,8 +25,8 @@ pub const MAX_ACKED: usize = 1000;
 pub const MAX_UNACKED: usize = 256;
 /// Most started jobs remembered; the oldest are dropped beyond it.
 pub const MAX_STARTED: usize = 256;
-/// Longest result message kept and sent, in bytes.
-pub const MAX_MESSAGE_LEN: usize = 1000;
+/// Longest result message kept and sent, in bytes: the wire's rule.
+pub use proto::rules::MAX_MESSAGE_LEN;
 /// Largest record file read, in bytes.
 pub const MAX_RECORD_BYTES: u64 = 4 << 20;
 /// Longest job id accepted.
@@ -158,7 +158,7 @@ impl Book {
         self.unacked.push_back(Done {
             id: cut(id, MAX_ID_LEN),
             errcode,
-            message: cut(message, MAX_MESSAGE_LEN),
+            message: proto::rules::clean_message(message),
             at: now,
         });
     }
@@ -292,7 +292,7 @@ mod tests {
         // The oldest are forgotten, the newest recognized.
         assert_eq!(b.seen("j0"), Seen::New);
         assert_eq!(b.seen(&format!("j{}", MAX_ACKED + 9)), Seen::Finished);
-        assert!(b.report()[0].message.len() <= MAX_MESSAGE_LEN);
+        assert_eq!(b.report()[0].message.len(), MAX_MESSAGE_LEN);
         for i in 0..(MAX_STARTED + 5) {
             b.start(&format!("s{i}"), "stop", "a", i as i64);
         }

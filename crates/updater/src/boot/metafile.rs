@@ -6,16 +6,13 @@
 
 use std::path::{Path, PathBuf};
 
+use proto::rules;
 use serde::{Deserialize, Serialize};
 
 use crate::fsx;
 
 /// Largest metafile read, in bytes. A real one is a few hundred bytes.
 pub const MAX_METAFILE_BYTES: u64 = 64 << 10;
-/// Most servers kept in one list of the metafile.
-pub const MAX_SERVERS: usize = 16;
-/// Longest server entry, in bytes.
-pub const MAX_SERVER_LEN: usize = 256;
 
 /// What the metafile holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,24 +77,21 @@ impl Meta {
         }
     }
 
-    /// Checks what a parse cannot: the serial's form and the lists' sizes.
+    /// Checks what a parse cannot: the serial's form and the server lists, each entry by
+    /// the rule of every server list ([`rules::check_server`]), at most
+    /// [`rules::MAX_SERVERS`] of them.
     pub fn check(&self) -> Result<(), String> {
         proto::bootagent::validate_agentsn(&self.agentsn).map_err(|e| e.to_string())?;
         for (field, list) in [("servers", &self.servers), ("pushed", &self.pushed)] {
-            if list.len() > MAX_SERVERS {
+            if list.len() > rules::MAX_SERVERS {
                 return Err(format!(
-                    "{field}: {} servers, the limit is {MAX_SERVERS}",
-                    list.len()
+                    "{field}: {} servers, the limit is {}",
+                    list.len(),
+                    rules::MAX_SERVERS
                 ));
             }
-            if let Some(s) = list
-                .iter()
-                .find(|s| super::servers::base_url(s).is_err() || s.len() > MAX_SERVER_LEN)
-            {
-                return Err(format!(
-                    "{field}: {:?} is not host:port or an http(s) URL",
-                    s.chars().take(64).collect::<String>()
-                ));
+            for s in list {
+                rules::check_server(s).map_err(|e| format!("{field}: {e}"))?;
             }
         }
         Ok(())
@@ -208,6 +202,8 @@ mod tests {
             b"{\"agentsn\": \"../etc\"}",
             b"{\"agentsn\": \"\"}",
             b"{\"agentsn\": \"a\", \"servers\": [\"ftp://x\"]}",
+            b"{\"agentsn\": \"a\", \"pushed\": [\"m:1/heartbeat\"]}",
+            b"{\"agentsn\": \"a\", \"servers\": [\" m:1\"]}",
             b"{\"agentsn\": \"a\", \"surprise\": 1}",
             b"\xff\xfe",
         ];

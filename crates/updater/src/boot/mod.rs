@@ -71,23 +71,10 @@ pub struct Options {
     pub servers: Option<Vec<String>>,
 }
 
-/// Parses the `-S` value: a comma-separated list of `host:port` or http(s) URLs.
+/// Parses the `-S` value: a server list by [`proto::rules::parse_svrlist`]
+/// (`host:port,host:port`, each optionally after `http://` or `https://`).
 pub fn parse_servers_flag(s: &str) -> Result<Vec<String>, String> {
-    let list = proto::bootagent::split_svrlist(s);
-    if list.is_empty() {
-        return Err("-S: no server given".into());
-    }
-    if list.len() > metafile::MAX_SERVERS {
-        return Err(format!(
-            "-S: {} servers, the limit is {}",
-            list.len(),
-            metafile::MAX_SERVERS
-        ));
-    }
-    for sv in &list {
-        servers::base_url(sv).map_err(|e| format!("-S: {e}"))?;
-    }
-    Ok(list)
+    proto::rules::parse_svrlist(s).map_err(|e| format!("-S: {e}"))
 }
 
 /// Where the metafile is: the `metafile` key (relative to the workdir) or
@@ -724,8 +711,9 @@ impl Boot {
 
     async fn apply_config(&mut self, job: &Job) -> exec::Outcome {
         let before = self.meta.clone();
-        let list = proto::bootagent::split_svrlist(&job.svrlist);
-        if !list.is_empty() {
+        // `exec::check` parsed the list already; only a blank one (a job that sets the
+        // step alone) leaves the pushed servers as they are.
+        if let Ok(list) = proto::rules::parse_svrlist(&job.svrlist) {
             self.meta.pushed = list;
         }
         if let Some(step) = job.step {
@@ -797,6 +785,14 @@ mod tests {
         assert_eq!(parse_servers_flag("a:1, b:2,").unwrap(), ["a:1", "b:2"]);
         assert!(parse_servers_flag("").is_err());
         assert!(parse_servers_flag("a").unwrap_err().contains("-S"));
-        assert!(parse_servers_flag(&vec!["a:1"; 17].join(",")).is_err());
+        assert_eq!(parse_servers_flag("a:1,a:1").unwrap(), ["a:1"]);
+        assert_eq!(
+            parse_servers_flag("https://m:443").unwrap(),
+            ["https://m:443"]
+        );
+        let seventeen: Vec<String> = (1..=17).map(|i| format!("h{i}:1")).collect();
+        assert!(parse_servers_flag(&seventeen.join(","))
+            .unwrap_err()
+            .contains("the limit is 16"));
     }
 }

@@ -3,8 +3,10 @@
 //! Servers come from four places, tried in this order: the config's `server` key, the list
 //! the server pushed with a `config` job, the list given with `-S` at first start, and the
 //! list built into the binary (`OPS_UPDATER_SERVERS` at compile time; point it at a load
-//! balancer). The last three are seed 003's sources; the built-in list is always kept and
-//! duplicates are kept as the seed says (a duplicate is only tried once per round).
+//! balancer). The last three are seed 003's sources; the built-in list is always kept.
+//! Every list follows one syntax, [`proto::rules::parse_svrlist`], which drops duplicates
+//! within a list; a server found in several lists is kept in each, as the seed says, and
+//! tried only once per round.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -16,12 +18,21 @@ use super::metafile::Meta;
 /// First wait after a server failed; doubled per failure in a row, capped at the step.
 pub const SERVER_RETRY_BASE: Duration = Duration::from_secs(1);
 
-/// The servers built into the binary at compile time (`OPS_UPDATER_SERVERS`, comma
-/// separated); empty when it was not set.
+/// The servers built into the binary at compile time (`OPS_UPDATER_SERVERS`, a server
+/// list by [`proto::rules::parse_svrlist`]); empty when it was not set, or was not a valid
+/// list (logged).
 pub fn builtin() -> Vec<String> {
-    option_env!("OPS_UPDATER_SERVERS")
-        .map(proto::bootagent::split_svrlist)
-        .unwrap_or_default()
+    parse_builtin(option_env!("OPS_UPDATER_SERVERS"))
+}
+
+fn parse_builtin(list: Option<&str>) -> Vec<String> {
+    let Some(list) = list.filter(|l| !l.trim().is_empty()) else {
+        return Vec::new();
+    };
+    proto::rules::parse_svrlist(list).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "ignoring the built-in server list (OPS_UPDATER_SERVERS)");
+        Vec::new()
+    })
 }
 
 /// The base URL (`scheme://authority`) for a server entry: `host:port` means plain HTTP as
@@ -106,6 +117,14 @@ mod tests {
         assert!(base_url("m").is_err());
         assert!(base_url("ftp://m:1").is_err());
         assert!(base_url("").is_err());
+    }
+
+    #[test]
+    fn builtin_lists_follow_the_server_list_rule() {
+        assert_eq!(parse_builtin(None), Vec::<String>::new());
+        assert_eq!(parse_builtin(Some(" ")), Vec::<String>::new());
+        assert_eq!(parse_builtin(Some("lb:2000, lb:2000")), ["lb:2000"]);
+        assert_eq!(parse_builtin(Some("lb")), Vec::<String>::new());
     }
 
     #[test]

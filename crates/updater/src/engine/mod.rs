@@ -40,14 +40,14 @@ pub const START_POLL: Duration = Duration::from_millis(200);
 /// Orders (jobs) queued for one agent at most; one more is refused as busy.
 pub const MAX_QUEUED_ORDERS: usize = 8;
 
-/// `envs` check, shared by both protocols.
+/// `envs` check, shared by both protocols ([`proto::rules`]).
 pub fn check_envs(m: &BTreeMap<String, String>) -> Result<(), String> {
-    crate::boot::exec::check_map("envs", m, true)
+    proto::rules::check_envs(m)
 }
 
 /// `limits` check (shape and syntax), shared by both protocols.
 pub fn check_limits(m: &BTreeMap<String, String>) -> Result<(), String> {
-    crate::boot::exec::check_map("limits", m, false)
+    proto::rules::check_limits_map(m)
 }
 
 /// What the server wants for one agent, checked: every name and URL here is safe to use.
