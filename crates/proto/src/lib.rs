@@ -6,6 +6,7 @@
 
 pub mod bootagent;
 pub mod legacy;
+pub mod limits;
 pub mod ops;
 pub mod validate;
 
