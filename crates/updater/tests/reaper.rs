@@ -120,7 +120,7 @@ async fn a_daemonised_agent_killed_by_a_signal_is_reported_with_it() {
 #[tokio::test]
 async fn orphans_that_exit_on_their_own_are_reaped_and_do_not_pile_up_as_zombies() {
     let reaper = reaper();
-    let mut exits = reaper.subscribe();
+    let exits = reaper.subscribe();
     let d = tempfile::tempdir().unwrap();
     // Twenty agents that wait for a go, then exit with code 7.
     let out = sh(
