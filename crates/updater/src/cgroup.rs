@@ -316,37 +316,37 @@ impl Cgroups {
         Cgroups::choose(&mounts, parent)
     }
 
-    /// [`Cgroups::detect`]'s choice among `mounts`.
+    /// [`Cgroups::detect`]'s choice among `mounts`. Only what is picked keeps a `parent`
+    /// folder: v2 is looked at without writing, and v1 folders made to try the
+    /// hierarchies are removed again (when empty) if v1 is not picked.
     pub fn choose(mounts: &Mounts, parent: &str) -> Cgroups {
+        if let Err(e) = validate_parent(parent) {
+            return Cgroups::none(parent, e.to_string());
+        }
         let mut why = Vec::new();
-        let mut v2_fallback = None;
+        let mut v2_bare = None;
         if let Some((path, read_only)) = &mounts.v2 {
-            if *read_only {
-                why.push(format!("read-only hierarchy {}", path.display()));
-            } else {
-                let cg = Cgroups::at(CgroupRoot::V2(path.clone()), parent);
-                match &cg.mode {
-                    Mode::V2 { available, .. }
-                        if available.contains(&Controller::Cpu)
-                            && available.contains(&Controller::Memory) =>
-                    {
-                        return cg
-                    }
-                    Mode::V2 { available, .. } => {
-                        why.push(format!(
-                            "cgroup v2 at {} offers {}",
-                            path.display(),
-                            if available.is_empty() {
-                                "no cpu or memory controller".to_string()
-                            } else {
-                                format!("only {}", names(available))
-                            }
-                        ));
-                        v2_fallback = Some(cg);
-                    }
-                    Mode::None(reason) => why.push(reason.clone()),
-                    Mode::V1 { .. } => unreachable!("a v2 root gives a v2 mode"),
+            match v2_offers(path) {
+                _ if *read_only => why.push(format!("read-only hierarchy {}", path.display())),
+                Ok(available)
+                    if available.contains(&Controller::Cpu)
+                        && available.contains(&Controller::Memory) =>
+                {
+                    return Cgroups::at(CgroupRoot::V2(path.clone()), parent);
                 }
+                Ok(available) => {
+                    why.push(format!(
+                        "cgroup v2 at {} offers {}",
+                        path.display(),
+                        if available.is_empty() {
+                            "no cpu or memory controller".to_string()
+                        } else {
+                            format!("only {}", names(&available))
+                        }
+                    ));
+                    v2_bare = Some(path.clone());
+                }
+                Err(reason) => why.push(reason),
             }
         }
         if !mounts.v1.is_empty() {
@@ -360,16 +360,26 @@ impl Cgroups {
                 {
                     return cg
                 }
-                Mode::V1 { dropped, .. } => {
+                Mode::V1 {
+                    hierarchies,
+                    dropped,
+                } => {
                     why.push("no writable cgroup v1 cpu or memory hierarchy".to_string());
                     why.extend(dropped.iter().cloned());
+                    for h in hierarchies {
+                        let _ = std::fs::remove_dir(h.path.join(parent));
+                    }
                 }
                 Mode::None(reason) => why.push(reason.clone()),
                 Mode::V2 { .. } => unreachable!("v1 roots give a v1 mode"),
             }
         }
-        if let Some(cg) = v2_fallback {
-            return cg;
+        if let Some(path) = v2_bare {
+            let cg = Cgroups::at(CgroupRoot::V2(path), parent);
+            match cg.unusable() {
+                None => return cg,
+                Some(reason) => why.push(reason.to_string()),
+            }
         }
         if why.is_empty() {
             why.push("no cgroup hierarchy mounted".to_string());
@@ -385,21 +395,10 @@ impl Cgroups {
         }
         match root {
             CgroupRoot::V2(root) => {
-                let file = root.join("cgroup.controllers");
-                let offered = match std::fs::read_to_string(&file) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        return Cgroups::none(
-                            parent,
-                            format!("not a cgroup v2 root: {}: {e}", file.display()),
-                        )
-                    }
+                let available = match v2_offers(&root) {
+                    Ok(a) => a,
+                    Err(reason) => return Cgroups::none(parent, reason),
                 };
-                let available: Vec<Controller> =
-                    [Controller::Cpu, Controller::Memory, Controller::Pids]
-                        .into_iter()
-                        .filter(|c| offered.split_whitespace().any(|w| w == c.name()))
-                        .collect();
                 if let Err(reason) = make_dir(&root.join(parent)) {
                     return Cgroups::none(parent, reason);
                 }
@@ -638,6 +637,17 @@ impl Cgroups {
 fn not_enforced(limits: &Limits, problems: Vec<String>) -> Option<String> {
     (!limits.is_empty() && !problems.is_empty())
         .then(|| format!("limits not enforced: {}", problems.join("; ")))
+}
+
+/// Those of our controllers that the cgroup2 root `root` offers (`cgroup.controllers`).
+fn v2_offers(root: &Path) -> Result<Vec<Controller>, String> {
+    let file = root.join("cgroup.controllers");
+    let offered = std::fs::read_to_string(&file)
+        .map_err(|e| format!("not a cgroup v2 root: {}: {e}", file.display()))?;
+    Ok([Controller::Cpu, Controller::Memory, Controller::Pids]
+        .into_iter()
+        .filter(|c| offered.split_whitespace().any(|w| w == c.name()))
+        .collect())
 }
 
 /// CFS quota and period, in microseconds, for a limit in hundredths of a percent.
@@ -1536,6 +1546,30 @@ mod tests {
         assert_eq!(pick(bare.path(), vec![]), Some(Version::V2));
         let pids_only = vec![h(v1.path().to_str().unwrap(), &[Controller::Pids], false)];
         assert_eq!(pick(bare.path(), pids_only), Some(Version::V2));
+    }
+
+    /// Regression: detecting on a host with v1 beside a bare cgroup2 mount left an empty
+    /// `ops-updater` folder in the cgroup2 hierarchy, which was looked at but not picked.
+    #[test]
+    fn only_the_hierarchy_picked_keeps_a_parent_folder() {
+        let bare = v2_tree("hugetlb\n", &[]);
+        let v1 = tempfile::tempdir().unwrap();
+        let mounts = |v1: Vec<Hierarchy>| Mounts {
+            v2: Some((bare.path().to_path_buf(), false)),
+            v1,
+        };
+        let memory = vec![h(v1.path().to_str().unwrap(), &[Controller::Memory], false)];
+        let cg = Cgroups::choose(&mounts(memory), "picked");
+        assert_eq!(cg.version(), Some(Version::V1));
+        assert!(v1.path().join("picked").is_dir());
+        assert!(!bare.path().join("picked").exists());
+        std::fs::remove_dir(v1.path().join("picked")).unwrap();
+
+        let pids = vec![h(v1.path().to_str().unwrap(), &[Controller::Pids], false)];
+        let cg = Cgroups::choose(&mounts(pids), "picked");
+        assert_eq!(cg.version(), Some(Version::V2));
+        assert!(bare.path().join("picked").is_dir());
+        assert!(!v1.path().join("picked").exists());
     }
 
     #[test]
