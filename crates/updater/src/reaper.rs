@@ -111,7 +111,8 @@ impl Drop for Registration {
 /// reaper holds the same lock for its whole pass (scan and reap), so a child that exits
 /// at once is either registered before the pass or spawned after it. On the daemon's
 /// single-threaded runtime this also holds because nothing `.await`s between the spawn and
-/// the registration; the lock makes it true on any runtime, and in tests.
+/// the registration; the lock makes it true on any runtime, and in tests. The price: a
+/// spawn may wait for a pass in progress (a read of `/proc/*/stat`, milliseconds).
 pub(crate) fn spawn_registered(
     cmd: &mut tokio::process::Command,
 ) -> io::Result<(tokio::process::Child, Option<Registration>)> {
