@@ -7,6 +7,7 @@
 
 pub mod bootagent;
 pub mod legacy;
+pub mod limits;
 pub mod names;
 pub mod ops;
 pub mod rules;

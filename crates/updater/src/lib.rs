@@ -2,9 +2,11 @@
 //! The binary (`main.rs`) only parses flags and calls into these modules.
 
 pub mod artifact;
+pub mod cgroup;
 pub mod control;
 pub mod fsx;
 pub mod process;
+pub mod reaper;
 pub mod workdir;
 
 // The daemon: config, main loop, per-agent workers, heartbeat client, local endpoint.

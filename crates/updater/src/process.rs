@@ -141,10 +141,16 @@ pub async fn run(
     grace: Duration,
 ) -> Result<Output, ProcessError> {
     let program = PathBuf::from(cmd.as_std().get_program());
-    let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn {
-        program: program.clone(),
-        source,
-    })?;
+    // Registered until this function returns (or is dropped), so the reaper of orphaned
+    // agents (`reaper::Reaper`) never reaps the child that `wait` below is for.
+    let (mut child, _registered) =
+        crate::reaper::spawn_registered(&mut cmd).map_err(|source| ProcessError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+    // The command may hold open files for the child alone (the `cgroup.procs` files of
+    // `cgroup::AgentCgroup::attach`): closed here, now that the child has them.
+    drop(cmd);
     // The child leads its own group (see `command`), so its pid is the group id.
     let pgid = child.id().map(|id| Pid::from_raw(id as i32));
     // If this future is dropped before the child exits (the caller gave up, the daemon is
@@ -257,7 +263,8 @@ pub fn processes_in(dir: &Path) -> Vec<Pid> {
     out
 }
 
-fn is_zombie(pid: i32) -> bool {
+/// True when `pid` is a zombie or gone: it no longer runs.
+pub(crate) fn is_zombie(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(s) => {
             let state = s.rsplit(')').next().unwrap_or("").trim_start();
