@@ -19,7 +19,8 @@ pub enum Behaviour {
     StopFails,
     /// Starts, runs for about a second, then exits with code 3: a crash loop.
     Crashes,
-    /// Starts a process that fills 200 MB of memory and then waits.
+    /// Starts a process that waits two seconds (so that `started` is seen), then fills
+    /// 200 MB of memory and waits.
     EatsMemory,
     /// Starts a busy loop that uses all of one core.
     Busy,
@@ -39,7 +40,7 @@ pub fn control_script(name: &str, version: &str, behaviour: Behaviour) -> String
             "echo \"starting; this one crashes\"\n    nohup sh -c 'sleep 1; exit 3' >/dev/null 2>&1 &\n    echo $! > app.pid\n    echo started"
         }
         Behaviour::EatsMemory => {
-            "nohup python3 -c 'import time; b = bytearray(b\"x\") * (200 << 20); time.sleep(3600)' >/dev/null 2>&1 &\n    echo $! > app.pid\n    echo started"
+            "nohup python3 -c 'import time; time.sleep(2); b = bytearray(b\"x\") * (200 << 20); time.sleep(3600)' >/dev/null 2>&1 &\n    echo $! > app.pid\n    echo started"
         }
         Behaviour::Busy => {
             "nohup sh -c 'while :; do :; done' >/dev/null 2>&1 &\n    echo $! > app.pid\n    echo started"

@@ -94,6 +94,13 @@ pub enum ControlError {
         #[source]
         source: ProcessError,
     },
+    #[error("control {action} in {}: cannot join the agent's cgroup: {source}", dir.display())]
+    Cgroup {
+        dir: PathBuf,
+        action: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn fmt_code(code: Option<i32>) -> String {
@@ -121,17 +128,28 @@ pub fn is_executable(path: &Path) -> bool {
 
 /// Runs `<version_dir>/control <action>` with cwd = version_dir. Non-zero exit => ControlError::Failed
 /// carrying exit code + stderr/stdout. Missing/non-executable control => ControlError::Missing.
+///
+/// With `cg`, the script joins the agent's cgroup before its first instruction, so that
+/// whatever it starts inherits the agent's limits and is tracked.
 pub async fn control(
     version_dir: &Path,
     action: &str,
     envs: &BTreeMap<String, String>,
+    cg: Option<&crate::cgroup::AgentCgroup>,
     cfg: &ControlConfig,
 ) -> Result<Output, ControlError> {
     let script = version_dir.join(CONTROL);
     if !is_executable(&script) {
         return Err(ControlError::Missing { path: script });
     }
-    let cmd = process::command(&script, &[action], version_dir, envs);
+    let mut cmd = process::command(&script, &[action], version_dir, envs);
+    if let Some(cg) = cg {
+        cg.attach(&mut cmd).map_err(|source| ControlError::Cgroup {
+            dir: version_dir.to_path_buf(),
+            action: action.to_string(),
+            source,
+        })?;
+    }
     let dir = version_dir.display();
     match process::run(cmd, cfg.timeout, cfg.grace).await {
         Ok(output) => {
@@ -175,9 +193,10 @@ pub async fn control(
 pub async fn status(
     version_dir: &Path,
     envs: &BTreeMap<String, String>,
+    cg: Option<&crate::cgroup::AgentCgroup>,
     cfg: &ControlConfig,
 ) -> AgentStatus {
-    match control(version_dir, "status", envs, cfg).await {
+    match control(version_dir, "status", envs, cg, cfg).await {
         Ok(out) => AgentStatus::parse(&out.stdout),
         Err(ControlError::Failed { output, code, .. }) => {
             match AgentStatus::parse(&output.stdout) {
@@ -193,6 +212,7 @@ pub async fn status(
         Err(ControlError::Process { source, .. }) => {
             AgentStatus::Error(format!("control status: {source}"))
         }
+        Err(e @ ControlError::Cgroup { .. }) => AgentStatus::Error(e.to_string()),
     }
 }
 
@@ -263,13 +283,26 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         install_script(d.path(), &control_script("a", "1.0.0", Behaviour::Good));
         let envs = BTreeMap::from([("AGENT_ENV".to_string(), "prod".to_string())]);
-        assert_eq!(status(d.path(), &envs, &fast()).await, AgentStatus::Stopped);
-        let out = control(d.path(), "start", &envs, &fast()).await.unwrap();
+        assert_eq!(
+            status(d.path(), &envs, None, &fast()).await,
+            AgentStatus::Stopped
+        );
+        let out = control(d.path(), "start", &envs, None, &fast())
+            .await
+            .unwrap();
         assert_eq!(out.stdout.trim(), "started");
         let pid = pid_in(d.path(), "app.pid");
-        assert_eq!(status(d.path(), &envs, &fast()).await, AgentStatus::Started);
-        control(d.path(), "stop", &envs, &fast()).await.unwrap();
-        assert_eq!(status(d.path(), &envs, &fast()).await, AgentStatus::Stopped);
+        assert_eq!(
+            status(d.path(), &envs, None, &fast()).await,
+            AgentStatus::Started
+        );
+        control(d.path(), "stop", &envs, None, &fast())
+            .await
+            .unwrap();
+        assert_eq!(
+            status(d.path(), &envs, None, &fast()).await,
+            AgentStatus::Stopped
+        );
         test_support::wait_for("agent to stop", Duration::from_secs(10), || !alive(pid));
         let log = std::fs::read_to_string(d.path().join("control.log")).unwrap();
         assert!(log.contains("start 1.0.0 AGENT_ENV=prod"), "{log}");
@@ -284,7 +317,7 @@ mod tests {
             d.path(),
             "#!/bin/sh\nsleep 60 &\necho $! > daemon.pid\necho started\n",
         );
-        let out = control(d.path(), "start", &BTreeMap::new(), &fast())
+        let out = control(d.path(), "start", &BTreeMap::new(), None, &fast())
             .await
             .unwrap();
         let pid = pid_in(d.path(), "daemon.pid");
@@ -301,7 +334,7 @@ mod tests {
             d.path(),
             &control_script("a", "1.0.0", Behaviour::StartFails),
         );
-        let e = control(d.path(), "start", &BTreeMap::new(), &fast())
+        let e = control(d.path(), "start", &BTreeMap::new(), None, &fast())
             .await
             .unwrap_err();
         let msg = e.to_string();
@@ -324,7 +357,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             grace: Duration::from_millis(200),
         };
-        let st = status(d.path(), &BTreeMap::new(), &cfg).await;
+        let st = status(d.path(), &BTreeMap::new(), None, &cfg).await;
         match &st {
             AgentStatus::Error(text) => {
                 assert!(text.starts_with("control status: "), "{text}");
@@ -350,7 +383,7 @@ mod tests {
             timeout: Duration::from_millis(300),
             grace: Duration::from_millis(100),
         };
-        let st = status(d.path(), &BTreeMap::new(), &cfg).await;
+        let st = status(d.path(), &BTreeMap::new(), None, &cfg).await;
         assert!(
             matches!(&st, AgentStatus::Error(t) if t.contains("timed out")),
             "{st:?}"
@@ -360,12 +393,12 @@ mod tests {
     #[tokio::test]
     async fn missing_or_non_executable_control() {
         let d = tempfile::tempdir().unwrap();
-        let e = control(d.path(), "start", &BTreeMap::new(), &fast())
+        let e = control(d.path(), "start", &BTreeMap::new(), None, &fast())
             .await
             .unwrap_err();
         assert!(matches!(e, ControlError::Missing { .. }), "{e:?}");
         std::fs::write(d.path().join(CONTROL), "#!/bin/sh\necho started\n").unwrap();
-        let st = status(d.path(), &BTreeMap::new(), &fast()).await;
+        let st = status(d.path(), &BTreeMap::new(), None, &fast()).await;
         assert!(
             matches!(&st, AgentStatus::Error(t) if t.contains("not executable")),
             "{st:?}"
@@ -376,14 +409,14 @@ mod tests {
     async fn status_failing_with_garbage_is_an_error_but_a_word_is_believed() {
         let d = tempfile::tempdir().unwrap();
         install_script(d.path(), "#!/bin/sh\necho 'boom' >&2\nexit 4\n");
-        let st = status(d.path(), &BTreeMap::new(), &fast()).await;
+        let st = status(d.path(), &BTreeMap::new(), None, &fast()).await;
         assert_eq!(
             st,
             AgentStatus::Error("control status: exited with code 4: boom".into())
         );
         install_script(d.path(), "#!/bin/sh\necho stopped\nexit 3\n");
         assert_eq!(
-            status(d.path(), &BTreeMap::new(), &fast()).await,
+            status(d.path(), &BTreeMap::new(), None, &fast()).await,
             AgentStatus::Stopped
         );
     }

@@ -62,6 +62,12 @@ pub struct AgentView {
     /// The cause of the last abnormal exit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_exit: Option<String>,
+    /// `limits not enforced: <reason>` when the agent has limits that cannot be applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limits_note: Option<String>,
+    /// The agent's cgroup, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
 }
 
 /// A version that failed and is not retried before `next_retry_at`.

@@ -132,14 +132,18 @@ async fn installed_agent_starts_and_is_never_fetched_again() {
 
     let cfg = ControlConfig::default();
     let envs = BTreeMap::new();
-    control::control(&dir, "start", &envs, &cfg).await.unwrap();
+    control::control(&dir, "start", &envs, None, &cfg)
+        .await
+        .unwrap();
     assert_eq!(
-        control::status(&dir, &envs, &cfg).await,
+        control::status(&dir, &envs, None, &cfg).await,
         AgentStatus::Started
     );
-    control::control(&dir, "stop", &envs, &cfg).await.unwrap();
+    control::control(&dir, "stop", &envs, None, &cfg)
+        .await
+        .unwrap();
     assert_eq!(
-        control::status(&dir, &envs, &cfg).await,
+        control::status(&dir, &envs, None, &cfg).await,
         AgentStatus::Stopped
     );
 

@@ -237,3 +237,93 @@ fn heartbeats_keep_their_schedule_while_a_large_version_folder_is_pruned() {
         "{done} heartbeats in {window:?} of pruning, expected at least {expected}"
     );
 }
+
+/// Removes the cgroups a test's updater made under `parent`, killing what runs in them.
+struct CgroupCleanup(String);
+
+impl Drop for CgroupCleanup {
+    fn drop(&mut self) {
+        let cgs = updater::cgroup::Cgroups::detect(&self.0);
+        for parent in cgs.parent_dirs() {
+            let mut dirs: Vec<std::path::PathBuf> = std::fs::read_dir(&parent)
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.path())
+                        .filter(|p| p.is_dir())
+                        .collect()
+                })
+                .unwrap_or_default();
+            dirs.push(parent.clone());
+            for d in dirs {
+                let deadline = Instant::now() + Duration::from_secs(3);
+                while std::fs::remove_dir(&d).is_err() && d.exists() && Instant::now() < deadline {
+                    let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+                    for pid in procs.split_whitespace().filter_map(|p| p.parse().ok()) {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+}
+
+/// With cgroups (root, as on the development machines and CI): the agent's processes sit
+/// in its own cgroup, and one that allocates 200 MB under `memory: "20M"` is killed,
+/// reported `killed` with its limit locally and at ops-meta.
+#[test]
+fn memory_limit_kills_the_agent_and_it_is_reported_killed_in_every_mode() {
+    if !nix::unistd::geteuid().is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root: this test must run there"
+        );
+        eprintln!("skipped: cgroups need root");
+        return;
+    }
+    for mode in MODES {
+        let parent = format!("ops-updater-e2e-{}-{mode}", std::process::id());
+        let _cleanup = CgroupCleanup(parent.clone());
+        let host = format!("oom-{mode}");
+        let mut meta = Meta::start(json!([]));
+        publish(&meta, "hog", "1.0", Behaviour::EatsMemory);
+        publish(&meta, "falcon", "1.0", Behaviour::Good);
+        let mut hog = agent_entry("hog", "1.0", &meta.base(), "start");
+        hog["default"]["limits"] = json!({"memory": "20M"});
+        let mut falcon = agent_entry("falcon", "1.0", &meta.base(), "start");
+        falcon["default"]["limits"] = json!({"CPU": "50%"});
+        meta.set_agents(json!([hog, falcon]));
+        let u = Updater::start(&meta.addr.to_string(), &host, |c| {
+            fast_policy(c, mode, 60);
+            c["cgroupParent"] = json!(parent);
+        });
+        u.wait_running("falcon", "1.0");
+        let pid = std::fs::read_to_string(u.work().join("falcon/1.0/app.pid")).unwrap();
+        let cg = std::fs::read_to_string(format!("/proc/{}/cgroup", pid.trim())).unwrap();
+        assert!(
+            cg.contains(&format!("/{parent}/falcon")),
+            "{mode}: falcon's process is not in its cgroup: {cg}"
+        );
+        wait_for(&format!("{mode}: hog killed"), CONVERGE, || {
+            u.agent_status("hog")
+                .is_some_and(|s| s["supervisor"] == "killed")
+        });
+        let s = u.agent_status("hog").unwrap();
+        let exit = s["lastExit"].as_str().unwrap_or_default();
+        assert!(
+            exit.contains("OOM") && exit.contains("20 MiB"),
+            "{mode}: {s}"
+        );
+        assert!(
+            s["cgroup"].as_str().is_some_and(|c| c.contains("hog")),
+            "{s}"
+        );
+        wait_for(&format!("{mode}: meta sees killed"), CONVERGE, || {
+            meta_state(&meta, &host, "hog").as_deref() == Some("killed")
+        });
+        drop(u);
+    }
+}

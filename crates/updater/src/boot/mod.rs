@@ -133,7 +133,22 @@ pub async fn run(
         path: cfg.workdir.display().to_string(),
         source,
     })?;
-    let engine = Arc::new(Engine::new(Ctx::from_config(&cfg, shared.clone())?));
+    let mut ctx = Ctx::from_config(&cfg, shared.clone())?;
+    // Agents are daemons forked by `control start`: as their subreaper, ops-updater learns
+    // how each one ended (exit code, signal).
+    match crate::reaper::enable() {
+        Ok(()) => ctx.reaper = Some(crate::reaper::Reaper::spawn()),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot become the agents' subreaper; exit codes of agents stay unknown")
+        }
+    }
+    match ctx.cgroups.unusable() {
+        None => {
+            tracing::info!(cgroups = %ctx.cgroups.describe(), "agents run in their own cgroups")
+        }
+        Some(why) => tracing::warn!("agents run without cgroups: limits not enforced: {why}"),
+    }
+    let engine = Arc::new(Engine::new(ctx));
     let c = &cfg.config;
     // Enough for one switch and its rollback: stop, start, wait, stop, start, wait.
     let grace = Duration::from_secs(

@@ -18,6 +18,7 @@ use super::{
     BackoffKey, Cell, Ctx, Desired, Done, Job, Order, Plan, START_POLL,
 };
 use crate::artifact::{self, Want};
+use crate::cgroup::AgentCgroup;
 use crate::control::{self, AgentStatus};
 use crate::fsx;
 use crate::process;
@@ -45,6 +46,16 @@ pub(super) struct Actor {
     status_failing: bool,
     /// The last lines the agent's last `control start` printed.
     last_output: Vec<String>,
+    /// The agent's cgroup (a handle that tracks nothing when cgroups cannot be used).
+    cg: Arc<AgentCgroup>,
+    /// The cgroup held the agent's processes since its last start: its emptying is an exit.
+    populated_seen: bool,
+    /// The agent's processes when last looked at, for their exit codes.
+    pids: Vec<i32>,
+    /// The cgroup's OOM kill count at the last start.
+    oom_base: u64,
+    /// `limits not enforced: ...` was already written as an event for these limits.
+    noted_unenforced: Option<BTreeMap<String, String>>,
 }
 
 /// Why a switch failed, for the record.
@@ -80,6 +91,7 @@ impl Actor {
         cell: Arc<StdMutex<Cell>>,
     ) -> Actor {
         let next_check = Instant::now() + ctx.policy.check;
+        let cg = Arc::new(ctx.cgroups.agent(name, &proto::limits::Limits::default()));
         Actor {
             ctx,
             name: name.to_string(),
@@ -93,7 +105,77 @@ impl Actor {
             next_check,
             status_failing: false,
             last_output: Vec::new(),
+            cg,
+            populated_seen: false,
+            pids: Vec::new(),
+            oom_base: 0,
+            noted_unenforced: None,
         }
+    }
+
+    /// (Re)makes the agent's cgroup with its limits; what cannot be enforced is said once
+    /// per set of limits, as an event and in `/status`.
+    fn apply_cgroup(&mut self) {
+        let limits = match proto::limits::parse_limits(&self.settings.limits) {
+            Ok(l) => l,
+            Err(e) => {
+                // Checked before it was stored; a hand-edited file can still be wrong.
+                tracing::warn!(agent = %self.name, error = %e, "ignoring unusable limits");
+                proto::limits::Limits::default()
+            }
+        };
+        self.cg = Arc::new(self.ctx.cgroups.agent(&self.name, &limits));
+        self.cell().cg = Some(self.cg.clone());
+        if !limits.is_empty() {
+            if let Some(why) = self.cg.not_enforced() {
+                if self.noted_unenforced.as_ref() != Some(&self.settings.limits) {
+                    self.noted_unenforced = Some(self.settings.limits.clone());
+                    let why = why.to_string();
+                    tracing::warn!(agent = %self.name, limits = %limits.describe(), "{why}");
+                    self.event("limits_not_enforced", "", &why);
+                }
+            }
+        }
+    }
+
+    /// True when the cgroup's emptying tells that the agent exited.
+    fn watch_cgroup(&self) -> bool {
+        self.populated_seen
+            && self.settings.run == Some(true)
+            && self.cg.is_tracked()
+            && matches!(self.cell().sup.phase, Phase::Running { .. })
+    }
+
+    /// Notes the agent's processes after a start or a check that found it running.
+    fn note_processes(&mut self) {
+        if let Ok(p) = self.cg.procs() {
+            if !p.is_empty() {
+                self.populated_seen = true;
+                self.pids = p;
+            }
+        }
+    }
+
+    /// How the agent ended: an OOM kill (with the limit), an exit code or signal from the
+    /// reaper, or `fallback`. The bool says it was killed for a limit.
+    fn exit_cause(&self, fallback: &str) -> (String, bool) {
+        if self.cg.oom_kills() > self.oom_base {
+            let limits = proto::limits::parse_limits(&self.settings.limits).unwrap_or_default();
+            let limit = limits
+                .memory_bytes
+                .map(|b| format!("memory limit {}", proto::limits::format_size(b)))
+                .unwrap_or_else(|| "memory limit".to_string());
+            return (format!("killed by the OOM killer: {limit}"), true);
+        }
+        if let Some(r) = &self.ctx.reaper {
+            // The first of its processes, the one `control start` left (the agent itself).
+            for pid in &self.pids {
+                if let Some(e) = r.exit_of(*pid) {
+                    return (format!("{fallback}: pid {pid} {e}"), false);
+                }
+            }
+        }
+        (fallback.to_string(), false)
     }
 
     fn dir(&self) -> PathBuf {
@@ -127,12 +209,16 @@ impl Actor {
                 c.sup.phase = Phase::Fatal(f);
             }
         }
+        self.apply_cgroup();
         self.publish();
         let (mut desire_open, mut orders_open) = (true, true);
         while desire_open || orders_open {
             let wake = self.next_wake();
+            let watch = self.watch_cgroup();
+            let cg = self.cg.clone();
             tokio::select! {
                 biased;
+                _ = cg.wait_empty(), if watch => self.cgroup_emptied().await,
                 o = self.orders.recv(), if orders_open => match o {
                     Some(o) => self.order(o).await,
                     None => orders_open = false,
@@ -210,7 +296,11 @@ impl Actor {
     /// Saves the settings (on the blocking pool) and publishes them.
     async fn save(&mut self, s: Settings) -> std::io::Result<()> {
         settings::save_async(self.dir(), s.clone()).await?;
+        let limits_changed = s.limits != self.settings.limits;
         self.settings = s;
+        if limits_changed {
+            self.apply_cgroup();
+        }
         self.cell().envs = self.settings.envs.clone();
         self.publish();
         Ok(())
@@ -228,6 +318,10 @@ impl Actor {
     /// Mirrors what `/status` shows of the settings and the supervisor.
     fn publish(&self) {
         let limits = self.settings.limits.clone();
+        let note = (!limits.is_empty())
+            .then(|| self.cg.not_enforced().map(str::to_string))
+            .flatten();
+        let cgroup = self.cg.is_tracked().then(|| self.cg.describe());
         let (state, restarts, last_exit) = {
             let c = self.cell();
             (
@@ -241,6 +335,8 @@ impl Actor {
             v.supervisor = state;
             v.restarts = restarts;
             v.last_exit = last_exit;
+            v.limits_note = note;
+            v.cgroup = cgroup;
         });
     }
 
@@ -441,6 +537,7 @@ impl Actor {
         if let Err(e) = self.control(&vdir, "stop").await {
             return Done::Failed(format!("restart: {e}"));
         }
+        self.kill_leftovers().await;
         match self.start_and_check(&vdir, &version).await {
             Ok(()) => {
                 self.mark_running();
@@ -499,6 +596,7 @@ impl Actor {
                 if let Err(e) = self.control(&vdir, "stop").await {
                     return Done::Failed(format!("uninstall: {e}; nothing removed"));
                 }
+                self.kill_leftovers().await;
                 let st = self.status(&vdir, &version).await;
                 if st != AgentStatus::Stopped {
                     return Done::Failed(format!(
@@ -523,6 +621,9 @@ impl Actor {
         let gone = fsx::blocking(move || remove_dir_all(&aside)).await;
         if let Err(e) = gone {
             tracing::warn!(agent = %name, error = %e, "cannot remove an uninstalled agent's folder; it is retried at the next start");
+        }
+        if let Err(e) = self.cg.remove() {
+            tracing::debug!(agent = %name, error = %e, "cannot remove the agent's cgroup");
         }
         self.settings = Settings::default();
         self.cell().envs.clear();
@@ -564,6 +665,7 @@ impl Actor {
         match self.status(&vdir, version).await {
             AgentStatus::Started => {
                 self.status_failing = false;
+                self.note_processes();
                 let now = Instant::now();
                 self.sup(|s| {
                     if matches!(s.phase, Phase::Idle) {
@@ -579,8 +681,9 @@ impl Actor {
                 }
                 let was_running = matches!(self.cell().sup.phase, Phase::Running { .. });
                 if was_running {
-                    let cause = "exited: control status says it is stopped".to_string();
-                    self.exited(version, &cause, false);
+                    let (cause, killed) =
+                        self.exit_cause("exited: control status says it is stopped");
+                    self.exited(version, &cause, killed);
                 } else {
                     tracing::info!(agent = %self.name, version, "agent is stopped; starting it");
                     self.start_supervised(&vdir, version, false).await;
@@ -600,6 +703,7 @@ impl Actor {
 
     /// The agent exited abnormally: the policy decides when it comes back.
     fn exited(&mut self, version: &str, cause: &str, killed: bool) {
+        self.populated_seen = false;
         let p = self.ctx.policy;
         let verdict =
             self.sup(|s| s.exited(Instant::now(), now_unix(), version, cause, killed, &p));
@@ -639,6 +743,20 @@ impl Actor {
         self.publish();
     }
 
+    /// The agent's cgroup emptied: its last process ended, whatever its `control status`
+    /// says.
+    async fn cgroup_emptied(&mut self) {
+        let Some(version) = self.installed().await else {
+            self.populated_seen = false;
+            return;
+        };
+        if !matches!(self.cell().sup.phase, Phase::Running { .. }) {
+            return;
+        }
+        let (cause, killed) = self.exit_cause("exited: its last process ended");
+        self.exited(&version, &cause, killed);
+    }
+
     async fn restart(&mut self, version: &str) {
         let vdir = self.dir().join(version);
         let lock = self.lock.clone();
@@ -675,6 +793,10 @@ impl Actor {
     }
 
     fn mark_running(&mut self) {
+        self.oom_base = self.cg.oom_kills();
+        self.populated_seen = false;
+        self.pids.clear();
+        self.note_processes();
         let now = Instant::now();
         self.sup(|s| s.running(now, now_unix()));
         self.publish();
@@ -742,14 +864,20 @@ impl Actor {
 
     /// `control <action>` of the version in `vdir` with the agent's environment.
     async fn control(&self, vdir: &Path, action: &str) -> Result<process::Output, String> {
-        control::control(vdir, action, &self.settings.envs, &self.ctx.control)
-            .await
-            .map_err(|e| e.to_string())
+        control::control(
+            vdir,
+            action,
+            &self.settings.envs,
+            Some(&self.cg),
+            &self.ctx.control,
+        )
+        .await
+        .map_err(|e| e.to_string())
     }
 
     /// Reads the status of `vdir` under the lock the caller holds, and notes it.
     async fn status(&self, vdir: &Path, version: &str) -> AgentStatus {
-        let st = control::status(vdir, &self.settings.envs, &self.ctx.status).await;
+        let st = control::status(vdir, &self.settings.envs, Some(&self.cg), &self.ctx.status).await;
         let wire = st.wire();
         let now = now_unix();
         let current = fsx::read_version_file(&self.dir()).ok().flatten();
@@ -785,7 +913,15 @@ impl Actor {
     }
 
     async fn start_and_check_inner(&mut self, vdir: &Path, version: &str) -> Result<(), String> {
-        match control::control(vdir, "start", &self.settings.envs, &self.ctx.control).await {
+        let started = control::control(
+            vdir,
+            "start",
+            &self.settings.envs,
+            Some(&self.cg),
+            &self.ctx.control,
+        )
+        .await;
+        match started {
             Ok(out) => self.last_output = tail_lines(&out),
             Err(e) => {
                 if let control::ControlError::Failed { output, .. } = &e {
@@ -817,6 +953,9 @@ impl Actor {
         tracing::info!(agent = %name, version, "stopping agent");
         self.busy(true);
         let res = self.control(&vdir, "stop").await;
+        if res.is_ok() {
+            self.kill_leftovers().await;
+        }
         let after = self.status(&vdir, version).await;
         self.busy(false);
         let action = format!("stop {version}");
@@ -834,6 +973,19 @@ impl Actor {
                 self.record(action, Outcome::Failed, Some(e.clone()));
                 Done::Failed(e)
             }
+        }
+    }
+
+    /// Ends every process left in the agent's cgroup after its `control stop` (SIGTERM, then
+    /// SIGKILL after the grace period), so no orphan outlives a stop or an uninstall.
+    async fn kill_leftovers(&mut self) {
+        self.populated_seen = false;
+        if !self.cg.is_tracked() {
+            return;
+        }
+        let left = self.cg.kill_all(self.ctx.control.grace).await;
+        if !left.is_empty() {
+            tracing::warn!(agent = %self.name, pids = ?left, "processes of the agent survive SIGKILL");
         }
     }
 
@@ -914,7 +1066,11 @@ impl Actor {
         if let Some(old) = from {
             let odir = dir.join(old);
             tracing::info!(agent = %self.name, version = %old, "stopping previous version");
-            if let Err(e) = self.control(&odir, "stop").await {
+            let stopped = self.control(&odir, "stop").await;
+            if stopped.is_ok() {
+                self.kill_leftovers().await;
+            }
+            if let Err(e) = stopped {
                 // Two copies of one agent must never run. The original started the new one
                 // anyway; we stop whatever of the old one is left (its processes: those whose
                 // working directory or executable lies in its folder, see

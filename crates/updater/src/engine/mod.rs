@@ -287,6 +287,10 @@ pub struct Ctx {
     pub shared: Shared,
     /// The restart policy.
     pub policy: supervise::Policy,
+    /// The cgroup hierarchies agents get their own cgroup in (or why none can be used).
+    pub cgroups: Arc<crate::cgroup::Cgroups>,
+    /// Exits of orphaned agent processes, when ops-updater is their subreaper.
+    pub reaper: Option<crate::reaper::Reaper>,
     /// The updater's own files: no action removes or renames them or a folder holding one.
     pub own: Arc<crate::workdir::Own>,
 }
@@ -329,6 +333,8 @@ impl Ctx {
             },
             shared,
             policy: c.supervise,
+            cgroups: Arc::new(crate::cgroup::Cgroups::detect(&c.cgroup_parent)),
+            reaper: None,
             own: Arc::new(crate::workdir::Own::new(cfg.own_files.iter().cloned())),
         })
     }
@@ -396,6 +402,8 @@ pub struct Cell {
     pub sup: supervise::State,
     /// The agent's control-script environment (its settings' `envs`).
     pub envs: BTreeMap<String, String>,
+    /// The agent's cgroup, once the actor made it.
+    pub cg: Option<Arc<crate::cgroup::AgentCgroup>>,
 }
 
 /// A running actor for one agent.
@@ -678,9 +686,9 @@ pub async fn collect(ctx: &Ctx, h: &Handle) -> Option<RealAgent> {
         tracing::warn!(agent = %name, error = %e, "ignoring agent with a bad .version");
         return None;
     }
-    let (envs, fatal) = {
+    let (envs, fatal, cg) = {
         let c = h.cell.lock().unwrap_or_else(|e| e.into_inner());
-        (c.envs.clone(), c.sup.is_fatal())
+        (c.envs.clone(), c.sup.is_fatal(), c.cg.clone())
     };
     if fatal {
         return Some(RealAgent {
@@ -694,7 +702,7 @@ pub async fn collect(ctx: &Ctx, h: &Handle) -> Option<RealAgent> {
         Ok(_guard) => {
             let vdir = dir.join(&version);
             let st = if vdir.is_dir() {
-                control::status(&vdir, &envs, &ctx.status).await
+                control::status(&vdir, &envs, cg.as_deref(), &ctx.status).await
             } else {
                 AgentStatus::Error(format!("version folder {version} is missing"))
             };
@@ -1007,6 +1015,8 @@ mod tests {
             },
             shared: Shared::default(),
             policy: supervise::Policy::default(),
+            cgroups: Arc::new(crate::cgroup::Cgroups::none("ops-updater", "unit tests")),
+            reaper: None,
             own: Arc::default(),
         }
     }
