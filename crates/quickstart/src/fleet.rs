@@ -30,6 +30,9 @@ const CANARY_PREFIX: &str = "canary";
 struct Fleet {
     root: PathBuf,
     keep: bool,
+    /// The cgroup parent of this run's updaters (each host below it: several updaters on
+    /// one machine must not share an agent's cgroup).
+    cgroup_parent: String,
     meta: Option<Child>,
     updaters: Vec<Child>,
     workdirs: Vec<PathBuf>,
@@ -44,6 +47,7 @@ impl Drop for Fleet {
         for workdir in &self.workdirs {
             stop_agents(workdir);
         }
+        remove_cgroups(&self.cgroup_parent);
         if let Some(meta) = &mut self.meta {
             terminate(meta);
         }
@@ -72,6 +76,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let mut fleet = Fleet {
         root: root.clone(),
         keep: opts.keep,
+        cgroup_parent: format!("ops-quickstart-{}", std::process::id()),
         meta: None,
         updaters: Vec::new(),
         workdirs: Vec::new(),
@@ -119,6 +124,7 @@ pub fn run(opts: &Options) -> Result<()> {
             "interval": opts.interval,
             "http": {"enabled": false, "listen": ""},
             "workdir": path_str(&dir)?,
+            "cgroupParent": format!("{}/{host}", fleet.cgroup_parent),
         });
         std::fs::write(&cfg, serde_json::to_vec_pretty(&body)?)?;
         let child = spawn(
@@ -366,4 +372,31 @@ fn free_port() -> Result<u16> {
 fn path_str(p: &Path) -> Result<&str> {
     p.to_str()
         .ok_or_else(|| anyhow!("path is not UTF-8: {}", p.display()))
+}
+
+/// Removes the (empty, once the agents are stopped) cgroup folders made under `parent` in
+/// every hierarchy, deepest first. Only folders are removed, with rmdir: a cgroup that
+/// still holds a process stays.
+fn remove_cgroups(parent: &str) {
+    fn remove_tree(dir: &Path) {
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    remove_tree(&e.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+    let root = Path::new("/sys/fs/cgroup");
+    let mut bases = vec![root.to_path_buf()];
+    if let Ok(rd) = std::fs::read_dir(root) {
+        bases.extend(rd.flatten().map(|e| e.path()));
+    }
+    for b in bases {
+        let d = b.join(parent);
+        if d.is_dir() {
+            remove_tree(&d);
+        }
+    }
 }

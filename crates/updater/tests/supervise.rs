@@ -238,39 +238,6 @@ fn heartbeats_keep_their_schedule_while_a_large_version_folder_is_pruned() {
     );
 }
 
-/// Removes the cgroups a test's updater made under `parent`, killing what runs in them.
-struct CgroupCleanup(String);
-
-impl Drop for CgroupCleanup {
-    fn drop(&mut self) {
-        let cgs = updater::cgroup::Cgroups::detect(&self.0);
-        for parent in cgs.parent_dirs() {
-            let mut dirs: Vec<std::path::PathBuf> = std::fs::read_dir(&parent)
-                .map(|rd| {
-                    rd.flatten()
-                        .map(|e| e.path())
-                        .filter(|p| p.is_dir())
-                        .collect()
-                })
-                .unwrap_or_default();
-            dirs.push(parent.clone());
-            for d in dirs {
-                let deadline = Instant::now() + Duration::from_secs(3);
-                while std::fs::remove_dir(&d).is_err() && d.exists() && Instant::now() < deadline {
-                    let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
-                    for pid in procs.split_whitespace().filter_map(|p| p.parse().ok()) {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(pid),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
-        }
-    }
-}
-
 /// With cgroups (root, as on the development machines and CI): the agent's processes sit
 /// in its own cgroup, and one that allocates 200 MB under `memory: "20M"` is killed,
 /// reported `killed` with its limit locally and at ops-meta.
@@ -285,8 +252,7 @@ fn memory_limit_kills_the_agent_and_it_is_reported_killed_in_every_mode() {
         return;
     }
     for mode in MODES {
-        let parent = format!("ops-updater-e2e-{}-{mode}", std::process::id());
-        let _cleanup = CgroupCleanup(parent.clone());
+        let parent = unique_cgroup_parent();
         let host = format!("oom-{mode}");
         let mut meta = Meta::start(json!([]));
         publish(&meta, "hog", "1.0", Behaviour::EatsMemory);

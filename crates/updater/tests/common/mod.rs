@@ -235,6 +235,9 @@ impl Updater {
             "heartbeatTimeoutSecs": 5,
             "retryBaseSecs": 60,
             "maxUnpackedBytes": 16u64 << 20,
+            // Several updaters run on this machine at once: each gets cgroups of its own
+            // (removed on drop), or one's stop would kill another's agents.
+            "cgroupParent": unique_cgroup_parent(),
         })
     }
 
@@ -359,6 +362,54 @@ impl Drop for Updater {
         }
         self.kill9();
         stop_all_agents(&self.work());
+        let cfg = std::fs::read_to_string(self.dir.path().join("cfg.json")).unwrap_or_default();
+        let cfg: Value = serde_json::from_str(&cfg).unwrap_or(Value::Null);
+        if let Some(p) = cfg["cgroupParent"].as_str() {
+            remove_cgroups(p);
+        }
+    }
+}
+
+/// A cgroup parent no other updater of this machine uses.
+pub fn unique_cgroup_parent() -> String {
+    use std::sync::atomic::AtomicUsize;
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "ops-updater-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Removes the cgroups made under `parent` (killing what still runs in them).
+pub fn remove_cgroups(parent: &str) {
+    let cgs = updater::cgroup::Cgroups::detect(parent);
+    for parent in cgs.parent_dirs() {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(&parent)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.is_dir())
+                    .collect()
+            })
+            .unwrap_or_default();
+        dirs.push(parent.clone());
+        for d in dirs {
+            let deadline = std::time::Instant::now() + Duration::from_secs(3);
+            while d.exists()
+                && std::fs::remove_dir(&d).is_err()
+                && std::time::Instant::now() < deadline
+            {
+                let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.split_whitespace().filter_map(|p| p.parse().ok()) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
 }
 
