@@ -188,6 +188,7 @@ pub fn status_request(
             })
             .collect(),
         jobs,
+        events: Vec::new(),
     }
 }
 

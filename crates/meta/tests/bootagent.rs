@@ -171,6 +171,7 @@ fn report(
             })
             .collect(),
         jobs,
+        events: Vec::new(),
     }
 }
 

@@ -5,6 +5,7 @@
 //! no runtime, so every other crate can depend on it freely.
 
 pub mod bootagent;
+pub mod events;
 pub mod legacy;
 pub mod ops;
 pub mod validate;

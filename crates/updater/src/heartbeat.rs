@@ -5,7 +5,10 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use proto::legacy::{HeartbeatRequest, HeartbeatResponse};
+use proto::events::MAX_EVENTS_PER_REPORT;
+use proto::legacy::{HeartbeatReport, HeartbeatRequest, HeartbeatResponse};
+
+use crate::events::Journal;
 
 /// Why a heartbeat failed. Display names the URL.
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +117,40 @@ impl Client {
     /// One heartbeat. Entries of `desiredAgents` that do not decode are left out and
     /// described in [`Answer::skipped`]; the rest of the answer is still used.
     pub async fn send(&self, req: &HeartbeatRequest) -> Result<Answer, HeartbeatError> {
+        let body = self.exchange(req).await?;
+        self.decode(&body)
+    }
+
+    /// [`Client::send`] carrying the events of `journal` that no server took yet (the
+    /// `events` extension, at most `MAX_EVENTS_PER_REPORT`, oldest first). Any 2xx answer
+    /// takes them, whatever its body: a server that does not know the field ignored it, and
+    /// the events are not sent again. Without events the request is the original one.
+    pub async fn send_with_events(
+        &self,
+        req: &HeartbeatRequest,
+        journal: &Journal,
+    ) -> Result<Answer, HeartbeatError> {
+        let events = journal.unsent(MAX_EVENTS_PER_REPORT);
+        let report = HeartbeatReport {
+            request: req,
+            events: &events,
+        };
+        let body = self.exchange(&report).await?;
+        if let Some(last) = events.last() {
+            journal.acked(last.seq).await;
+        }
+        self.decode(&body)
+    }
+
+    fn decode(&self, body: &[u8]) -> Result<Answer, HeartbeatError> {
+        decode(body).map_err(|source| HeartbeatError::Decode {
+            url: self.url.clone(),
+            source,
+        })
+    }
+
+    /// Posts `req` as JSON; the answer's body when its status is 2xx.
+    async fn exchange(&self, req: &impl serde::Serialize) -> Result<Vec<u8>, HeartbeatError> {
         let transport = |error| HeartbeatError::Transport {
             url: self.url.clone(),
             error,
@@ -136,10 +173,7 @@ impl Client {
                 body: text.trim().to_string(),
             });
         }
-        decode(&body).map_err(|source| HeartbeatError::Decode {
-            url: self.url.clone(),
-            source,
-        })
+        Ok(body)
     }
 
     async fn read_capped(&self, resp: reqwest::Response) -> Result<Vec<u8>, HeartbeatError> {

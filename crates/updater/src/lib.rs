@@ -11,6 +11,7 @@ pub mod workdir;
 pub mod agent;
 pub mod config;
 pub mod daemon;
+pub mod events;
 pub mod heartbeat;
 pub mod http;
 pub mod logcap;

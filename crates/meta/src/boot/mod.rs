@@ -583,6 +583,7 @@ impl Boot {
                     })
                     .collect(),
                 waiting: rec.jobs.waiting().to_vec(),
+                ..HostView::default()
             }
         })
     }

@@ -27,6 +27,7 @@ use proto::bootagent::{
     Action, AgentStatus as WireAgent, Job, RegisterRequest, StatusRequest, STATUS_OK,
     STATUS_SERIAL_CONFLICT, STATUS_UNREGISTERED,
 };
+use proto::events::MAX_EVENTS_PER_REPORT;
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -503,6 +504,8 @@ impl Boot {
         }
         let agents = self.collect().await;
         let results = self.book.report();
+        let events = self.shared.events().unsent(MAX_EVENTS_PER_REPORT);
+        let events_upto = events.last().map(|e| e.seq);
         let req = StatusRequest {
             hostname: self.cfg.hostname.clone(),
             agentsn: self.meta.agentsn.clone(),
@@ -512,6 +515,7 @@ impl Boot {
             step: self.step().as_secs(),
             agents,
             jobs: results.clone(),
+            events,
         };
         if self.cfg.config.debug {
             tracing::debug!(request = %serde_json::to_string(&req).unwrap_or_default(), "status report");
@@ -547,6 +551,10 @@ impl Boot {
         }
         if self.book.acknowledge(&results) {
             self.save_book();
+        }
+        // The server took the report: its events are not sent again.
+        if let Some(seq) = events_upto {
+            self.shared.events().acked(seq).await;
         }
         self.shared.daemon(|d| {
             d.heartbeats_ok += 1;
