@@ -30,6 +30,9 @@ pub const DEFAULT_CAP: usize = 200;
 pub const MAX_CAP: usize = 10_000;
 /// Largest journal file read, in bytes: [`MAX_CAP`] events at their bounds fit.
 pub const MAX_JOURNAL_FILE_BYTES: u64 = 48 << 20;
+/// Highest seq a journal file may hold: every integer up to it survives a JSON reader that
+/// reads numbers as doubles, and counting on from it never overflows.
+pub const MAX_SEQ: u64 = 1 << 53;
 
 /// An event as the code that saw it describes it; the journal adds `seq` and `time`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -110,6 +113,8 @@ enum LoadError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error("event journal {}: seq {seq} is beyond {MAX_SEQ}", path.display())]
+    SeqTooLarge { path: PathBuf, seq: u64 },
 }
 
 /// Reads the journal file; `Ok(None)` when there is none.
@@ -134,12 +139,24 @@ fn load(path: &Path) -> Result<Option<FileBody>, LoadError> {
             len: std::fs::metadata(path).map_or(bytes.len() as u64, |m| m.len()),
         });
     }
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|source| LoadError::Corrupt {
+    let body: FileBody = serde_json::from_slice(&bytes).map_err(|source| LoadError::Corrupt {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let highest = body
+        .events
+        .iter()
+        .map(|e| e.seq)
+        .chain([body.next_seq, body.acked])
+        .max()
+        .unwrap_or(0);
+    if highest > MAX_SEQ {
+        return Err(LoadError::SeqTooLarge {
             path: path.to_path_buf(),
-            source,
-        })
+            seq: highest,
+        });
+    }
+    Ok(Some(body))
 }
 
 /// The first seq of a journal that starts afresh (module docs).
@@ -189,9 +206,11 @@ impl Journal {
         let loaded = tokio::task::spawn_blocking(move || {
             let r = load(&p);
             let aside = match &r {
-                Err(LoadError::TooLarge { .. } | LoadError::Corrupt { .. }) => {
-                    Some(crate::boot::metafile::move_aside(&p))
-                }
+                Err(
+                    LoadError::TooLarge { .. }
+                    | LoadError::Corrupt { .. }
+                    | LoadError::SeqTooLarge { .. },
+                ) => Some(crate::boot::metafile::move_aside(&p)),
                 _ => None,
             };
             (r, aside)
@@ -513,6 +532,18 @@ mod tests {
         assert!(j.is_empty());
         assert_eq!(aside(t.path()), 1);
         assert!(!path.exists());
+
+        // A seq near the end of u64 would overflow when counted on.
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("j.json");
+        std::fs::write(
+            &path,
+            format!(r#"{{"nextSeq":{},"acked":0,"events":[]}}"#, u64::MAX),
+        )
+        .unwrap();
+        let j = Journal::open(&path, DEFAULT_CAP).await;
+        assert_eq!(aside(t.path()), 1);
+        assert!(j.push(input("a", "x")).await < MAX_SEQ);
     }
 
     #[tokio::test]
