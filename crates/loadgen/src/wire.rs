@@ -189,6 +189,7 @@ pub fn status_request(
             .collect(),
         jobs,
         supervised: false,
+        events: Vec::new(),
     }
 }
 

@@ -9,6 +9,7 @@ pub mod boot;
 pub mod config;
 pub mod desired;
 pub mod digests;
+pub mod events;
 pub mod http;
 pub mod server;
 pub mod state;

@@ -225,6 +225,11 @@ async fn sweeper(state: AppState, mut shutdown: watch::Receiver<bool>) {
         if dropped > 0 {
             tracing::info!(dropped, "dropped stale BootAgent hosts");
         }
+        // Both kinds of host are in the fleet store: events go with their host.
+        let dropped = state.events.retain(|h| state.store.host(h).is_some());
+        if dropped > 0 {
+            tracing::info!(dropped, "dropped the events of stale hosts");
+        }
     }
 }
 

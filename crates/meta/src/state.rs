@@ -144,6 +144,8 @@ pub struct Shared {
     pub reloader: Arc<Reloader>,
     /// BootAgent hosts, their jobs and operator batches.
     pub boot: Arc<crate::boot::Boot>,
+    /// The agent events hosts reported, per host.
+    pub events: Arc<crate::events::EventStore>,
 }
 
 impl std::ops::Deref for AppState {
@@ -181,6 +183,7 @@ impl AppState {
             store,
             reloader,
             boot: Arc::new(crate::boot::Boot::new()),
+            events: Arc::new(crate::events::EventStore::new()),
         }))
     }
 }

@@ -50,6 +50,10 @@ pub trait FleetStore: Send + Sync + 'static {
     fn agent_status(&self, name: &str) -> AgentStatus;
     /// What `host` last reported, if it is known.
     fn host(&self, host: &str) -> Option<Vec<RealAgent>>;
+    /// When `host` last reported (server clock), if it is known and the backend keeps it.
+    fn last_seen(&self, _host: &str) -> Option<i64> {
+        None
+    }
     /// Number of known hosts.
     fn host_count(&self) -> usize;
     /// Drops every host last seen before `older_than`; returns how many were dropped.
@@ -620,6 +624,12 @@ impl FleetStore for MemStore {
         let m = self.shards[shard_index(hash)].read();
         let rec = &m.find(hash, |e| &*e.host == host)?.rec;
         Some(rec.agents.iter().map(|a| self.to_real(rec, a)).collect())
+    }
+
+    fn last_seen(&self, host: &str) -> Option<i64> {
+        let hash = self.hash(host);
+        let m = self.shards[shard_index(hash)].read();
+        Some(m.find(hash, |e| &*e.host == host)?.rec.last_seen)
     }
 
     fn host_count(&self) -> usize {

@@ -172,6 +172,7 @@ fn report(
             .collect(),
         jobs,
         supervised: false,
+        events: Vec::new(),
     }
 }
 

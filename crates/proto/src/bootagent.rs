@@ -126,6 +126,14 @@ pub struct StatusRequest {
     /// the server must not derive `restart` jobs from `stoped`, `fatal` or `killed`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub supervised: bool,
+    /// Extension: agent events not yet taken by a server, oldest first, at most
+    /// [`crate::events::MAX_EVENTS_PER_REPORT`]. Absent when there are none.
+    #[serde(
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub events: Vec<crate::events::Event>,
 }
 
 /// `POST /agent/status` answer.
@@ -293,6 +301,41 @@ mod tests {
         let back: StatusRequest =
             serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
+        // Without events the report has exactly the seed's fields.
+        let v = serde_json::to_value(&r).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "agents",
+                "agentsn",
+                "hostname",
+                "jobs",
+                "step",
+                "timestamp",
+                "uptime",
+                "version"
+            ]
+        );
+    }
+
+    #[test]
+    fn status_request_carries_events_when_there_are_some() {
+        let mut r = StatusRequest {
+            hostname: "web-01".into(),
+            ..StatusRequest::default()
+        };
+        r.events.push(crate::events::Event {
+            seq: 9,
+            kind: crate::events::KIND_FATAL.into(),
+            ..Default::default()
+        });
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(text.contains(r#""events":[{"seq":9,"#), "{text}");
+        let back: StatusRequest = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, r);
+        let r: StatusRequest = serde_json::from_str(r#"{"hostname":"h","events":null}"#).unwrap();
+        assert!(r.events.is_empty());
     }
 
     #[test]

@@ -12,6 +12,8 @@ use std::marker::PhantomData;
 use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::events::Event;
+
 /// What a host reports every round. Read through [`HeartbeatRequestRef`] (same rules).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct HeartbeatRequest {
@@ -41,6 +43,22 @@ pub struct RealAgent {
 pub struct HeartbeatRequestRef<'a> {
     pub hostname: Cow<'a, str>,
     pub real_agents: Vec<RealAgentRef<'a>>,
+    /// Extension (`events`, see [`crate::events`]): empty, and never allocated, for a
+    /// heartbeat without it. [`HeartbeatRequest`] does not keep it; a host sends it with
+    /// [`HeartbeatReport`].
+    pub events: Vec<Event>,
+}
+
+/// What a host sends as its heartbeat: the request and, when there are any, the events
+/// not yet taken by a server (`events`, at most [`crate::events::MAX_EVENTS_PER_REPORT`]).
+/// Without events these are exactly the bytes of the [`HeartbeatRequest`] alone, so an
+/// original server sees the original request; one with events it ignores the field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct HeartbeatReport<'a> {
+    #[serde(flatten)]
+    pub request: &'a HeartbeatRequest,
+    #[serde(skip_serializing_if = "<[Event]>::is_empty")]
+    pub events: &'a [Event],
 }
 
 /// [`RealAgent`] with borrowed strings. Serializes to exactly the bytes [`RealAgent`] does.
@@ -67,10 +85,12 @@ impl<'de: 'a, 'a> Deserialize<'de> for HeartbeatRequestRef<'a> {
             }
             fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<Self::Value, M::Error> {
                 let mut out = HeartbeatRequestRef::default();
-                while let Some(key) = m.next_key_seed(Key(&["hostname", "realAgents"]))? {
+                const KEYS: &[&str] = &["hostname", "realAgents", "events"];
+                while let Some(key) = m.next_key_seed(Key(KEYS))? {
                     match key {
                         Some(0) => out.hostname = m.next_value::<NullCow<'a>>()?.0,
                         Some(1) => out.real_agents = m.next_value::<OrZero<_>>()?.0,
+                        Some(2) => out.events = m.next_value::<OrZero<_>>()?.0,
                         _ => {
                             m.next_value::<de::IgnoredAny>()?;
                         }
@@ -488,6 +508,50 @@ mod tests {
             serde_json::to_string(&a).unwrap()
         );
         assert_eq!(RealAgentRef::from(&a).to_owned_agent(), a);
+    }
+
+    #[test]
+    fn events_ride_along_and_leave_the_original_request_unchanged() {
+        let req = HeartbeatRequest {
+            hostname: "web-1".into(),
+            real_agents: vec![RealAgent {
+                name: "a".into(),
+                version: "1".into(),
+                status: "started".into(),
+                timestamp: 7,
+            }],
+        };
+        let plain = serde_json::to_string(&req).unwrap();
+        let report = HeartbeatReport {
+            request: &req,
+            events: &[],
+        };
+        assert_eq!(serde_json::to_string(&report).unwrap(), plain);
+        let events = [Event {
+            seq: 4,
+            agent: "a".into(),
+            kind: crate::events::KIND_EXITED.into(),
+            ..Event::default()
+        }];
+        let with = serde_json::to_string(&HeartbeatReport {
+            request: &req,
+            events: &events,
+        })
+        .unwrap();
+        let r: HeartbeatRequestRef = serde_json::from_str(&with).unwrap();
+        assert_eq!(r.events, events);
+        assert_eq!(r.to_owned_request(), req);
+        // The owned request (an original server's view) reads the same without them.
+        let owned: HeartbeatRequest = serde_json::from_str(&with).unwrap();
+        assert_eq!(owned, req);
+        let r: HeartbeatRequestRef = serde_json::from_str(&plain).unwrap();
+        assert!(r.events.is_empty() && r.events.capacity() == 0);
+        let r: HeartbeatRequestRef =
+            serde_json::from_str(r#"{"hostname":"h","events":null}"#).unwrap();
+        assert!(r.events.is_empty());
+        assert!(
+            serde_json::from_str::<HeartbeatRequestRef>(r#"{"hostname":"h","events":{}}"#).is_err()
+        );
     }
 
     #[test]

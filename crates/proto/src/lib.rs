@@ -6,6 +6,7 @@
 //! the validated types of [`names`]; the limits both sides check live in [`rules`].
 
 pub mod bootagent;
+pub mod events;
 pub mod legacy;
 pub mod limits;
 pub mod names;

@@ -138,7 +138,7 @@ pub struct HostView {
     pub hostname: String,
     pub agentsn: String,
     pub tags: String,
-    /// `bootagent`.
+    /// [`PROTOCOL_BOOTAGENT`] or [`PROTOCOL_LEGACY`].
     pub protocol: String,
     /// Unix seconds (server clock) of the registration.
     pub registered: i64,
@@ -160,7 +160,21 @@ pub struct HostView {
     /// an earlier failure or an operator hold).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub waiting: Vec<crate::bootagent::Waiting>,
+    /// Agent events the server keeps for this host (at most its per-host bound).
+    #[serde(default)]
+    pub event_count: usize,
+    /// The newest of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event: Option<crate::events::Event>,
+    /// `GET /api/hosts/<hostname>` only: every event kept, newest last.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<crate::events::Event>,
 }
+
+/// [`HostView::protocol`] of a host that reports with the legacy heartbeat.
+pub const PROTOCOL_LEGACY: &str = "legacy";
+/// [`HostView::protocol`] of a BootAgent host.
+pub const PROTOCOL_BOOTAGENT: &str = "bootagent";
 
 /// An agent no job is derived for, and why.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

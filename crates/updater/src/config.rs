@@ -706,6 +706,7 @@ impl Config {
         }
         let mut own_files = vec![
             workdir.join(crate::workdir::LOCK_FILE),
+            workdir.join(crate::workdir::EVENTS_FILE),
             workdir.join(crate::boot::STATE_DIR),
         ];
         if let Some(m) = &self.metafile {
@@ -739,7 +740,8 @@ pub struct Resolved {
     /// Full heartbeat URL.
     pub heartbeat_url: String,
     /// The updater's own files and folders, never removed or renamed by any action: the
-    /// executable, the lock file and the metafile with its folder from [`Config::resolve`];
+    /// executable, the lock file, the event journal and the metafile with its folder from
+    /// [`Config::resolve`];
     /// `main` adds the config file and the log file.
     pub own_files: Vec<PathBuf>,
 }

@@ -270,7 +270,11 @@ impl Daemon {
         if self.cfg.config.debug {
             tracing::debug!(request = %serde_json::to_string(&req).unwrap_or_default(), "heartbeat request");
         }
-        let resp = match self.client.send(&req).await {
+        let resp = match self
+            .client
+            .send_with_events(&req, self.shared.events())
+            .await
+        {
             Ok(a) => {
                 for (i, s) in a.skipped.iter().enumerate() {
                     self.log.warn(

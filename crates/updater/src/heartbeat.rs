@@ -5,7 +5,10 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use proto::legacy::{HeartbeatRequest, HeartbeatResponse};
+use proto::events::MAX_EVENTS_PER_REPORT;
+use proto::legacy::{HeartbeatReport, HeartbeatRequest, HeartbeatResponse};
+
+use crate::events::Journal;
 
 /// Why a heartbeat failed. Display names the URL.
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +117,40 @@ impl Client {
     /// One heartbeat. Entries of `desiredAgents` that do not decode are left out and
     /// described in [`Answer::skipped`]; the rest of the answer is still used.
     pub async fn send(&self, req: &HeartbeatRequest) -> Result<Answer, HeartbeatError> {
+        let body = self.exchange(req).await?;
+        self.decode(&body)
+    }
+
+    /// [`Client::send`] carrying the events of `journal` that no server took yet (the
+    /// `events` extension, at most `MAX_EVENTS_PER_REPORT`, oldest first). Any 2xx answer
+    /// takes them, whatever its body: a server that does not know the field ignored it, and
+    /// the events are not sent again. Without events the request is the original one.
+    pub async fn send_with_events(
+        &self,
+        req: &HeartbeatRequest,
+        journal: &Journal,
+    ) -> Result<Answer, HeartbeatError> {
+        let events = journal.unsent(MAX_EVENTS_PER_REPORT);
+        let report = HeartbeatReport {
+            request: req,
+            events: &events,
+        };
+        let body = self.exchange(&report).await?;
+        if let Some(last) = events.last() {
+            journal.acked(last.seq).await;
+        }
+        self.decode(&body)
+    }
+
+    fn decode(&self, body: &[u8]) -> Result<Answer, HeartbeatError> {
+        decode(body).map_err(|source| HeartbeatError::Decode {
+            url: self.url.clone(),
+            source,
+        })
+    }
+
+    /// Posts `req` as JSON; the answer's body when its status is 2xx.
+    async fn exchange(&self, req: &impl serde::Serialize) -> Result<Vec<u8>, HeartbeatError> {
         let transport = |error| HeartbeatError::Transport {
             url: self.url.clone(),
             error,
@@ -136,10 +173,7 @@ impl Client {
                 body: text.trim().to_string(),
             });
         }
-        decode(&body).map_err(|source| HeartbeatError::Decode {
-            url: self.url.clone(),
-            source,
-        })
+        Ok(body)
     }
 
     async fn read_capped(&self, resp: reqwest::Response) -> Result<Vec<u8>, HeartbeatError> {
@@ -220,6 +254,85 @@ mod tests {
             "{:?}",
             a.skipped
         );
+    }
+
+    /// A heartbeat server in the test: answers the statuses of `script` in turn (then
+    /// 200) with a body that is not a heartbeat answer, and keeps every request body.
+    async fn server(script: Vec<u16>) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        use std::sync::{Arc, Mutex};
+        let bodies: Arc<Mutex<Vec<String>>> = Arc::default();
+        let script = Arc::new(Mutex::new(std::collections::VecDeque::from(script)));
+        let seen = bodies.clone();
+        let app = axum::Router::new().route(
+            "/heartbeat",
+            axum::routing::post(move |body: String| {
+                let seen = seen.clone();
+                let script = script.clone();
+                async move {
+                    seen.lock().unwrap().push(body);
+                    let code = script.lock().unwrap().pop_front().unwrap_or(200);
+                    (axum::http::StatusCode::from_u16(code).unwrap(), "not json")
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{addr}/heartbeat"), bodies)
+    }
+
+    #[tokio::test]
+    async fn events_ride_on_heartbeats_until_a_2xx_answer_takes_them() {
+        use crate::events::{EventInput, Journal};
+        let journal = Journal::in_memory(10);
+        let mut seqs = Vec::new();
+        for cause in ["exit code 1", "exit code 2"] {
+            seqs.push(
+                journal
+                    .push(EventInput {
+                        agent: "a".into(),
+                        kind: proto::events::KIND_EXITED.into(),
+                        cause: cause.into(),
+                        ..EventInput::default()
+                    })
+                    .await,
+            );
+        }
+        let (url, bodies) = server(vec![500]).await;
+        let c = Client::new(&url, Duration::from_secs(5), 1 << 20, false).unwrap();
+        let req = HeartbeatRequest {
+            hostname: "h1".into(),
+            real_agents: vec![],
+        };
+        let plain = serde_json::to_string(&req).unwrap();
+        // A 500: the events stay unsent.
+        let e = c.send_with_events(&req, &journal).await.unwrap_err();
+        assert!(
+            matches!(e, HeartbeatError::Status { status: 500, .. }),
+            "{e}"
+        );
+        assert_eq!(journal.unsent(10).len(), 2);
+        // A 200, even one whose body is no answer (a server of another kind), takes them.
+        let e = c.send_with_events(&req, &journal).await.unwrap_err();
+        assert!(matches!(e, HeartbeatError::Decode { .. }), "{e}");
+        assert!(journal.unsent(10).is_empty());
+        assert_eq!(journal.acked_seq(), seqs[1]);
+        // Nothing left to send: the original request, byte for byte.
+        let _ = c.send_with_events(&req, &journal).await;
+        let b = bodies.lock().unwrap().clone();
+        assert_eq!(b.len(), 3);
+        for sent in &b[..2] {
+            let v: serde_json::Value = serde_json::from_str(sent).unwrap();
+            assert_eq!(v["hostname"], "h1");
+            let got: Vec<u64> = v["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["seq"].as_u64().unwrap())
+                .collect();
+            assert_eq!(got, seqs);
+        }
+        assert_eq!(b[2], plain);
     }
 
     #[test]

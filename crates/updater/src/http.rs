@@ -1,7 +1,8 @@
-//! The local endpoint: `GET /health`, `GET /version` and a JSON `GET /status` describing the
-//! daemon and each agent. Read-only; nothing here changes what the daemon does.
+//! The local endpoint: `GET /health`, `GET /version`, a JSON `GET /status` describing the
+//! daemon and each agent, and `GET /events[?n=N]`, the newest events of the journal
+//! (newest last). Read-only; nothing here changes what the daemon does.
 //!
-//! Plain hyper rather than a router framework: three fixed paths do not need one, and every
+//! Plain hyper rather than a router framework: four fixed paths do not need one, and every
 //! page of code the daemon links is resident on every host of the fleet.
 //!
 //! What a client may cost: one request per connection (no keep-alive, so no idle
@@ -220,7 +221,10 @@ fn answer<B>(state: &AppState, req: &Request<B>) -> Response<Full<Bytes>> {
         }
         None => return plain(StatusCode::BAD_REQUEST, "bad request: no Host header"),
     }
-    let known = matches!(req.uri().path(), "/health" | "/version" | "/status");
+    let known = matches!(
+        req.uri().path(),
+        "/health" | "/version" | "/status" | "/events"
+    );
     if known && req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
         r.headers_mut()
@@ -230,16 +234,65 @@ fn answer<B>(state: &AppState, req: &Request<B>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/health" => plain(StatusCode::OK, "ok"),
         "/version" => plain(StatusCode::OK, env!("CARGO_PKG_VERSION")),
-        "/status" => match serde_json::to_vec(&state.shared.snapshot()) {
-            Ok(body) => {
-                let mut r = Response::new(Full::new(Bytes::from(body)));
-                r.headers_mut()
-                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                r
+        "/status" => json(&state.shared.snapshot()),
+        "/events" => {
+            let journal = state.shared.events();
+            match events_wanted(req.uri().query(), journal.cap()) {
+                Ok(n) => json(&EventsView {
+                    acked: journal.acked_seq(),
+                    events: journal.recent(n),
+                }),
+                Err(e) => plain(StatusCode::BAD_REQUEST, &e),
             }
-            Err(e) => plain(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
-        },
+        }
         _ => plain(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+/// `GET /events`: the newest events, newest last, and the highest seq a server took.
+/// Local to this host, like `/status`.
+#[derive(Debug, serde::Serialize)]
+struct EventsView {
+    acked: u64,
+    events: Vec<proto::events::Event>,
+}
+
+/// How many events `GET /events?n=N` asks for: `N`, at most `cap`; all kept without it.
+fn events_wanted(query: Option<&str>, cap: usize) -> Result<usize, String> {
+    let mut n = cap;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("n", v)) => {
+                n = v
+                    .parse::<usize>()
+                    .map_err(|_| {
+                        format!(
+                            "bad request: n must be a count of events, got {:?}",
+                            v.chars().take(32).collect::<String>()
+                        )
+                    })?
+                    .min(cap);
+            }
+            _ => {
+                return Err(format!(
+                    "bad request: unknown query {:?} (only n=COUNT)",
+                    pair.chars().take(32).collect::<String>()
+                ))
+            }
+        }
+    }
+    Ok(n)
+}
+
+fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_vec(value) {
+        Ok(body) => {
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r
+        }
+        Err(e) => plain(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }
 
@@ -298,6 +351,90 @@ mod tests {
         assert_eq!(post.headers()["allow"], "GET, HEAD");
         tx.send(()).unwrap();
         server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn events_lists_the_newest_newest_last_with_the_same_hardening() {
+        use crate::events::{EventInput, Journal};
+        let t = tempfile::tempdir().unwrap();
+        let journal = Journal::open(&t.path().join("j.json"), 5).await;
+        let mut seqs = Vec::new();
+        for i in 0..7 {
+            let seq = journal
+                .push(EventInput {
+                    agent: "a".into(),
+                    kind: proto::events::KIND_EXITED.into(),
+                    cause: format!("exit code {i}"),
+                    ..EventInput::default()
+                })
+                .await;
+            seqs.push(seq);
+        }
+        journal.acked(seqs[4]).await;
+        let shared = Shared::new("h1", "http://m/heartbeat").with_journal(journal);
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, AppState::new(shared, "h1"), async {
+            let _ = rx.await;
+        }));
+        let get = |path: String| async move {
+            let r = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        };
+        let page = |body: &str| -> (u64, Vec<u64>) {
+            let v: serde_json::Value = serde_json::from_str(body).unwrap();
+            let seqs = v["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["seq"].as_u64().unwrap())
+                .collect();
+            (v["acked"].as_u64().unwrap(), seqs)
+        };
+        let (code, body) = get("/events".into()).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(
+            page(&body),
+            (seqs[4], seqs[2..].to_vec()),
+            "the cap, newest last"
+        );
+        let (code, body) = get("/events?n=2".into()).await;
+        assert_eq!(code, 200);
+        assert_eq!(page(&body).1, seqs[5..].to_vec());
+        assert!(body.contains(r#""cause":"exit code 6""#), "{body}");
+        let (code, body) = get("/events?n=1000".into()).await;
+        assert_eq!((code, page(&body).1.len()), (200, 5), "n is cut to the cap");
+        assert_eq!(get("/events?n=-1".into()).await.0, 400);
+        assert_eq!(get("/events?x=1".into()).await.0, 400);
+        // Same Host check and methods as every path.
+        let c = reqwest::Client::new();
+        let r = c
+            .get(format!("http://{addr}/events"))
+            .header("host", "evil.example")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 421);
+        let r = c
+            .post(format!("http://{addr}/events"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 405);
+        tx.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn events_query() {
+        assert_eq!(events_wanted(None, 200), Ok(200));
+        assert_eq!(events_wanted(Some(""), 200), Ok(200));
+        assert_eq!(events_wanted(Some("n=3"), 200), Ok(3));
+        assert_eq!(events_wanted(Some("n=0"), 200), Ok(0));
+        assert_eq!(events_wanted(Some("n=999"), 200), Ok(200));
+        assert!(events_wanted(Some("n="), 200).is_err());
+        assert!(events_wanted(Some("n=1&m=2"), 200).is_err());
     }
 
     /// Starts the endpoint with `limits`; the server stops when the returned sender drops.

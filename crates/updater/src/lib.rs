@@ -13,6 +13,7 @@ pub mod workdir;
 pub mod config;
 pub mod daemon;
 pub mod engine;
+pub mod events;
 pub mod heartbeat;
 pub mod http;
 pub mod logcap;

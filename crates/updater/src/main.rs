@@ -173,7 +173,12 @@ fn run(cfg: updater::config::Resolved, opts: updater::boot::Options) -> anyhow::
         // Handlers first: a SIGTERM that arrives as soon as the local endpoint listens must
         // already mean "stop cleanly", not the default action.
         let stop = shutdown_signal();
-        let shared = Shared::new(&cfg.hostname, &cfg.heartbeat_url);
+        let journal = updater::events::Journal::open(
+            &cfg.workdir.join(updater::workdir::EVENTS_FILE),
+            updater::events::DEFAULT_CAP,
+        )
+        .await;
+        let shared = Shared::new(&cfg.hostname, &cfg.heartbeat_url).with_journal(journal);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let http = if cfg.config.http_enabled {
             let addr = cfg.config.http_listen;

@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 
+use crate::events::Journal;
+
 /// Unix seconds now.
 pub fn now_unix() -> i64 {
     chrono::Utc::now().timestamp()
@@ -121,6 +123,9 @@ struct Inner {
 #[derive(Debug, Clone, Default)]
 pub struct Shared {
     inner: Arc<Mutex<Inner>>,
+    /// The agent events of this host; in memory only unless [`Shared::with_journal`] set
+    /// the one on disk.
+    journal: Journal,
 }
 
 impl Shared {
@@ -133,6 +138,19 @@ impl Shared {
             g.daemon.version = env!("CARGO_PKG_VERSION");
         }
         s
+    }
+
+    /// The same state with `journal` as its event journal. Call it before the state is
+    /// cloned: clones made earlier keep the journal they had.
+    pub fn with_journal(mut self, journal: Journal) -> Shared {
+        self.journal = journal;
+        self
+    }
+
+    /// The event journal: where agent events are pushed, and read from for the reports
+    /// and `GET /events`.
+    pub fn events(&self) -> &Journal {
+        &self.journal
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

@@ -20,6 +20,9 @@ use crate::fsx::VERSION_FILE;
 /// The lock file, in the workdir; a hidden name, so never an agent name.
 pub const LOCK_FILE: &str = ".ops-updater.lock";
 
+/// The event journal ([`crate::events::Journal`]), in the workdir; a hidden name too.
+pub const EVENTS_FILE: &str = ".ops-updater.events.json";
+
 /// Exit code of a second `ops-updater` started on a workdir that another one holds
 /// (EX_TEMPFAIL: try again once the other has exited).
 pub const EXIT_LOCKED: u8 = 75;

@@ -77,6 +77,47 @@ fn crash_loop_ends_fatal_and_a_new_version_clears_it(mode: &str) {
     wait_for(&format!("{mode}: meta sees fatal"), CONVERGE, || {
         meta_state(&meta, &host, "crashy").as_deref() == Some("fatal")
     });
+    // The events say why: on the local endpoint, and at ops-meta with the host.
+    let kinds = |events: &Value| -> Vec<String> {
+        events
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|e| e["agent"] == "crashy")
+                    .filter_map(|e| e["kind"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let local = get_json(u.http, "/events").expect("GET /events");
+    let k = kinds(&local["events"]);
+    for want in ["exited", "restarted", "fatal"] {
+        assert!(
+            k.iter().any(|x| x == want),
+            "{mode}: no {want} event in {k:?}"
+        );
+    }
+    let fatal = local["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "fatal")
+        .unwrap()
+        .clone();
+    assert!(
+        fatal["cause"]
+            .as_str()
+            .is_some_and(|c| c.contains("consecutive failures")),
+        "{fatal}"
+    );
+    assert!(
+        fatal["output"].as_array().is_some_and(|o| !o.is_empty()),
+        "the last lines the control script printed: {fatal}"
+    );
+    wait_for(&format!("{mode}: meta shows the events"), CONVERGE, || {
+        get_json(meta.addr, &format!("/api/hosts/{host}"))
+            .is_some_and(|v| kinds(&v["events"]).iter().any(|k| k == "fatal"))
+    });
 
     // Not started again while fatal, by the supervisor or by the rounds...
     u.wait_heartbeats(3);

@@ -521,6 +521,7 @@ impl Boot {
                     })
                     .collect(),
                 waiting: rec.jobs.waiting().to_vec(),
+                ..HostView::default()
             }
         })
     }

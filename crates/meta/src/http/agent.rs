@@ -15,6 +15,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use proto::bootagent::{
     self, RegisterRequest, RegisterResponse, StatusRequest, StatusResponse, STATUS_OK,
 };
+use proto::events::{Event, MAX_EVENTS_PER_REPORT};
 use proto::legacy::RealAgentRef;
 use proto::{Hostname, Serial};
 
@@ -89,6 +90,29 @@ pub(super) fn parse_object<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Resu
     serde_json::from_slice(bytes).map_err(|e| e.to_string())
 }
 
+/// Checks the `events` of a report (legacy heartbeat or BootAgent status) before anything
+/// of it is used. More than [`MAX_EVENTS_PER_REPORT`] refuse the whole report (400): a
+/// host never sends more, and cutting would lose events that the host, answered 200,
+/// would take as kept. Oversized fields are cut when kept ([`record_events`]).
+pub(super) fn check_events(events: &[Event]) -> Result<(), AppError> {
+    if events.len() > MAX_EVENTS_PER_REPORT {
+        return Err(AppError::BadRequest(format!(
+            "too many events in one report: {}, the limit is {MAX_EVENTS_PER_REPORT}",
+            events.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Keeps the checked `events` of `host`, a validated hostname.
+pub(super) fn record_events(st: &AppState, host: &str, events: &[Event]) {
+    if events.is_empty() {
+        return;
+    }
+    let r = st.events.record(host, events);
+    tracing::debug!(host = %host, added = r.added, duplicates = r.duplicates, "agent events");
+}
+
 /// The reported hostname, checked: the edge where it becomes a [`Hostname`].
 fn check_hostname(h: &str) -> Result<Hostname, AppError> {
     if h.is_empty() {
@@ -156,6 +180,7 @@ async fn status(
             req.jobs.len()
         )));
     }
+    check_events(&req.events)?;
     if req.agentsn.is_empty() {
         return Ok(Json(refused(Refusal::Unregistered)));
     }
@@ -184,6 +209,7 @@ async fn status(
         })
         .collect();
     st.store.record(&req.hostname, &agents, now);
+    record_events(&st, &req.hostname, &req.events);
     let resp = StatusResponse {
         status: STATUS_OK,
         message: String::new(),

@@ -154,7 +154,12 @@ where
         proto::validate_agent_name(&a.name)?;
         proto::validate_version(&a.version)?;
     }
+    super::agent::check_events(&req.events)?;
     st.store.record(&req.hostname, &req.real_agents, unix_now());
+    // The `events` extension; a heartbeat without it does not reach this branch.
+    if !req.events.is_empty() {
+        super::agent::record_events(st, &req.hostname, &req.events);
+    }
     let out = desired.response_bytes(&req.hostname);
     if cfg.debug {
         tracing::info!(

@@ -14,8 +14,10 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use proto::bootagent::Action;
-use proto::ops::{BatchStatus, HostView, HostsResponse, JobsRequest, JobsResponse};
+use proto::bootagent::{Action, AgentStatus};
+use proto::ops::{
+    BatchStatus, HostView, HostsResponse, JobsRequest, JobsResponse, PROTOCOL_LEGACY,
+};
 use proto::ops::{RetryRequest, RetryResponse};
 use proto::{rules, AgentName, Hostname};
 
@@ -244,24 +246,56 @@ async fn get_hosts(
     let hosts = names
         .iter()
         .filter_map(|h| st.boot.host_view(&desired, h.as_str()))
+        .map(|mut v| {
+            (v.event_count, v.last_event) = st.events.summary(&v.hostname);
+            v
+        })
         .collect();
     Ok(Json(HostsResponse { hosts }))
 }
 
+/// One host whole: a registered BootAgent host, else a host the fleet store knows from
+/// its legacy heartbeats; with every event kept for it, newest last.
 async fn get_host(
     State(st): State<AppState>,
     Path(hostname): Path<String>,
 ) -> Result<Json<HostView>, AppError> {
     proto::validate_hostname(&hostname)?;
     let desired = st.current.load();
-    st.boot
+    let mut view = st
+        .boot
         .host_view(&desired, &hostname)
-        .map(Json)
+        .or_else(|| legacy_host_view(&st, &hostname))
         .ok_or_else(|| {
             AppError::NothingFound(format!(
-                "no BootAgent host named {hostname:?} is registered"
+                "no host named {hostname:?}: no BootAgent host is registered and no heartbeat came under this name"
             ))
-        })
+        })?;
+    view.events = st.events.events(&hostname);
+    view.event_count = view.events.len();
+    view.last_event = view.events.last().cloned();
+    Ok(Json(view))
+}
+
+/// A host that reports with the legacy heartbeat, as the fleet store holds it: its agents
+/// with version and status as reported (the statuses of the `control status` contract).
+fn legacy_host_view(st: &AppState, hostname: &str) -> Option<HostView> {
+    let agents = st.store.host(hostname)?;
+    Some(HostView {
+        hostname: hostname.to_string(),
+        protocol: PROTOCOL_LEGACY.into(),
+        last_seen: st.store.last_seen(hostname).unwrap_or(0),
+        agents: agents
+            .into_iter()
+            .map(|a| AgentStatus {
+                name: a.name,
+                version: a.version,
+                status: a.status,
+                uptime: 0,
+            })
+            .collect(),
+        ..HostView::default()
+    })
 }
 
 async fn post_retry(

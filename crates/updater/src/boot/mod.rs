@@ -27,6 +27,7 @@ use proto::bootagent::{
     Action, AgentStatus as WireAgent, Job, RegisterRequest, StatusRequest, STATUS_OK,
     STATUS_SERIAL_CONFLICT, STATUS_UNREGISTERED,
 };
+use proto::events::MAX_EVENTS_PER_REPORT;
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -543,6 +544,8 @@ impl Boot {
         }
         let agents = self.collect().await;
         let results = self.book.report();
+        let events = self.shared.events().unsent(MAX_EVENTS_PER_REPORT);
+        let events_upto = events.last().map(|e| e.seq);
         let req = StatusRequest {
             hostname: self.cfg.hostname.clone(),
             agentsn: self.meta.agentsn.clone(),
@@ -554,6 +557,7 @@ impl Boot {
             jobs: results.clone(),
             // Our engine restarts agents by its policy ([`crate::engine::supervise`]).
             supervised: true,
+            events,
         };
         if self.cfg.config.debug {
             tracing::debug!(request = %serde_json::to_string(&req).unwrap_or_default(), "status report");
@@ -589,6 +593,10 @@ impl Boot {
         }
         if self.book.acknowledge(&results) {
             self.save_book().await;
+        }
+        // The server took the report: its events are not sent again.
+        if let Some(seq) = events_upto {
+            self.shared.events().acked(seq).await;
         }
         self.shared.daemon(|d| {
             d.heartbeats_ok += 1;

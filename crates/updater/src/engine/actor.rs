@@ -370,10 +370,44 @@ impl Actor {
         self.publish();
     }
 
-    /// An event of this agent (the journal comes with the events module).
+    /// An event of this agent: logged, and kept in the journal (`<workdir>/.ops-updater.events.json`),
+    /// from which the next report (BootAgent or legacy) carries it to the server and the
+    /// local `GET /events` shows it. An empty `version` means the current one.
     fn event(&self, kind: &str, version: &str, cause: &str) {
-        let restarts = self.cell().sup.restarts;
+        let (restarts, state) = {
+            let c = self.cell();
+            let state = match supervise::held_state(&c.sup) {
+                Some(w) => w.to_string(),
+                None => match c.sup.phase {
+                    Phase::Running { .. } => proto::bootagent::STATE_RUNNING.to_string(),
+                    _ => proto::bootagent::STATE_STOPED.to_string(),
+                },
+            };
+            (c.sup.restarts, state)
+        };
         tracing::info!(agent = %self.name, version, kind, restarts, output = ?self.last_output, "event: {cause}");
+        let version = if version.is_empty() {
+            self.ctx
+                .shared
+                .get_agent(&self.name)
+                .and_then(|v| v.current_version)
+                .unwrap_or_default()
+        } else {
+            version.to_string()
+        };
+        let input = crate::events::EventInput {
+            agent: self.name.clone(),
+            version,
+            kind: kind.to_string(),
+            cause: cause.to_string(),
+            output: self.last_output.clone(),
+            state,
+            restarts,
+        };
+        let journal = self.ctx.shared.events().clone();
+        tokio::spawn(async move {
+            journal.push(input).await;
+        });
     }
 
     // ---- legacy desired state ----
@@ -1018,7 +1052,11 @@ impl Actor {
             }
             Err(SwitchFailure::Start(e)) => {
                 self.record(action, Outcome::RolledBack, Some(e.clone()));
-                self.event("rolled_back", &to, e);
+                self.event(
+                    "restart_failed",
+                    &to,
+                    &format!("new version did not start; rolled back: {e}"),
+                );
                 if from.is_some() {
                     self.mark_running();
                 }
