@@ -390,13 +390,9 @@ impl Journal {
                 (st.change, serde_json::to_vec(&body))
             };
             let result = match bytes {
-                Ok(bytes) => {
-                    let p = path.clone();
-                    match tokio::task::spawn_blocking(move || fsx::write_atomic(&p, &bytes)).await {
-                        Ok(r) => r.map_err(|e| e.to_string()),
-                        Err(e) => Err(e.to_string()),
-                    }
-                }
+                Ok(bytes) => fsx::write_atomic_async(path.clone(), bytes)
+                    .await
+                    .map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
             {
