@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use proto::legacy::{DesiredAgent, HeartbeatResponse};
-use updater::agent::Desired;
+use updater::engine::Desired;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(answer) = updater::heartbeat::decode(data) else {

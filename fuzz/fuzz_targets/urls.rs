@@ -7,7 +7,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use proto::legacy::DesiredAgent;
-use updater::agent::Desired;
+use updater::engine::Desired;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
@@ -20,6 +20,8 @@ fuzz_target!(|data: &[u8]| {
         md5: next(),
         cmd: "start".into(),
         sha256: None,
+        envs: None,
+        limits: None,
     };
     let server = next();
 
