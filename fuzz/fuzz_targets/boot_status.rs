@@ -24,16 +24,18 @@ fuzz_target!(|data: &[u8]| {
     );
     for job in &answer.response.jobs {
         for only in ["", "falcon-agent"] {
-            let Ok(sha) = updater::boot::exec::check(job, only) else {
+            let Ok(checked) = updater::boot::exec::check(job, only) else {
                 continue;
             };
             assert!(!job.id.is_empty());
             if job.action != Action::Config {
-                assert!(proto::validate_agent_name(&job.name).is_ok());
+                let name = checked.agent.as_ref().expect("agent jobs name their agent");
+                assert_eq!(name.as_str(), job.name);
             }
             if matches!(job.action, Action::Install | Action::Upgrade) {
-                assert!(proto::validate_version(&job.version).is_ok());
-                let d = sha.expect("install and upgrade carry digests");
+                let v = checked.version.as_ref().expect("install carries a version");
+                assert_eq!(v.as_str(), job.version);
+                let d = checked.digests.expect("install and upgrade carry digests");
                 assert!(d.sha256.is_some() || d.md5.is_some(), "{job:?}");
                 if let Some(h) = &d.sha256 {
                     assert!(lower_hex(h, 64), "{h:?}");
@@ -42,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
                     assert!(lower_hex(h, 32), "{h:?}");
                 }
             } else {
-                assert!(sha.is_none());
+                assert!(checked.digests.is_none() && checked.version.is_none());
             }
         }
     }

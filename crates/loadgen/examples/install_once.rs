@@ -16,9 +16,9 @@ struct Args {
     #[arg(long)]
     tarball_base: String,
     #[arg(long)]
-    name: String,
+    name: proto::names::AgentName,
     #[arg(long)]
-    version: String,
+    version: proto::names::Version,
     /// `<workdir>/<agent>`: the version folder is made inside it.
     #[arg(long)]
     agent_dir: PathBuf,
@@ -27,9 +27,8 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let file = proto::legacy::tarball_file(&args.name, &args.version);
-    let tarball_url = proto::legacy::join_url(&args.tarball_base, &file);
-    let md5_url = format!("{tarball_url}.md5");
+    let tarball_url = proto::names::tarball_url(&args.tarball_base, &args.name, &args.version);
+    let md5_url = proto::names::md5_url(&args.tarball_base, &args.name, &args.version);
     std::fs::create_dir_all(&args.agent_dir)?;
     let fetcher = Fetcher::new(Limits::default())?;
     let started = Instant::now();

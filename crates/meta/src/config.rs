@@ -12,6 +12,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use crate::persist::StoreSpec;
 use proto::{rules, AgentName, Version};
 use serde_json::{Map, Value};
 
@@ -106,6 +107,10 @@ pub struct Config {
     pub sha_recheck_secs: u64,
     /// `shutdownGraceSecs` (ours): how long in-flight requests may take after SIGTERM.
     pub shutdown_grace_secs: u64,
+    /// `store` (ours): where the fleet state is kept (`memory`, `sqlite:PATH`,
+    /// `postgres://...`); default `sqlite:ops-meta.db`, relative to the working directory
+    /// like `tarballDir`. Read at start only.
+    pub store: StoreSpec,
     /// `tagRules` (ours): BootAgent tags by hostname prefix; every matching rule's tags
     /// are joined in order.
     pub tag_rules: Vec<TagRule>,
@@ -482,6 +487,7 @@ impl Parser {
             "remoteHashMaxBytes",
             "remoteHashTimeoutSecs",
             "remoteRecheckSecs",
+            "store",
         ];
         let empty = Map::new();
         let m = self.object(root, "", KNOWN).unwrap_or(&empty);
@@ -559,6 +565,7 @@ impl Parser {
                 0,
                 3600,
             ),
+            store: self.store(m),
             tag_rules: self.tag_rules(m),
             tarball_urls: self.tarball_urls(m),
             require_sha256: self.bool(m, "", "requireSha256", false),
@@ -583,6 +590,21 @@ impl Parser {
                 1,
                 DAY,
             ),
+        }
+    }
+
+    /// `store`: parsed only (no file is opened, no server asked), so `-T` has no effects.
+    fn store(&mut self, m: &Map<String, Value>) -> StoreSpec {
+        match lookup(m, "store") {
+            None => StoreSpec::default(),
+            Some(Value::String(s)) => StoreSpec::parse(s).unwrap_or_else(|e| {
+                self.error("store", e);
+                StoreSpec::default()
+            }),
+            Some(v) => {
+                self.error("store", format!("want a string, got {}", kind(v)));
+                StoreSpec::default()
+            }
         }
     }
 

@@ -11,6 +11,7 @@ pub mod desired;
 pub mod digests;
 pub mod events;
 pub mod http;
+pub mod persist;
 pub mod server;
 pub mod state;
 pub mod store;

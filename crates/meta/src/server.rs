@@ -21,6 +21,8 @@ use tower::ServiceExt;
 
 use crate::config::{self, ConfigError};
 use crate::http::{app, unix_now, AppState, HeartbeatConn, HEARTBEAT_PATH};
+use crate::persist::{self, behind::SEEN_STEP_SECS, Cursor, StoreError};
+use crate::store::MemStore;
 use crate::wire::{self, Wire};
 
 /// Why the server could not run.
@@ -37,6 +39,8 @@ pub enum RunError {
     },
     #[error("install signal handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl RunError {
@@ -53,18 +57,85 @@ pub struct Server {
     state: AppState,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// The write-behind writer, stopped after the requests in flight finished.
+    writer: Option<(watch::Sender<bool>, JoinHandle<()>)>,
+}
+
+/// What [`load`] found in the store.
+#[derive(Debug, Clone, Copy)]
+pub struct Loaded {
+    pub legacy_hosts: usize,
+    pub boot_hosts: usize,
+    pub events: usize,
+    pub batches: usize,
+    pub cursor: Cursor,
+    pub took: Duration,
+}
+
+/// Puts a stored legacy row into the cache.
+fn record_row(store: &dyn crate::store::FleetStore, row: &persist::LegacyRow) {
+    let agents: Vec<proto::legacy::RealAgentRef<'_>> = row
+        .agents
+        .iter()
+        .map(|a| proto::legacy::RealAgentRef {
+            name: a.name.as_str().into(),
+            version: a.version.as_str().into(),
+            status: a.status.as_str().into(),
+            timestamp: a.timestamp,
+        })
+        .collect();
+    store.record(&row.hostname, &agents, row.last_seen);
+}
+
+/// Fills the caches of `state` from its durable store (at start).
+pub async fn load(state: &AppState) -> Result<Loaded, StoreError> {
+    let started = std::time::Instant::now();
+    let store = state.store.clone();
+    let snap = state
+        .durable
+        .load(Box::new(move |row| record_row(&*store, &row)))
+        .await?;
+    let legacy_hosts = snap.legacy;
+    let boot_hosts = state.boot.load(&snap.boot, &snap.batches);
+    for e in &snap.events {
+        state
+            .events
+            .record(&e.hostname, std::slice::from_ref(&e.event));
+    }
+    Ok(Loaded {
+        legacy_hosts,
+        boot_hosts,
+        events: snap.events.len(),
+        batches: snap.batches.len(),
+        cursor: snap.cursor,
+        took: started.elapsed(),
+    })
 }
 
 impl Server {
     /// Starts serving `app(state)` on `listener` (nothing listens when `None`, as with
     /// `http.enabled: false`), and the background tasks. Needs a tokio runtime.
     pub fn start(state: AppState, listener: Option<TcpListener>) -> Server {
+        Server::start_at(state, listener, Cursor::default())
+    }
+
+    /// [`Server::start`] for a state loaded from a shared store up to `cursor`: other
+    /// replicas' changes after it are polled.
+    pub fn start_at(state: AppState, listener: Option<TcpListener>, cursor: Cursor) -> Server {
         let (shutdown, rx) = watch::channel(false);
         let cfg = state.current.load().config.clone();
         let mut tasks = vec![
             tokio::spawn(sweeper(state.clone(), rx.clone())),
             tokio::spawn(checksums(state.clone(), rx.clone())),
         ];
+        if state.durable.shared() {
+            tasks.push(tokio::spawn(follow(state.clone(), rx.clone(), cursor)));
+        }
+        let writer = state.writer.lock().take().map(|w| {
+            let (stop, stopped) = watch::channel(false);
+            let task = tokio::spawn(w.run(state.durable.clone(), state.store.clone(), stopped));
+            (stop, task)
+        });
         let addr = listener.as_ref().and_then(|l| l.local_addr().ok());
         if let Some(l) = listener {
             tasks.push(tokio::spawn(accept_loop(
@@ -79,6 +150,7 @@ impl Server {
             state,
             shutdown,
             tasks,
+            writer,
         }
     }
 
@@ -109,6 +181,11 @@ impl Server {
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = t.await;
+        }
+        // Requests are done: what they queued is written before we return.
+        if let Some((stop, task)) = self.writer {
+            let _ = stop.send(true);
+            let _ = task.await;
         }
     }
 }
@@ -225,10 +302,57 @@ async fn sweeper(state: AppState, mut shutdown: watch::Receiver<bool>) {
         if dropped > 0 {
             tracing::info!(dropped, "dropped stale BootAgent hosts");
         }
+        // Rows hold last-seen times up to a step old: the store forgets a host a little
+        // after memory did, never before.
+        match state.durable.sweep(cutoff - 2 * SEEN_STEP_SECS).await {
+            Ok(n) if n > 0 => tracing::info!(dropped = n, "dropped stale hosts from the store"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "store sweep failed; next round tries again"),
+        }
         // Both kinds of host are in the fleet store: events go with their host.
         let dropped = state.events.retain(|h| state.store.host(h).is_some());
         if dropped > 0 {
             tracing::info!(dropped, "dropped the events of stale hosts");
+        }
+    }
+}
+
+/// How often a replica on a shared store reads what the others changed.
+pub const FOLLOW_EVERY: Duration = Duration::from_millis(500);
+
+/// On a shared store: brings other replicas' legacy hosts, BootAgent hosts and events into
+/// the caches, for the status pages and the operator's views (what a BootAgent host is
+/// handed is read under its lock anyway).
+async fn follow(state: AppState, mut shutdown: watch::Receiver<bool>, mut cursor: Cursor) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(FOLLOW_EVERY) => {}
+            _ = stopped(&mut shutdown) => return,
+        }
+        match state.durable.changes(cursor).await {
+            Ok(ch) => {
+                // A legacy host another replica heard from more recently than this one
+                // (or in the same second: the database's row is what both agree on).
+                for row in &ch.legacy {
+                    if state
+                        .store
+                        .last_seen(&row.hostname)
+                        .is_some_and(|seen| seen > row.last_seen)
+                    {
+                        continue;
+                    }
+                    // Not queued for writing: the row is the database's already.
+                    record_row(&*state.store, row);
+                }
+                state.boot.refresh(&ch.boot);
+                for e in &ch.events {
+                    state
+                        .events
+                        .record(&e.hostname, std::slice::from_ref(&e.event));
+                }
+                cursor = ch.cursor;
+            }
+            Err(e) => tracing::warn!(error = %e, "reading other replicas' changes failed"),
         }
     }
 }
@@ -262,10 +386,28 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
 /// The binary: loads `path`, listens on `http.listen`, reloads on SIGHUP and shuts down
 /// gracefully on SIGTERM or SIGINT.
 pub async fn run(path: &Path) -> Result<(), RunError> {
-    let (state, warnings) = AppState::load(path)?;
-    for w in &warnings {
+    let loaded = config::load(path)?;
+    for w in &loaded.warnings {
         tracing::warn!(config = %path.display(), problem = %w, "config warning");
     }
+    let spec = loaded.config.store.clone();
+    let durable = persist::open(&spec).await?;
+    let state = AppState::with_durable(
+        path,
+        loaded.config,
+        std::sync::Arc::new(MemStore::new()),
+        durable,
+    );
+    let l = load(&state).await?;
+    tracing::info!(
+        store = %spec,
+        legacy_hosts = l.legacy_hosts,
+        bootagent_hosts = l.boot_hosts,
+        events = l.events,
+        batches = l.batches,
+        took_ms = l.took.as_millis() as u64,
+        "fleet state loaded"
+    );
     let cfg = state.current.load().config.clone();
     // Handlers before the socket: once a client can connect, SIGTERM means a clean stop.
     let mut hup = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
@@ -282,7 +424,7 @@ pub async fn run(path: &Path) -> Result<(), RunError> {
         tracing::warn!("http.enabled is false: not listening");
         None
     };
-    let server = Server::start(state.clone(), listener);
+    let server = Server::start_at(state.clone(), listener, l.cursor);
     tracing::info!(
         addr = ?server.local_addr(),
         version = crate::VERSION,

@@ -10,6 +10,8 @@ use parking_lot::RwLock;
 use crate::config::{self, ConfigError, Problem};
 use crate::desired::Desired;
 use crate::digests::{DigestCache, PassConfig};
+use crate::persist::behind::{self, WriteBehind, Writer};
+use crate::persist::{memory::Memory, Durable};
 use crate::store::{FleetStore, MemStore};
 
 /// The snapshot heartbeats answer from. Readers clone the `Arc` under a read lock held for
@@ -97,6 +99,9 @@ impl Reloader {
                 "http settings and headerReadTimeoutSecs changed: they take effect at the next restart"
             );
         }
+        if old.config.store != loaded.config.store {
+            tracing::warn!("store changed: it takes effect at the next restart");
+        }
         let agents = loaded
             .config
             .agents
@@ -146,6 +151,12 @@ pub struct Shared {
     pub boot: Arc<crate::boot::Boot>,
     /// The agent events hosts reported, per host.
     pub events: Arc<crate::events::EventStore>,
+    /// The durable store behind the caches (`store` of the config).
+    pub durable: Arc<dyn Durable>,
+    /// The write-behind queue of legacy reports into `durable`.
+    pub behind: WriteBehind,
+    /// Its writer, taken by the server that runs it.
+    pub(crate) writer: parking_lot::Mutex<Option<Writer>>,
 }
 
 impl std::ops::Deref for AppState {
@@ -156,7 +167,9 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
-    /// Loads the config at `path` with an empty in-memory store.
+    /// Loads the config at `path` with an empty in-memory store, whatever its `store`
+    /// says: the in-process entry point of tests. The binary opens the configured store
+    /// ([`crate::server::run`]).
     pub fn load(path: &Path) -> Result<(AppState, Vec<Problem>), ConfigError> {
         let loaded = config::load(path)?;
         Ok((
@@ -165,8 +178,19 @@ impl AppState {
         ))
     }
 
-    /// State for an already loaded config and a given store.
+    /// State for an already loaded config and a given store, kept in memory only.
     pub fn new(path: &Path, config: config::Config, store: Arc<dyn FleetStore>) -> AppState {
+        AppState::with_durable(path, config, store, Arc::new(Memory))
+    }
+
+    /// State for an already loaded config, a given cache and a durable store behind it
+    /// (empty caches: fill them with [`crate::server::load`]).
+    pub fn with_durable(
+        path: &Path,
+        config: config::Config,
+        store: Arc<dyn FleetStore>,
+        durable: Arc<dyn Durable>,
+    ) -> AppState {
         let current = Arc::new(Current::new(Desired::compile(
             Arc::new(config),
             Default::default(),
@@ -178,12 +202,21 @@ impl AppState {
             lock: tokio::sync::Mutex::new(()),
             sha_wanted: tokio::sync::Notify::new(),
         });
+        let (behind, writer) = if durable.kind() == "memory" {
+            (WriteBehind::disabled(), None)
+        } else {
+            let (q, w) = behind::queue();
+            (q, Some(w))
+        };
         AppState(Arc::new(Shared {
             current,
             store,
             reloader,
-            boot: Arc::new(crate::boot::Boot::new()),
+            boot: Arc::new(crate::boot::Boot::with_store(durable.clone())),
             events: Arc::new(crate::events::EventStore::new()),
+            durable,
+            behind,
+            writer: parking_lot::Mutex::new(writer),
         }))
     }
 }

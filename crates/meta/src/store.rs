@@ -1,7 +1,9 @@
 //! The fleet store: what every host last reported, behind one narrow interface.
 //!
-//! HTTP handlers only see [`FleetStore`]; later backends (on disk, PostgreSQL) implement the
-//! same trait. [`MemStore`] keeps everything in memory, sharded by hostname so heartbeats from
+//! HTTP handlers only see [`FleetStore`], the synchronous read cache every heartbeat and
+//! status page uses; what must survive a restart is written behind it to the durable store
+//! ([`crate::persist`]), told by [`FleetStore::record`] which reports need a write.
+//! [`MemStore`] keeps everything in memory, sharded by hostname so heartbeats from
 //! different hosts do not serialize on one lock, and interns the strings every host repeats
 //! (agent names, versions, statuses) so a million hosts fit in a few hundred MiB.
 //!
@@ -44,8 +46,11 @@ pub struct HostAgent {
 /// host clocks drift.
 pub trait FleetStore: Send + Sync + 'static {
     /// Records that `host` was seen at `now` with exactly these agents (replacing what it
-    /// reported before). A host that reports no agents is still recorded as seen.
-    fn record(&self, host: &str, agents: &[RealAgentRef<'_>], now: i64);
+    /// reported before). A host that reports no agents is still recorded as seen. Returns
+    /// true when the host's durable row must be written: it is new, its report changed
+    /// (beyond timestamps), or its last-seen time entered a new step
+    /// ([`crate::persist::behind::seen_step`]).
+    fn record(&self, host: &str, agents: &[RealAgentRef<'_>], now: i64) -> bool;
     /// Every known host with its report of agent `name` (or none), sorted by hostname.
     fn agent_status(&self, name: &str) -> AgentStatus;
     /// What `host` last reported, if it is known.
@@ -56,6 +61,8 @@ pub trait FleetStore: Send + Sync + 'static {
     }
     /// Number of known hosts.
     fn host_count(&self) -> usize;
+    /// The known hostnames that `keep` accepts, sorted.
+    fn hostnames(&self, keep: &dyn Fn(&str) -> bool) -> Vec<String>;
     /// Drops every host last seen before `older_than`; returns how many were dropped.
     fn sweep(&self, older_than: i64) -> usize;
     /// A number that changes whenever what [`FleetStore::agent_status`] returns may
@@ -524,7 +531,7 @@ impl MemStore {
 }
 
 impl FleetStore for MemStore {
-    fn record(&self, host: &str, agents: &[RealAgentRef<'_>], now: i64) {
+    fn record(&self, host: &str, agents: &[RealAgentRef<'_>], now: i64) -> bool {
         let hash = self.hash(host);
         let shard = &self.shards[shard_index(hash)];
         let eq = |e: &HostEntry| &*e.host == host;
@@ -535,11 +542,12 @@ impl FleetStore for MemStore {
             if let Some(e) = m.find_mut(hash, eq) {
                 if self.same_report(&e.rec, agents) {
                     shard.changed();
+                    let step = crate::persist::behind::seen_step(e.rec.last_seen, now);
                     e.rec.last_seen = now;
                     for (r, a) in e.rec.agents.iter_mut().zip(agents) {
                         r.timestamp = a.timestamp;
                     }
-                    return;
+                    return step;
                 }
             }
         }
@@ -571,6 +579,7 @@ impl FleetStore for MemStore {
                 );
             }
         }
+        true
     }
 
     fn agent_status(&self, name: &str) -> AgentStatus {
@@ -645,6 +654,20 @@ impl FleetStore for MemStore {
                 .map(|s| s.changes.load(Ordering::Acquire))
                 .fold(0u64, u64::wrapping_add),
         )
+    }
+
+    fn hostnames(&self, keep: &dyn Fn(&str) -> bool) -> Vec<String> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let m = shard.read();
+            out.extend(
+                m.iter()
+                    .filter(|e| keep(&e.host))
+                    .map(|e| e.host.to_string()),
+            );
+        }
+        out.sort_unstable();
+        out
     }
 
     fn sweep(&self, older_than: i64) -> usize {

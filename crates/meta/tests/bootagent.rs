@@ -40,7 +40,11 @@ impl Meta {
         let cfg = dir.path().join("cfg.json");
         std::fs::write(&cfg, cfg_text(dir.path(), port, extra, agents)).unwrap();
         let mut cmd = command(Path::new(env!("CARGO_BIN_EXE_ops-meta")));
-        cmd.arg("-c").arg(&cfg).env("RUST_LOG", "warn");
+        // The default store (`sqlite:ops-meta.db`) goes to the test's folder.
+        cmd.arg("-c")
+            .arg(&cfg)
+            .current_dir(dir.path())
+            .env("RUST_LOG", "warn");
         let child = KillOnDrop(cmd.spawn().expect("start ops-meta"));
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         test_support::wait_listening(addr, WAIT);

@@ -35,6 +35,8 @@ impl Meta {
         let child = test_support::command(Path::new(BIN))
             .arg("-c")
             .arg(&path)
+            // The default store (`sqlite:ops-meta.db`) goes to the test's folder.
+            .current_dir(dir.path())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

@@ -43,7 +43,11 @@ impl Meta {
         )
         .unwrap();
         let mut cmd = command(Path::new(env!("CARGO_BIN_EXE_ops-meta")));
-        cmd.arg("-c").arg(&cfg).env("RUST_LOG", "warn");
+        // The default store (`sqlite:ops-meta.db`) goes to the test's folder.
+        cmd.arg("-c")
+            .arg(&cfg)
+            .current_dir(dir.path())
+            .env("RUST_LOG", "warn");
         let child = KillOnDrop(cmd.spawn().expect("start ops-meta"));
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         test_support::wait_listening(addr, WAIT);
@@ -224,6 +228,21 @@ async fn legacy_heartbeat_events_show_on_the_host_and_the_answer_is_unchanged() 
         ("1.0.0", "started")
     );
     assert_eq!(v.events, events, "once, although sent twice");
+    // And in the list of every host, with its protocol, agents and events.
+    let (code, text) = m.get("/api/hosts").await;
+    assert_eq!(code, 200, "{text}");
+    let list: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let old = list["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["hostname"] == "old-01")
+        .unwrap_or_else(|| panic!("old-01 in /api/hosts: {text}"));
+    assert_eq!(old["protocol"], PROTOCOL_LEGACY, "{old}");
+    assert_eq!(old["agents"][0]["status"], "started", "{old}");
+    assert_eq!(old["event_count"], 1, "{old}");
+    let (_, none) = m.get("/api/hosts?prefix=web").await;
+    assert!(!none.contains("old-01"), "{none}");
     // An original-shape heartbeat after that still gets the same bytes.
     assert_eq!(m.post("/heartbeat", &req).await, (200, plain));
 }

@@ -27,6 +27,11 @@ pub const KIND_LIMITS_NOT_ENFORCED: &str = "limits_not_enforced";
 /// An agent's failure count went back to zero: it ran long enough, or a job started a
 /// `fatal` agent again.
 pub const KIND_RESET: &str = "reset";
+/// ops-updater upgraded itself (agent `ops-updater`, the new version).
+pub const KIND_SELF_UPGRADED: &str = "self_upgraded";
+/// ops-updater put its previous binary back after a failed self-upgrade (the failed
+/// version; the cause says why), or refused one before trying it.
+pub const KIND_SELF_UPGRADE_FAILED: &str = "self_upgrade_failed";
 
 /// Every kind this version knows. Others are kept as they come (cut to
 /// [`MAX_EVENT_KIND_LEN`]), so a newer host's kinds still show on an older server.
@@ -38,6 +43,8 @@ pub const KINDS: &[&str] = &[
     KIND_KILLED,
     KIND_LIMITS_NOT_ENFORCED,
     KIND_RESET,
+    KIND_SELF_UPGRADED,
+    KIND_SELF_UPGRADE_FAILED,
 ];
 
 /// Most events one report (status report or heartbeat) may carry; a server refuses a

@@ -162,10 +162,27 @@ name_type!(
     crate::bootagent::validate_agentsn
 );
 
+/// The reserved agent name of ops-updater itself: a desired agent (or a BootAgent job) of
+/// this name is the updater's own version, and a report carries the updater's version
+/// under it. Its artifact is `ops-updater-<version>.tar.gz`.
+pub const SELF_AGENT: &str = "ops-updater";
+
 /// The tarball file of an agent version: `{name}-{version}.tar.gz` (the original rule,
 /// [`crate::legacy::tarball_file`]).
 pub fn tarball_file(name: &AgentName, version: &Version) -> String {
     crate::legacy::tarball_file(name.as_str(), version.as_str())
+}
+
+/// The tarball URL of an agent version under `base` (the original rule: exactly one `/`
+/// between the base and [`tarball_file`]).
+pub fn tarball_url(base: &str, name: &AgentName, version: &Version) -> String {
+    crate::legacy::join_url(base, &tarball_file(name, version))
+}
+
+/// The `.md5` URL of an agent version under `base` (the tarball's URL plus `.md5`, on
+/// whatever base serves the checksums).
+pub fn md5_url(base: &str, name: &AgentName, version: &Version) -> String {
+    format!("{}.md5", tarball_url(base, name, version))
 }
 
 /// The folder of an agent in a workdir: `<workdir>/<name>`. Only joins; does no IO.

@@ -2,7 +2,9 @@
 //! fake agents with real `control` scripts, and free ports on 127.0.0.1.
 
 pub mod agent;
+pub mod cgroups;
 pub mod fileserver;
+pub mod postgres;
 pub mod tarball;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};

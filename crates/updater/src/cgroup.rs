@@ -24,6 +24,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use proto::limits::{Limits, CPU_SCALE};
+use proto::names::AgentName;
 
 /// The cgroup parent used when the config names none.
 pub const DEFAULT_PARENT: &str = "ops-updater";
@@ -515,10 +516,8 @@ impl Cgroups {
     /// along `cgroup.subtree_control` from the root down to `parent`. Never fails: what
     /// could not be applied is in [`AgentCgroup::not_enforced`]; a handle that tracks
     /// nothing ([`AgentCgroup::is_tracked`]) is returned when no cgroup can be made.
-    pub fn agent(&self, agent: &str, limits: &Limits) -> AgentCgroup {
-        if let Err(e) = proto::validate_agent_name(agent) {
-            return AgentCgroup::untracked(agent, limits, format!("agent {agent:?}: {e}"));
-        }
+    pub fn agent(&self, agent: &AgentName, limits: &Limits) -> AgentCgroup {
+        let agent = agent.as_str();
         match &self.mode {
             Mode::None(reason) => AgentCgroup::untracked(agent, limits, reason.clone()),
             Mode::V2 { root, available } => self.agent_v2(agent, limits, root, available),
@@ -1159,6 +1158,10 @@ impl EventsWatch {
 mod tests {
     use super::*;
 
+    fn falcon() -> AgentName {
+        AgentName::parse("falcon").unwrap()
+    }
+
     /// This machine's mountinfo when this was written: cgroup v1 with `cpu` and `cpuacct`
     /// mounted apart, and a cgroup2 mount without controllers.
     const HYBRID: &str = "\
@@ -1341,7 +1344,7 @@ mod tests {
             "{}",
             cg.describe()
         );
-        let a = cg.agent("falcon", &limits(Some(1000), Some(20 << 20)));
+        let a = cg.agent(&falcon(), &limits(Some(1000), Some(20 << 20)));
         assert_eq!(a.not_enforced(), None);
         let agent = d.path().join("ops-updater/falcon");
         assert_eq!(read(&agent.join("cpu.max")), "10000 100000");
@@ -1361,7 +1364,7 @@ mod tests {
         );
 
         // A later job without limits lifts them.
-        let a = cg.agent("falcon", &Limits::default());
+        let a = cg.agent(&falcon(), &Limits::default());
         assert_eq!(a.not_enforced(), None);
         assert_eq!(read(&agent.join("cpu.max")), "max 100000");
         assert_eq!(read(&agent.join("memory.max")), "max");
@@ -1374,7 +1377,7 @@ mod tests {
             "cpu memory pids",
         )
         .unwrap();
-        let a = cg.agent("falcon", &limits(Some(250), None));
+        let a = cg.agent(&falcon(), &limits(Some(250), None));
         assert_eq!(a.not_enforced(), None);
         assert_eq!(
             read(&d.path().join("cgroup.subtree_control")),
@@ -1387,7 +1390,7 @@ mod tests {
     fn v2_without_controllers_tracks_but_says_why_limits_are_not_enforced() {
         let d = v2_tree("hugetlb\n", &["cgroup.procs"]);
         let cg = Cgroups::at(CgroupRoot::V2(d.path().into()), DEFAULT_PARENT);
-        let a = cg.agent("falcon", &limits(Some(1000), Some(20 << 20)));
+        let a = cg.agent(&falcon(), &limits(Some(1000), Some(20 << 20)));
         assert!(a.is_tracked());
         let why = a.not_enforced().unwrap();
         assert!(
@@ -1402,7 +1405,7 @@ mod tests {
             a.describe()
         );
         // Without limits asked for, nothing is missing.
-        assert_eq!(cg.agent("falcon", &Limits::default()).not_enforced(), None);
+        assert_eq!(cg.agent(&falcon(), &Limits::default()).not_enforced(), None);
     }
 
     #[test]
@@ -1410,7 +1413,7 @@ mod tests {
         // The controllers are offered but the kernel made no memory files (or refused).
         let d = v2_tree("cpu memory\n", &["cgroup.procs", "cpu.max"]);
         let cg = Cgroups::at(CgroupRoot::V2(d.path().into()), DEFAULT_PARENT);
-        let a = cg.agent("falcon", &limits(Some(1000), Some(20 << 20)));
+        let a = cg.agent(&falcon(), &limits(Some(1000), Some(20 << 20)));
         let why = a.not_enforced().unwrap();
         assert!(
             why.contains("writing \"20971520\" to ") && why.contains("memory.max"),
@@ -1447,7 +1450,7 @@ mod tests {
         ]);
         let cg = Cgroups::at(root, DEFAULT_PARENT);
         assert_eq!(cg.version(), Some(Version::V1));
-        let a = cg.agent("falcon", &limits(Some(2500), Some(20 << 20)));
+        let a = cg.agent(&falcon(), &limits(Some(2500), Some(20 << 20)));
         assert_eq!(a.not_enforced(), None);
         assert_eq!(read(&fa(&cpu, "cpu.cfs_period_us")), "100000");
         assert_eq!(read(&fa(&cpu, "cpu.cfs_quota_us")), "25000");
@@ -1460,7 +1463,7 @@ mod tests {
                 mem.join("ops-updater/falcon").display()
             )
         );
-        let a = cg.agent("falcon", &Limits::default());
+        let a = cg.agent(&falcon(), &Limits::default());
         assert_eq!(a.not_enforced(), None);
         assert_eq!(read(&fa(&cpu, "cpu.cfs_quota_us")), "-1");
         assert_eq!(read(&fa(&mem, "memory.limit_in_bytes")), "-1");
@@ -1497,13 +1500,13 @@ mod tests {
         for cg in cases {
             let why = cg.unusable().expect("unusable").to_string();
             assert_eq!(cg.describe(), format!("no cgroup: {why}"));
-            let a = cg.agent("falcon", &limits(Some(1000), None));
+            let a = cg.agent(&falcon(), &limits(Some(1000), None));
             assert!(!a.is_tracked());
             assert_eq!(
                 a.not_enforced(),
                 Some(format!("limits not enforced: no cgroup: {why}").as_str())
             );
-            assert_eq!(cg.agent("falcon", &Limits::default()).not_enforced(), None);
+            assert_eq!(cg.agent(&falcon(), &Limits::default()).not_enforced(), None);
             let mut cmd =
                 crate::process::command(Path::new("/bin/true"), &[], d.path(), &Default::default());
             a.attach(&mut cmd).unwrap();

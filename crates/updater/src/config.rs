@@ -76,6 +76,14 @@ pub const fn default_retry_max_secs() -> u64 {
 }
 /// Seconds before a version that failed to start is tried again (unless the desired
 /// version or URL changes first).
+/// Good rounds a new version of ops-updater reports before its self-upgrade is committed.
+pub const fn default_self_upgrade_commit_rounds() -> u64 {
+    3
+}
+/// Seconds a new version of ops-updater gets to reach its commit.
+pub const fn default_self_upgrade_watch_secs() -> u64 {
+    300
+}
 pub const fn default_failed_start_retry_secs() -> u64 {
     3600
 }
@@ -154,6 +162,10 @@ pub struct Config {
     pub retry_max_secs: u64,
     /// `failedStartRetrySecs` (ours).
     pub failed_start_retry_secs: u64,
+    /// `selfUpgradeCommitRounds` (ours).
+    pub self_upgrade_commit_rounds: u32,
+    /// `selfUpgradeWatchSecs` (ours).
+    pub self_upgrade_watch_secs: u64,
     /// `tlsInsecure` (ours): accept any certificate from an `https://` server, as the fork
     /// with a self-signed certificate needs. Off by default.
     pub tls_insecure: bool,
@@ -199,6 +211,8 @@ impl Default for Config {
             retry_base_secs: default_retry_base_secs(),
             retry_max_secs: default_retry_max_secs(),
             failed_start_retry_secs: default_failed_start_retry_secs(),
+            self_upgrade_commit_rounds: default_self_upgrade_commit_rounds() as u32,
+            self_upgrade_watch_secs: default_self_upgrade_watch_secs(),
             tls_insecure: false,
             protocol: Protocol::default(),
             metafile: None,
@@ -478,6 +492,13 @@ impl Config {
         c.max_response_bytes = f.u64("maxResponseBytes", default_max_response_bytes());
         c.retry_base_secs = f.u64("retryBaseSecs", default_retry_base_secs());
         c.retry_max_secs = f.u64("retryMaxSecs", default_retry_max_secs());
+        let rounds = f.u64(
+            "selfUpgradeCommitRounds",
+            default_self_upgrade_commit_rounds(),
+        );
+        c.self_upgrade_commit_rounds = rounds.min(1000) as u32;
+        c.self_upgrade_watch_secs =
+            f.u64("selfUpgradeWatchSecs", default_self_upgrade_watch_secs());
         c.failed_start_retry_secs =
             f.u64("failedStartRetrySecs", default_failed_start_retry_secs());
         c.tls_insecure = f.bool("tlsInsecure", false);
@@ -612,6 +633,11 @@ impl Config {
             ("retryBaseSecs", self.retry_base_secs),
             ("retryMaxSecs", self.retry_max_secs),
             ("failedStartRetrySecs", self.failed_start_retry_secs),
+            (
+                "selfUpgradeCommitRounds",
+                u64::from(self.self_upgrade_commit_rounds),
+            ),
+            ("selfUpgradeWatchSecs", self.self_upgrade_watch_secs),
         ] {
             if v == 0 {
                 err(field, "must be at least 1".into());

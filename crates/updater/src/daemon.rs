@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proto::legacy::{HeartbeatRequest, HeartbeatResponse, RealAgent};
+use proto::names::AgentName;
 use rand::Rng;
 use tokio::time::Instant;
 
@@ -62,6 +63,8 @@ pub struct Dispatch {
     pub skipped: Vec<Skipped>,
     /// The server's `errorMessage`, when non-empty (then `desired` is empty).
     pub server_error: Option<String>,
+    /// The desired version of ops-updater itself (the reserved agent name), if listed.
+    pub self_desired: Option<Desired>,
 }
 
 /// One entry of an answer that was not used.
@@ -87,7 +90,8 @@ impl Skipped {
 
 /// Turns a heartbeat answer into work: a non-empty `errorMessage` means nothing this round;
 /// entries with bad names, URLs or cmds are skipped; with `filter` set only that agent is
-/// kept; a name listed twice keeps its first entry. Pure, for unit tests.
+/// kept (ops-updater's own entry, [`proto::names::SELF_AGENT`], always is, apart); a name
+/// listed twice keeps its first entry. Pure, for unit tests.
 pub fn dispatch(resp: &HeartbeatResponse, filter: &str) -> Dispatch {
     let mut out = Dispatch::default();
     if !resp.error_message.is_empty() {
@@ -95,6 +99,18 @@ pub fn dispatch(resp: &HeartbeatResponse, filter: &str) -> Dispatch {
         return out;
     }
     for d in &resp.desired_agents {
+        if d.name == proto::names::SELF_AGENT {
+            match Desired::from_wire(d) {
+                Ok(d) if out.self_desired.is_none() => out.self_desired = Some(d),
+                Ok(_) => {}
+                Err(e) => out.skipped.push(Skipped::new(
+                    &d.name,
+                    "invalid desired agent",
+                    format!("skipping desired agent: {e}"),
+                )),
+            }
+            continue;
+        }
         if !filter.is_empty() && d.name != filter {
             continue;
         }
@@ -102,13 +118,13 @@ pub fn dispatch(resp: &HeartbeatResponse, filter: &str) -> Dispatch {
             Ok(d) => {
                 if out.desired.iter().any(|x| x.name == d.name) {
                     out.skipped.push(Skipped::new(
-                        &d.name,
+                        d.name.as_str(),
                         "listed twice",
                         format!("agent {:?}: listed twice, later entry ignored", d.name),
                     ));
                 } else if out.desired.len() >= MAX_AGENTS {
                     out.skipped.push(Skipped::new(
-                        &d.name,
+                        d.name.as_str(),
                         "too many agents",
                         format!("agent {:?}: more than {MAX_AGENTS} agents, ignored", d.name),
                     ));
@@ -184,7 +200,11 @@ impl Daemon {
             Some(ms) => Duration::from_millis(ms).min(interval),
             None => interval,
         };
-        let first = first_cap.mul_f64(rand::thread_rng().gen_range(0.0..1.0));
+        let mut first = first_cap.mul_f64(rand::thread_rng().gen_range(0.0..1.0));
+        // Right after a self-upgrade: the round the previous process had scheduled.
+        if let Some(due) = crate::selfup::handed_over_round(interval) {
+            first = due;
+        }
         tracing::info!(
             host = %self.cfg.hostname, server = %self.cfg.heartbeat_url,
             workdir = %self.cfg.workdir.display(), first_in = ?first, "ops-updater running"
@@ -211,13 +231,16 @@ impl Daemon {
                         heartbeat_backoff(failures, interval, r)
                     };
                     next = Instant::now() + wait;
+                    if let Some(s) = &self.engine.ctx().selfup {
+                        s.next_round_at(next);
+                    }
                 }
             }
         }
     }
 
     /// The agents under the workdir ([`crate::workdir::agent_names`]), filtered.
-    fn scan_agents(&mut self) -> Vec<String> {
+    fn scan_agents(&mut self) -> Vec<AgentName> {
         let mut names = crate::workdir::agent_names(
             &self.cfg.workdir,
             &self.engine.ctx().own,
@@ -242,7 +265,7 @@ impl Daemon {
     /// that takes longer keeps running in the background (until the status timeout kills
     /// it), its result is kept for the next round, and this round reports the last status
     /// known for that agent. A hung script thus never holds up the heartbeat.
-    async fn collect(&mut self, names: &[String]) -> Vec<RealAgent> {
+    async fn collect(&mut self, names: &[AgentName]) -> Vec<RealAgent> {
         let wait = STATUS_WAIT.min(self.engine.ctx().status.timeout);
         self.engine
             .collect(names, wait)
@@ -262,7 +285,11 @@ impl Daemon {
 
     async fn round_inner(&mut self) -> bool {
         let names = self.scan_agents();
-        let real = self.collect(&names).await;
+        let mut real = self.collect(&names).await;
+        let selfup = self.engine.ctx().selfup.clone();
+        if let Some(s) = &selfup {
+            real.push(s.real_agent());
+        }
         let req = HeartbeatRequest {
             hostname: self.cfg.hostname.clone(),
             real_agents: real,
@@ -320,6 +347,15 @@ impl Daemon {
         for d in plan.desired {
             tracing::debug!(agent = %d.name, version = %d.version, cmd = ?d.cmd, "desired");
             self.engine.agent(&d.name).desire(d);
+        }
+        if let Some(s) = &selfup {
+            s.round_ok();
+            if let Some(d) = plan.self_desired {
+                if let crate::selfup::Outcome::Refused(why) = s.desire(d) {
+                    self.log
+                        .warn("self-upgrade refused", proto::names::SELF_AGENT, &why);
+                }
+            }
         }
         true
     }

@@ -226,7 +226,7 @@ pub(crate) fn http_client(
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(10)))
         .danger_accept_invalid_certs(tls_insecure)
-        .user_agent(concat!("ops-updater/", env!("CARGO_PKG_VERSION")))
+        .user_agent(format!("ops-updater/{}", crate::selfup::VERSION))
         // Servers are named by the operator; following redirects elsewhere is never wanted.
         .redirect(reqwest::redirect::Policy::none())
         .build()

@@ -100,6 +100,27 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     tokio::net::TcpListener::bind(addr).await
 }
 
+/// The listening socket a supervisor passed down as `fd` (the same socket across workers,
+/// so connections wait in its queue while one worker hands over to the next).
+#[allow(unsafe_code)] // Taking ownership of an inherited fd: see the SAFETY note.
+pub fn inherited(fd: std::os::fd::RawFd) -> std::io::Result<tokio::net::TcpListener> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: the supervisor opened this fd for this process (`process::worker_command`);
+    // nothing else in the process uses it.
+    let l = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    // Not a listening TCP socket: refused here rather than at the first accept.
+    l.local_addr()?;
+    // Close-on-exec from now on, or every control script and agent would inherit the
+    // updater's socket (and keep its port taken after the updater ended).
+    nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&l),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(std::io::Error::from)?;
+    l.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(l)
+}
+
 /// Serves with the default [`Limits`] until `shutdown` resolves; connections still open
 /// then are dropped (every answer is a small read-only document).
 pub async fn serve(
@@ -233,7 +254,7 @@ fn answer<B>(state: &AppState, req: &Request<B>) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/health" => plain(StatusCode::OK, "ok"),
-        "/version" => plain(StatusCode::OK, env!("CARGO_PKG_VERSION")),
+        "/version" => plain(StatusCode::OK, crate::selfup::VERSION),
         "/status" => json(&state.shared.snapshot()),
         "/events" => {
             let journal = state.shared.events();
@@ -313,7 +334,7 @@ mod tests {
     #[tokio::test]
     async fn health_version_and_status() {
         let shared = Shared::new("h1", "http://m/heartbeat");
-        shared.agent("a", |v| {
+        shared.agent(&proto::names::AgentName::parse("a").unwrap(), |v| {
             v.current_version = Some("1.0.0".into());
             v.status = Some("started".into());
         });
@@ -331,10 +352,7 @@ mod tests {
             }
         };
         assert_eq!(get("/health").await, (200, "ok".into()));
-        assert_eq!(
-            get("/version").await,
-            (200, env!("CARGO_PKG_VERSION").into())
-        );
+        assert_eq!(get("/version").await, (200, crate::selfup::VERSION.into()));
         let (code, body) = get("/status").await;
         assert_eq!(code, 200);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();

@@ -22,6 +22,9 @@ pub mod state;
 // BootAgent mode (register, status reports, jobs) and the protocol choice.
 pub mod boot;
 
+// ops-updater upgrading itself: the supervisor process and the worker's part.
+pub mod selfup;
+
 /// `text` with the credentials of every URL in it replaced by `***`
 /// (`http://user:pass@host/x` → `http://***@host/x`): for every URL or error message that
 /// goes to a log, `/status` or a job result. A tarball URL may carry a password; the

@@ -9,6 +9,7 @@ use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use updater::config::{Config, Severity, EXIT_BAD_CONFIG};
+use updater::selfup::supervisor;
 use updater::state::Shared;
 
 /// Keeps every agent on this host at the version ops-meta wants.
@@ -31,12 +32,33 @@ struct Args {
     /// Log to FILE (appended) instead of stderr.
     #[arg(short = 'L', value_name = "FILE")]
     log: Option<PathBuf>,
+    /// Run by `control start` when an original ops-updater installed ours as an agent:
+    /// take its place (docs/ops-updater.md, "Moving a fleet from the original").
+    #[arg(long, hide = true)]
+    take_over: bool,
+    /// The detached second half of `--take-over`.
+    #[arg(long, hide = true)]
+    take_over_wait: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.take_over || args.take_over_wait {
+        let res = if args.take_over {
+            updater::selfup::takeover::take_over().map(|line| println!("{line}"))
+        } else {
+            updater::selfup::takeover::wait_and_start()
+        };
+        return match res {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ops-updater: take-over: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if args.version {
-        println!("{}", env!("CARGO_PKG_VERSION"));
+        println!("{}", updater::selfup::VERSION);
         return ExitCode::SUCCESS;
     }
     let parsed = Config::load(&args.config).and_then(|p| {
@@ -85,8 +107,28 @@ fn main() -> ExitCode {
     // Never removed or renamed by any action, whatever a server asks (workdir::Own).
     resolved.own_files.push(args.config.clone());
     resolved.own_files.extend(args.log.clone());
-    // One updater per workdir: taken before anything acts, released by the kernel when the
-    // process ends (a crash cannot leave it stuck).
+    if std::env::var_os(supervisor::ENV_WORKER).is_some() {
+        // A worker: the supervisor holds the workdir lock and the local endpoint's socket.
+        if let Err(e) = init_logging(parsed.config.debug, args.log.as_deref()) {
+            eprintln!("ops-updater: {e:#}");
+            return ExitCode::FAILURE;
+        }
+        let opts = updater::boot::Options {
+            servers,
+            config: args.config.clone(),
+        };
+        return match run(resolved, opts) {
+            Ok(updater::boot::Ended::Stopped) => ExitCode::SUCCESS,
+            Ok(updater::boot::Ended::Upgrade) => ExitCode::from(supervisor::EXIT_UPGRADE as u8),
+            Err(e) => {
+                tracing::error!("{e:#}");
+                eprintln!("ops-updater: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    // The supervisor. One updater per workdir: the lock is taken before anything acts,
+    // and released by the kernel when the process ends (a crash cannot leave it stuck).
     let _lock = match updater::workdir::lock(&resolved.workdir) {
         Ok(l) => l,
         Err(e @ updater::workdir::LockError::Held { .. }) => {
@@ -109,14 +151,60 @@ fn main() -> ExitCode {
     {
         tracing::warn!(field = %w.field, "config: {}", w.message);
     }
-    match run(resolved, updater::boot::Options { servers }) {
-        Ok(()) => ExitCode::SUCCESS,
+    let _ = servers; // Checked here; the worker reads -S from the same arguments.
+    match supervise(&resolved) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("ops-updater: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Binds `addr`; a port in use is tried again for up to 2 s. The workdir lock is ours, so
+/// no other updater of this workdir runs, but the worker of one that was just killed may
+/// still be on its way out with the socket (it dies with its supervisor).
+fn bind_patiently(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match std::net::TcpListener::bind(addr) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Runs the supervisor: binds the local endpoint (kept across workers), then runs the
+/// daemon as its worker process until the service stops.
+fn supervise(cfg: &updater::config::Resolved) -> anyhow::Result<i32> {
+    let listener = if cfg.config.http_enabled {
+        let addr = cfg.config.http_listen;
+        let l = bind_patiently(addr).with_context(|| format!("http.listen {addr}"))?;
+        tracing::info!(listen = %l.local_addr()?, "local endpoint up");
+        Some(l)
+    } else {
+        None
+    };
+    let exe = std::env::current_exe().context("finding the executable")?;
+    let s = supervisor::Supervisor {
+        exe,
+        args: std::env::args_os().skip(1).collect(),
+        workdir: cfg.workdir.clone(),
+        listener,
+        commit_rounds: cfg.config.self_upgrade_commit_rounds,
+        watch: std::time::Duration::from_secs(cfg.config.self_upgrade_watch_secs),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    Ok(rt.block_on(s.run()))
 }
 
 fn init_logging(debug: bool, file: Option<&std::path::Path>) -> anyhow::Result<()> {
@@ -161,7 +249,10 @@ fn init_logging(debug: bool, file: Option<&std::path::Path>) -> anyhow::Result<(
     Ok(())
 }
 
-fn run(cfg: updater::config::Resolved, opts: updater::boot::Options) -> anyhow::Result<()> {
+fn run(
+    cfg: updater::config::Resolved,
+    opts: updater::boot::Options,
+) -> anyhow::Result<updater::boot::Ended> {
     // One thread: the daemon waits on the network and on child processes, and anything that
     // blocks (unpacking, hashing a file) goes to the blocking pool, whose threads exit when
     // idle. Every extra worker thread is a stack and an allocator arena resident for good.
@@ -181,11 +272,18 @@ fn run(cfg: updater::config::Resolved, opts: updater::boot::Options) -> anyhow::
         let shared = Shared::new(&cfg.hostname, &cfg.heartbeat_url).with_journal(journal);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let http = if cfg.config.http_enabled {
-            let addr = cfg.config.http_listen;
-            let listener = updater::http::bind(addr)
-                .await
-                .with_context(|| format!("http.listen {addr}"))?;
-            tracing::info!(listen = %listener.local_addr()?, "local endpoint up");
+            let listener = match std::env::var_os(supervisor::ENV_LISTEN_FD) {
+                // The supervisor's socket: the same one across workers, so a client is
+                // never refused while one worker hands over to the next.
+                Some(_) => updater::http::inherited(updater::process::WORKER_LISTEN_FD)
+                    .context("the local endpoint's socket from the supervisor")?,
+                None => {
+                    let addr = cfg.config.http_listen;
+                    updater::http::bind(addr)
+                        .await
+                        .with_context(|| format!("http.listen {addr}"))?
+                }
+            };
             let state = updater::http::AppState::new(shared.clone(), &cfg.hostname);
             let mut rx = stop_rx.clone();
             Some(tokio::spawn(updater::http::serve(
@@ -198,7 +296,8 @@ fn run(cfg: updater::config::Resolved, opts: updater::boot::Options) -> anyhow::
         } else {
             None
         };
-        updater::boot::run(cfg, shared, opts, stop)
+        notify_ready();
+        let ended = updater::boot::run(cfg, shared, opts, stop)
             .await
             .context("starting the daemon")?;
         let _ = stop_tx.send(true);
@@ -207,7 +306,7 @@ fn run(cfg: updater::config::Resolved, opts: updater::boot::Options) -> anyhow::
                 .context("local endpoint task")?
                 .context("local endpoint")?;
         }
-        Ok(())
+        Ok(ended)
     })
 }
 
@@ -227,5 +326,24 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
             // Without signal handlers the process still dies by the default action.
             _ => std::future::pending::<()>().await,
         }
+    }
+}
+
+/// Tells systemd (`Type=notify`, `NotifyAccess=all`) the daemon runs: `READY=1` to
+/// `$NOTIFY_SOCKET`, when it is set. Nothing else is ever sent.
+fn notify_ready() {
+    use std::os::linux::net::SocketAddrExt as _;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name),
+        None => SocketAddr::from_pathname(std::path::Path::new(&path)),
+    };
+    let sent = addr.and_then(|a| UnixDatagram::unbound()?.send_to_addr(b"READY=1", &a));
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "cannot tell systemd that the daemon is ready");
     }
 }

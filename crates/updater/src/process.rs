@@ -327,6 +327,64 @@ async fn drain(readers: &mut [tokio::task::JoinHandle<()>]) {
     .await;
 }
 
+/// The worker process of the self-upgrade supervisor ([`crate::selfup::supervisor`]):
+/// `program` with `args`, inheriting stdin/stdout/stderr, with `listen_fd` (the local
+/// endpoint's socket, which the supervisor keeps open across workers) as fd 3, and dying
+/// with the supervisor (`PR_SET_PDEATHSIG` `SIGKILL`, checked against a supervisor that
+/// died before it was set), as a single process would under `kill -9`.
+#[allow(clippy::disallowed_methods)] // The supervisor's worker: not a control script.
+#[allow(unsafe_code)] // `pre_exec`: see the SAFETY note.
+pub fn worker_command(
+    program: &Path,
+    args: &[std::ffi::OsString],
+    envs: &[(&str, String)],
+    listen_fd: Option<std::os::fd::RawFd>,
+) -> tokio::process::Command {
+    use std::os::unix::process::CommandExt as _;
+    let mut c = std::process::Command::new(program);
+    c.args(args);
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    let parent = nix::unistd::getpid();
+    // SAFETY: only async-signal-safe calls (prctl, getppid, dup2, fcntl, _exit) between
+    // fork and exec.
+    unsafe {
+        c.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent.as_raw() {
+                libc::_exit(1);
+            }
+            if let Some(fd) = listen_fd {
+                if fd == WORKER_LISTEN_FD {
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(fd, WORKER_LISTEN_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    tokio::process::Command::from(c)
+}
+
+/// A plain blocking child with stdin from /dev/null, for the take-over's one-shot steps
+/// (`selfup::takeover`), which run before any runtime exists.
+#[allow(clippy::disallowed_methods)] // One of the places children are built.
+pub fn std_command(program: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new(program);
+    c.stdin(Stdio::null());
+    c
+}
+
+/// The fd a worker finds the local endpoint's listening socket at.
+pub const WORKER_LISTEN_FD: std::os::fd::RawFd = 3;
+
 #[cfg(test)]
 mod tests {
     use super::*;

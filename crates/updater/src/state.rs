@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use proto::names::AgentName;
 use serde::Serialize;
 
 use crate::events::Journal;
@@ -104,6 +105,9 @@ pub struct DaemonView {
     /// The BootAgent serial, in BootAgent mode.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agentsn: Option<String>,
+    /// Where a self-upgrade stands (a trial's good rounds, a roll-back and why).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub self_upgrade: Option<String>,
 }
 
 /// Everything `/status` shows.
@@ -116,7 +120,7 @@ pub struct StatusView {
 #[derive(Debug, Default)]
 struct Inner {
     daemon: DaemonView,
-    agents: BTreeMap<String, AgentView>,
+    agents: BTreeMap<AgentName, AgentView>,
 }
 
 /// Shared, cheap to clone. Locks are held only for field updates, never across an await.
@@ -135,7 +139,7 @@ impl Shared {
             let mut g = s.lock();
             g.daemon.hostname = hostname.to_string();
             g.daemon.server = server.to_string();
-            g.daemon.version = env!("CARGO_PKG_VERSION");
+            g.daemon.version = crate::selfup::VERSION;
         }
         s
     }
@@ -164,15 +168,12 @@ impl Shared {
     }
 
     /// Updates (creating if needed) one agent's view.
-    pub fn agent(&self, name: &str, f: impl FnOnce(&mut AgentView)) {
+    pub fn agent(&self, name: &AgentName, f: impl FnOnce(&mut AgentView)) {
         let mut g = self.lock();
-        let v = g
-            .agents
-            .entry(name.to_string())
-            .or_insert_with(|| AgentView {
-                name: name.to_string(),
-                ..Default::default()
-            });
+        let v = g.agents.entry(name.clone()).or_insert_with(|| AgentView {
+            name: name.to_string(),
+            ..Default::default()
+        });
         f(v)
     }
 

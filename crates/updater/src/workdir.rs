@@ -14,6 +14,8 @@ use std::fs::File;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
+use proto::names::AgentName;
+
 use crate::control::CONTROL;
 use crate::fsx::VERSION_FILE;
 
@@ -136,7 +138,7 @@ pub fn is_version_dir(agent_dir: &Path, version: &str) -> bool {
 
 /// The agents under `workdir` whose status is read and reported: agents (above) that have
 /// a `.version`, sorted; with `only` set (`desiredAgent`), that one alone.
-pub fn agent_names(workdir: &Path, own: &Own, only: &str) -> Vec<String> {
+pub fn agent_names(workdir: &Path, own: &Own, only: &str) -> Vec<AgentName> {
     let mut names = Vec::new();
     let Ok(rd) = std::fs::read_dir(workdir) else {
         return names;
@@ -147,8 +149,15 @@ pub fn agent_names(workdir: &Path, own: &Own, only: &str) -> Vec<String> {
             continue;
         }
         // A folder without `.version` is not reported (the original's rule).
+        let Ok(agent) = AgentName::parse(&name) else {
+            continue;
+        };
+        // ops-updater's own downloads: reported as the updater itself, never run as an agent.
+        if agent == proto::names::SELF_AGENT {
+            continue;
+        }
         if check_agent(workdir, own, &name).is_ok() && e.path().join(VERSION_FILE).is_file() {
-            names.push(name);
+            names.push(agent);
         }
     }
     names.sort();

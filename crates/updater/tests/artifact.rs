@@ -13,6 +13,14 @@ use axum::routing::get;
 use axum::Router;
 use test_support::agent::{agent_tarball, Behaviour};
 use updater::artifact::{self, Fetcher, Limits, Want};
+
+fn name() -> proto::names::AgentName {
+    proto::names::AgentName::parse(NAME).unwrap()
+}
+
+fn version(v: &str) -> proto::names::Version {
+    proto::names::Version::parse(v).unwrap()
+}
 use updater::control::{self, AgentStatus, ControlConfig};
 
 const NAME: &str = "falcon-agent";
@@ -118,8 +126,8 @@ async fn installed_agent_starts_and_is_never_fetched_again() {
     let dir = artifact::install(
         &f,
         &agent,
-        NAME,
-        "1.0.1",
+        &name(),
+        &version("1.0.1"),
         &tarball_url,
         Some(&md5_url),
         Want::default(),
@@ -150,8 +158,8 @@ async fn installed_agent_starts_and_is_never_fetched_again() {
     artifact::install(
         &f,
         &agent,
-        NAME,
-        "1.0.1",
+        &name(),
+        &version("1.0.1"),
         &tarball_url,
         Some(&md5_url),
         Want::default(),
@@ -176,8 +184,8 @@ async fn hostile_tarball_with_a_valid_md5_changes_nothing() {
         let e = artifact::install(
             &fetcher(),
             &agent,
-            NAME,
-            "6.6.6",
+            &name(),
+            &version("6.6.6"),
             &tarball_url,
             Some(&md5_url),
             Want::default(),

@@ -273,7 +273,14 @@ fn install_upgrade_stop_restart_uninstall_through_jobs() {
         "{leftovers:?}"
     );
     wait_for("uninstalled agent no longer reported", CONVERGE, || {
-        host_view(&meta, "host-01").is_some_and(|v| v["agents"].as_array().unwrap().is_empty())
+        // Only the updater's own entry is left.
+        host_view(&meta, "host-01").is_some_and(|v| {
+            v["agents"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|a| a["name"] == "ops-updater")
+        })
     });
 }
 

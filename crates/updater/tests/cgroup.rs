@@ -19,6 +19,10 @@ use nix::unistd::Pid;
 use proto::limits::Limits;
 use updater::cgroup::{AgentCgroup, CgroupRoot, Cgroups, Mounts, Version};
 use updater::process;
+
+fn falcon() -> proto::names::AgentName {
+    proto::names::AgentName::parse("falcon").unwrap()
+}
 use updater::reaper::{Exit, Reaper};
 
 /// True (after saying why) when the test cannot run here; panics instead under CI.
@@ -55,34 +59,7 @@ struct Cleanup {
 impl Drop for Cleanup {
     fn drop(&mut self) {
         for parent in &self.parents {
-            let mut dirs: Vec<PathBuf> = std::fs::read_dir(parent)
-                .map(|rd| {
-                    rd.flatten()
-                        .map(|e| e.path())
-                        .filter(|p| p.is_dir())
-                        .collect()
-                })
-                .unwrap_or_default();
-            dirs.push(parent.clone());
-            for dir in dirs {
-                let deadline = Instant::now() + Duration::from_secs(2);
-                loop {
-                    let procs =
-                        std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-                    for pid in procs.split_whitespace().filter_map(|p| p.parse().ok()) {
-                        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                    }
-                    match std::fs::remove_dir(&dir) {
-                        Ok(()) => break,
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                        Err(e) if Instant::now() > deadline => {
-                            eprintln!("cleanup: cannot remove {}: {e}", dir.display());
-                            break;
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                    }
-                }
-            }
+            test_support::cgroups::remove_tree(parent);
         }
         if let Some(m) = &self.unmount {
             let _ = nix::mount::umount(m);
@@ -212,7 +189,7 @@ fn limits(cpu: Option<&str>, memory: Option<&str>) -> Limits {
 async fn v1_a_shell_and_what_it_forks_are_in_the_agent_cgroup_until_kill_all() {
     let Some((cg, _cleanup)) = v1() else { return };
     let d = tempfile::tempdir().unwrap();
-    let agent = cg.agent("falcon", &Limits::default());
+    let agent = cg.agent(&falcon(), &Limits::default());
     assert!(agent.is_tracked(), "{}", agent.describe());
     assert_eq!(agent.not_enforced(), None);
     eprintln!("{}\n{}", cg.describe(), agent.describe());
@@ -271,7 +248,7 @@ async fn v1_an_agent_over_its_memory_limit_is_oom_killed_and_that_is_seen() {
     let Some((cg, _cleanup)) = v1() else { return };
     let reaper = reaper();
     let d = tempfile::tempdir().unwrap();
-    let agent = cg.agent("falcon", &limits(None, Some("20M")));
+    let agent = cg.agent(&falcon(), &limits(None, Some("20M")));
     assert_eq!(agent.not_enforced(), None);
     let mem_dir = agent
         .paths()
@@ -337,7 +314,7 @@ async fn v1_an_agent_over_its_memory_limit_is_oom_killed_and_that_is_seen() {
 async fn v1_a_busy_loop_under_a_10_percent_cpu_limit_stays_well_below_30_percent() {
     let Some((cg, _cleanup)) = v1() else { return };
     let d = tempfile::tempdir().unwrap();
-    let agent = cg.agent("falcon", &limits(Some("10%"), None));
+    let agent = cg.agent(&falcon(), &limits(Some("10%"), None));
     assert_eq!(agent.not_enforced(), None);
     let cpu_dir = agent
         .paths()
@@ -421,7 +398,7 @@ fn v2() -> Option<(Cgroups, Cleanup)> {
 async fn v2_tracks_an_agent_sees_its_crash_at_once_and_kills_with_cgroup_kill() {
     let Some((cg, _cleanup)) = v2() else { return };
     let d = tempfile::tempdir().unwrap();
-    let agent = cg.agent("falcon", &limits(Some("10%"), Some("20M")));
+    let agent = cg.agent(&falcon(), &limits(Some("10%"), Some("20M")));
     eprintln!("{}\n{}", cg.describe(), agent.describe());
     assert!(agent.is_tracked());
     let dir = agent.paths()[0].to_path_buf();
@@ -525,7 +502,7 @@ async fn without_root_cgroups_say_not_root_and_attach_is_a_no_op() {
         let why = cg.unusable().expect("no cgroup without root");
         assert!(why.contains("not root"), "{why}");
         eprintln!("as nobody: {why}");
-        let agent = cg.agent("falcon", &limits(Some("10%"), Some("20M")));
+        let agent = cg.agent(&falcon(), &limits(Some("10%"), Some("20M")));
         assert!(!agent.is_tracked());
         let not = agent.not_enforced().unwrap();
         assert!(

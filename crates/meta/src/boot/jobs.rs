@@ -16,6 +16,7 @@ use proto::bootagent::{Action, AgentStatus, Job, JobResult, Waiting, STATE_FATAL
 use proto::bootagent::{STATE_RUNNING, STATE_STOPED};
 use proto::legacy::Cmd;
 use proto::AgentName;
+use serde::{Deserialize, Serialize};
 
 /// Most jobs one host may have pending; more are refused (operator) or wait (derived).
 pub const MAX_PENDING_JOBS: usize = 32;
@@ -67,7 +68,7 @@ impl Want {
 }
 
 /// Where a pending job came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Origin {
     /// Derived from the desired state with this [`Want::fingerprint`].
     Derived { fingerprint: u64 },
@@ -76,7 +77,7 @@ pub enum Origin {
 }
 
 /// A job handed out and not yet answered.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Pending {
     pub job: Job,
     /// The agent the job is about (`job.name`, checked); `None` for `config`.
@@ -84,12 +85,14 @@ pub struct Pending {
     pub origin: Origin,
     /// Unix seconds.
     pub created: i64,
-    /// Status answers that carried it.
+    /// Status answers that carried it (this process's count: not stored, so that an
+    /// answer that changed nothing else writes nothing).
+    #[serde(skip)]
     pub sent: u32,
 }
 
 /// A job result as kept.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Outcome {
     pub id: String,
     pub action: Action,
@@ -113,7 +116,7 @@ pub enum Skip {
     QueueFull { name: AgentName },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum MemoKind {
     /// A derived job for this desired state failed.
     Failed,
@@ -121,7 +124,7 @@ enum MemoKind {
     Held,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Memo {
     fingerprint: u64,
     kind: MemoKind,
@@ -138,7 +141,7 @@ pub enum JobState<'a> {
 }
 
 /// One host's jobs.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct HostJobs {
     pending: Vec<Pending>,
     results: VecDeque<Outcome>,

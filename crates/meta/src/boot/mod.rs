@@ -3,8 +3,14 @@
 //! answers from) and jobs queued by operators, and the views the operator API shows.
 //!
 //! HTTP handlers see [`Boot`] only; hosts live in [`registry`], one host's jobs in
-//! [`jobs`]. Everything is in memory and bounded per host; hosts not seen for
-//! `staleHostSecs` are forgotten like legacy hosts.
+//! [`jobs`]. Everything is bounded per host; hosts not seen for `staleHostSecs` are
+//! forgotten like legacy hosts.
+//!
+//! Memory is the cache every view reads; the durable store is written before an answer
+//! goes out: every change of a host runs inside [`Durable::update_boot`] (the store's
+//! transaction on that host, which in a shared store first hands over the database's row),
+//! so a serial, a queued job or a taken result is kept before the host or the operator
+//! hears of it.
 
 pub mod jobs;
 pub mod registry;
@@ -13,15 +19,17 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use proto::bootagent::{self, Action, Job, StatusRequest};
+use proto::bootagent::{self, Action, Job, StatusRequest, Waiting};
 use proto::legacy::Cmd;
 use proto::ops::{self as wire, BatchJob, BatchStatus, HostView, JobsResponse, QueuedJob};
 use proto::{AgentName, Hostname, Serial};
 
 use crate::config::TagRule;
 use crate::desired::Desired;
+use crate::persist::{BatchRow, BootRow, Durable, StoreError};
 use jobs::{JobState, Origin, Skip, Want};
 pub use registry::{Refusal, Registration, Registry};
+use serde::{Deserialize, Serialize};
 
 /// Longest tag list of one rule, in bytes.
 pub const MAX_TAGS_LEN: usize = 256;
@@ -154,7 +162,7 @@ pub enum Selector {
     Tag(String),
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Batch {
     action: Action,
     name: String,
@@ -169,12 +177,30 @@ struct Batches {
 }
 
 /// The BootAgent side of the server.
-#[derive(Debug, Default)]
 pub struct Boot {
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
+    durable: Arc<dyn Durable>,
     batches: Mutex<Batches>,
     warned: Mutex<HashMap<String, Warned>>,
 }
+
+impl std::fmt::Debug for Boot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Boot")
+            .field("hosts", &self.registry.len())
+            .field("store", &self.durable.kind())
+            .finish()
+    }
+}
+
+impl Default for Boot {
+    fn default() -> Self {
+        Boot::new()
+    }
+}
+
+/// What a status report answers: the jobs to run and what waits, or why it was refused.
+pub type StatusAnswer = Result<(Vec<Job>, Vec<Waiting>), Refusal>;
 
 /// When a rate-limited warning was last logged, and how many were held back since.
 #[derive(Debug, Clone, Copy)]
@@ -184,37 +210,144 @@ struct Warned {
 }
 
 impl Boot {
+    /// BootAgent state kept in memory only.
     pub fn new() -> Boot {
-        Boot::default()
+        Boot::with_store(Arc::new(crate::persist::memory::Memory))
+    }
+
+    /// BootAgent state written to `durable`.
+    pub fn with_store(durable: Arc<dyn Durable>) -> Boot {
+        Boot {
+            registry: Arc::new(Registry::new()),
+            durable,
+            batches: Mutex::new(Batches::default()),
+            warned: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Fills memory from the store's rows at start; returns how many hosts were taken.
+    pub fn load(&self, hosts: &[BootRow], batches: &[BatchRow]) -> usize {
+        let mut n = 0;
+        for row in hosts {
+            match self.registry.install(row) {
+                Ok(()) => n += 1,
+                Err(e) => {
+                    tracing::error!(host = %row.hostname, error = %e, "a stored BootAgent host cannot be read; skipped")
+                }
+            }
+        }
+        for row in batches {
+            match serde_json::from_str::<Batch>(&row.body) {
+                Ok(b) => self.remember_batch(row.id.as_str().into(), b),
+                Err(e) => {
+                    tracing::error!(batch = %row.id, error = %e, "a stored batch cannot be read; skipped")
+                }
+            }
+        }
+        n
+    }
+
+    /// Installs rows another replica wrote, where memory holds another (older) revision.
+    pub fn refresh(&self, rows: &[BootRow]) {
+        for row in rows {
+            let current = self.registry.read(&row.hostname, |rec| rec.rev);
+            if current.is_none_or(|rev| rev < row.rev) {
+                if let Err(e) = self.registry.install(row) {
+                    tracing::error!(host = %row.hostname, error = %e, "a stored BootAgent host cannot be read; skipped");
+                }
+            }
+        }
+    }
+
+    /// In a shared store, reads these hosts' rows again (views that must show what
+    /// another replica took a moment ago).
+    async fn refresh_hosts(&self, hosts: Vec<String>) -> Result<(), StoreError> {
+        if self.durable.shared() && !hosts.is_empty() {
+            let rows = self.durable.boot_hosts(&hosts).await?;
+            self.refresh(&rows);
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on the registry inside the store's transaction on `hostname`, and writes
+    /// the host's row when `f` changed anything worth keeping.
+    async fn on_host<R: Send + 'static>(
+        &self,
+        hostname: &str,
+        f: impl FnOnce(&Registry) -> R + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let reg = self.registry.clone();
+        let host = hostname.to_string();
+        let slot = Arc::new(Mutex::new(None));
+        let out = slot.clone();
+        // A store that keeps nothing is spared the encoding.
+        let keeps = self.durable.kind() != "memory";
+        self.durable
+            .update_boot(
+                hostname,
+                Box::new(move |db| {
+                    reg.sync(&host, db);
+                    *out.lock() = Some(f(&reg));
+                    keeps.then(|| reg.save(&host)).flatten()
+                }),
+            )
+            .await?;
+        let r = slot.lock().take();
+        Ok(r.expect("update_boot runs its update before it returns Ok"))
+    }
+
+    fn remember_batch(&self, id: Arc<str>, batch: Batch) {
+        let mut b = self.batches.lock();
+        if let Some(known) = b.by_id.get_mut(&id) {
+            *known = batch;
+            return;
+        }
+        if b.order.len() >= MAX_BATCHES {
+            if let Some(old) = b.order.pop_front() {
+                b.by_id.remove(&old);
+            }
+        }
+        b.order.push_back(id.clone());
+        b.by_id.insert(id, batch);
     }
 
     /// Registers a host with the serial it sent (`None`: it has none); returns the serial
     /// it must use and its tags.
-    pub fn register(
+    pub async fn register(
         &self,
         desired: &Desired,
         hostname: &Hostname,
         serial: Option<&Serial>,
         now: i64,
-    ) -> (Serial, String, Registration) {
-        let (serial, how) = self.registry.register(hostname, serial, now);
+    ) -> Result<(Serial, String, Registration), StoreError> {
+        let (h, s) = (hostname.clone(), serial.cloned());
+        let (serial, how) = self
+            .on_host(hostname.as_str(), move |reg| {
+                reg.register(&h, s.as_ref(), now)
+            })
+            .await?;
         let tags = tags_for(&desired.config.tag_rules, hostname.as_str());
         tracing::info!(host = %hostname, agentsn = %serial, how = ?how, tags = %tags, "bootagent registered");
-        (serial, tags, how)
+        Ok((serial, tags, how))
     }
 
     /// Takes a status report: records it, applies job results, derives jobs, and returns
     /// every job the host must (still) run.
-    pub fn status(
+    pub async fn status(
         &self,
         desired: &Desired,
         req: &StatusRequest,
         now: i64,
-    ) -> Result<(Vec<Job>, Vec<bootagent::Waiting>), Refusal> {
+    ) -> Result<StatusAnswer, StoreError> {
         let wants = wants_for(desired, &req.hostname);
-        let (jobs, waiting, skips, applied) =
-            self.registry
-                .with_host(&req.hostname, &req.agentsn, |rec| {
+        let owned = StatusRequest {
+            events: Vec::new(),
+            ..req.clone()
+        };
+        let taken = self
+            .on_host(&req.hostname, move |reg| {
+                let req = &owned;
+                reg.with_host(&req.hostname, &req.agentsn, |rec| {
                     rec.last_seen = now;
                     rec.report = Some(registry::Report {
                         version: jobs::clean_text(&req.version, 128),
@@ -239,14 +372,20 @@ impl Boot {
                         skips,
                         applied,
                     )
-                })?;
+                })
+            })
+            .await?;
+        let (jobs, waiting, skips, applied) = match taken {
+            Ok(t) => t,
+            Err(r) => return Ok(Err(r)),
+        };
         if applied > 0 {
             tracing::debug!(host = %req.hostname, applied, "job results applied");
         }
         for s in skips {
             self.log_skip(&req.hostname, s);
         }
-        Ok((jobs, waiting))
+        Ok(Ok((jobs, waiting)))
     }
 
     /// True when the warning `key` is due: the first time, then once per [`WARN_EVERY`];
@@ -294,8 +433,17 @@ impl Boot {
 
     /// Registered hostnames a selector picks (sorted), and the hostnames of a host list
     /// that are not registered.
-    pub fn select(&self, desired: &Desired, sel: &Selector) -> (Vec<Hostname>, Vec<Hostname>) {
-        match sel {
+    pub async fn select(
+        &self,
+        desired: &Desired,
+        sel: &Selector,
+    ) -> Result<(Vec<Hostname>, Vec<Hostname>), StoreError> {
+        if let Selector::Hosts(hosts) = sel {
+            // Hosts another replica registered a moment ago are known here too.
+            self.refresh_hosts(hosts.iter().map(|h| h.to_string()).collect())
+                .await?;
+        }
+        Ok(match sel {
             Selector::Hosts(hosts) => {
                 let mut found = Vec::new();
                 let mut missing = Vec::new();
@@ -322,17 +470,17 @@ impl Boot {
                     vec![],
                 )
             }
-        }
+        })
     }
 
     /// Queues `job` on every host of `hosts` and remembers the batch.
-    pub fn queue(
+    pub async fn queue(
         &self,
         desired: &Desired,
         job: &OperatorJob,
         hosts: &[Hostname],
         now: i64,
-    ) -> JobsResponse {
+    ) -> Result<JobsResponse, StoreError> {
         let batch: Arc<str> = jobs::new_id().into();
         let name = job.name.as_ref().map_or("", AgentName::as_str);
         let mut out = JobsResponse {
@@ -364,16 +512,39 @@ impl Boot {
                 step: job.step,
             };
             let id = j.id.clone();
-            let r = self.registry.with_hostname(h.as_str(), |rec| {
-                // Only an agent the host reported can be uninstalled: a mistyped name
-                // (`cfg.json`) must not reach a host, which would take it for an agent.
-                if job.action == Action::Uninstall && !reported(rec, name) {
-                    return Err("the host has not reported this agent; nothing to uninstall");
+            let (host, action, agent, batch_id, name_owned) = (
+                h.clone(),
+                job.action,
+                job.name.clone(),
+                batch.clone(),
+                name.to_string(),
+            );
+            let r = self
+                .on_host(h.as_str(), move |reg| {
+                    reg.with_hostname(host.as_str(), |rec| {
+                        // Only an agent the host reported can be uninstalled: a mistyped
+                        // name (`cfg.json`) must not reach a host, which would take it for
+                        // an agent.
+                        if action == Action::Uninstall && !reported(rec, &name_owned) {
+                            return Err(
+                                "the host has not reported this agent; nothing to uninstall",
+                            );
+                        }
+                        rec.jobs
+                            .push_operator(j, agent, batch_id, now, hold)
+                            .map(|()| rec.serial.to_string())
+                    })
+                })
+                .await;
+            // A store that fails for one host skips that host: the batch stays whole
+            // for the others, and the operator sees which hosts to queue again.
+            let r = match r {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(host = %h, batch = %batch, error = %e, "operator job not queued: store error");
+                    Some(Err("the fleet store is unavailable; not queued"))
                 }
-                rec.jobs
-                    .push_operator(j, job.name.clone(), batch.clone(), now, hold)
-                    .map(|()| rec.serial.to_string())
-            });
+            };
             match r {
                 Some(Ok(agentsn)) => out.jobs.push(QueuedJob {
                     host: h.to_string(),
@@ -391,37 +562,50 @@ impl Boot {
             }
         }
         tracing::info!(batch = %batch, action = job.action.as_str(), agent = %name, queued = out.jobs.len(), skipped = out.skipped.len(), "operator jobs queued");
-        let mut b = self.batches.lock();
-        if b.order.len() >= MAX_BATCHES {
-            if let Some(old) = b.order.pop_front() {
-                b.by_id.remove(&old);
-            }
-        }
-        b.order.push_back(batch.clone());
-        b.by_id.insert(
-            batch,
-            Batch {
-                action: job.action,
-                name: name.to_string(),
+        let b = Batch {
+            action: job.action,
+            name: name.to_string(),
+            created: now,
+            jobs: out.jobs.clone(),
+        };
+        self.durable
+            .put_batch(BatchRow {
+                id: batch.to_string(),
                 created: now,
-                jobs: out.jobs.clone(),
-            },
-        );
-        out
+                body: serde_json::to_string(&b).expect("a batch serializes"),
+            })
+            .await?;
+        self.remember_batch(batch, b);
+        Ok(out)
     }
 
-    /// Where every job of a batch stands.
-    pub fn batch(&self, id: &str) -> Option<BatchStatus> {
-        let (action, name, created, queued) = {
-            let b = self.batches.lock();
-            let batch = b.by_id.get(id)?;
-            (
-                batch.action,
-                batch.name.clone(),
-                batch.created,
-                batch.jobs.clone(),
-            )
+    /// Where every job of a batch stands. A batch queued through another replica is read
+    /// from the store, and in a shared store its hosts are read again, so that results
+    /// another replica took show at once.
+    pub async fn batch(&self, id: &str) -> Result<Option<BatchStatus>, StoreError> {
+        let known = self.batches.lock().by_id.get(id).cloned();
+        let found = match known {
+            Some(b) => Some(b),
+            None => match self.durable.batch(id).await? {
+                Some(row) => match serde_json::from_str::<Batch>(&row.body) {
+                    Ok(b) => {
+                        self.remember_batch(row.id.as_str().into(), b.clone());
+                        Some(b)
+                    }
+                    Err(e) => {
+                        tracing::error!(batch = %id, error = %e, "a stored batch cannot be read");
+                        None
+                    }
+                },
+                None => None,
+            },
         };
+        let Some(batch) = found else {
+            return Ok(None);
+        };
+        self.refresh_hosts(batch.jobs.iter().map(|q| q.host.clone()).collect())
+            .await?;
+        let (action, name, created, queued) = (batch.action, batch.name, batch.created, batch.jobs);
         let jobs = queued
             .into_iter()
             .map(|q| {
@@ -451,13 +635,23 @@ impl Boot {
                 bj
             })
             .collect();
-        Some(BatchStatus {
+        Ok(Some(BatchStatus {
             id: id.to_string(),
             action: action.as_str().into(),
             name,
             created,
             jobs,
-        })
+        }))
+    }
+
+    /// [`Boot::host_view`], after reading the host again from a shared store.
+    pub async fn host_view_fresh(
+        &self,
+        desired: &Desired,
+        hostname: &str,
+    ) -> Result<Option<HostView>, StoreError> {
+        self.refresh_hosts(vec![hostname.to_string()]).await?;
+        Ok(self.host_view(desired, hostname))
     }
 
     /// The operator's view of one host.
@@ -527,14 +721,18 @@ impl Boot {
     }
 
     /// Forgets failures and holds on `hosts` (of agent `name`, or all); returns how many.
-    pub fn retry(&self, hosts: &[Hostname], name: Option<&str>) -> usize {
-        hosts
-            .iter()
-            .filter_map(|h| {
-                self.registry
-                    .with_hostname(h.as_str(), |rec| rec.jobs.clear_memos(name))
-            })
-            .sum()
+    pub async fn retry(&self, hosts: &[Hostname], name: Option<&str>) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for h in hosts {
+            let (host, name) = (h.clone(), name.map(str::to_string));
+            n += self
+                .on_host(h.as_str(), move |reg| {
+                    reg.with_hostname(host.as_str(), |rec| rec.jobs.clear_memos(name.as_deref()))
+                })
+                .await?
+                .unwrap_or(0);
+        }
+        Ok(n)
     }
 
     /// Forgets hosts last seen before `older_than`; returns how many.

@@ -2,8 +2,15 @@
 //! report and its jobs.
 //!
 //! Invariant: every host holds exactly one serial and `serials[host.serial] == hostname`.
-//! Both maps change together under the `serials` lock (registration and sweeps only, which
-//! are rare); status reports touch one host shard and never that lock.
+//! Both maps change together under the `serials` lock (registration, sweeps and rows
+//! installed from the store, which are rare); status reports touch one host shard and
+//! never that lock.
+//!
+//! A host is also a row of the durable store ([`crate::persist::BootRow`]): [`Registry::save`]
+//! encodes it when something worth keeping changed (anything but the count of answers
+//! that carried a job, and the last-seen time within one step), bumping its `rev`;
+//! [`Registry::sync`] installs the database's row when it is another revision (another
+//! replica wrote it).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -11,14 +18,21 @@ use std::hash::{BuildHasher, RandomState};
 use parking_lot::{Mutex, RwLock};
 use proto::bootagent::AgentStatus;
 use proto::{Hostname, Serial};
+use serde::{Deserialize, Serialize};
 
 use super::jobs::HostJobs;
+use crate::persist::{behind::seen_step, BootRow, DbRow};
+
+/// A registration without a serial, for a host registered this recently that has not
+/// reported since, gets the serial it was given then: the answer was lost and the host
+/// asks again, or two replicas took the same host's registration at the same instant.
+pub const REGISTER_REPEAT_SECS: i64 = 30;
 
 /// Number of host shards; a power of two.
 pub const SHARDS: usize = 64;
 
 /// What a host last reported about itself.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Report {
     /// The host agent's own version string.
     pub version: String,
@@ -39,6 +53,55 @@ pub struct HostRec {
     pub last_seen: i64,
     pub report: Option<Report>,
     pub jobs: HostJobs,
+    /// Writes of the host's row ([`BootRow::rev`]).
+    pub rev: i64,
+    /// A hash of what the last write (or load) of the row held, and its last-seen time.
+    saved: Option<(u64, i64)>,
+}
+
+/// What a host's row keeps beyond its hostname, serial and last-seen time, as read back.
+#[derive(Deserialize)]
+struct Stored {
+    registered: i64,
+    report: Option<Report>,
+    jobs: HostJobs,
+}
+
+/// The same, as written.
+#[derive(Serialize)]
+struct StoredRef<'a> {
+    registered: i64,
+    report: Option<&'a Report>,
+    jobs: &'a HostJobs,
+}
+
+/// A hash of what is worth a write of the host's row: everything but the counters that
+/// move with every report (the host's clock, uptimes), which are written with the
+/// last-seen time's steps.
+fn digest(serial: &str, registered: i64, report: Option<&Report>, jobs: &HostJobs) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let steady = report.map(|r| Report {
+        timestamp: 0,
+        uptime: 0,
+        agents: r
+            .agents
+            .iter()
+            .map(|a| AgentStatus {
+                uptime: 0,
+                ..a.clone()
+            })
+            .collect(),
+        ..r.clone()
+    });
+    let text = serde_json::to_string(&StoredRef {
+        registered,
+        report: steady.as_ref(),
+        jobs,
+    })
+    .expect("a host's state serializes");
+    let mut h = DefaultHasher::new();
+    (serial, text).hash(&mut h);
+    h.finish()
 }
 
 /// How a registration went.
@@ -52,6 +115,9 @@ pub enum Registration {
     Adopted,
     /// The serial belongs to another hostname (a cloned disk image); a fresh one was issued.
     Cloned,
+    /// The host sent no serial but was registered moments ago and has not reported since:
+    /// it got the same serial again ([`REGISTER_REPEAT_SECS`]).
+    Repeated,
 }
 
 /// Why a status report was refused.
@@ -103,9 +169,16 @@ impl Registry {
         now: i64,
     ) -> (Serial, Registration) {
         let mut serials = self.serials.lock();
-        let (serial, how) = match serial {
-            None => (new_serial(), Registration::Issued),
-            Some(serial) => match serials.get(serial) {
+        let repeat = self
+            .shard(hostname.as_str())
+            .read()
+            .get(hostname)
+            .filter(|rec| rec.report.is_none() && now - rec.registered < REGISTER_REPEAT_SECS)
+            .map(|rec| rec.serial.clone());
+        let (serial, how) = match (serial, repeat) {
+            (None, Some(again)) => (again, Registration::Repeated),
+            (None, None) => (new_serial(), Registration::Issued),
+            (Some(serial), _) => match serials.get(serial) {
                 Some(h) if h == hostname => (serial.clone(), Registration::Kept),
                 Some(_) => (new_serial(), Registration::Cloned),
                 None => (serial.clone(), Registration::Adopted),
@@ -128,6 +201,8 @@ impl Registry {
                         last_seen: now,
                         report: None,
                         jobs: HostJobs::default(),
+                        rev: 0,
+                        saved: None,
                     },
                 );
             }
@@ -205,6 +280,108 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// The host's row, when something worth keeping changed since it was last saved (its
+    /// `rev` is then bumped); `None` when nothing did or the host is unknown.
+    pub fn save(&self, hostname: &str) -> Option<BootRow> {
+        let mut shard = self.shard(hostname).write();
+        let rec = shard.get_mut(hostname)?;
+        let hash = digest(
+            rec.serial.as_str(),
+            rec.registered,
+            rec.report.as_ref(),
+            &rec.jobs,
+        );
+        if let Some((saved, seen)) = rec.saved {
+            if saved == hash && !seen_step(seen, rec.last_seen) {
+                return None;
+            }
+        }
+        let state = serde_json::to_string(&StoredRef {
+            registered: rec.registered,
+            report: rec.report.as_ref(),
+            jobs: &rec.jobs,
+        })
+        .expect("a host's state serializes");
+        rec.rev += 1;
+        rec.saved = Some((hash, rec.last_seen));
+        Some(BootRow {
+            hostname: hostname.to_string(),
+            serial: rec.serial.to_string(),
+            rev: rec.rev,
+            last_seen: rec.last_seen,
+            state,
+        })
+    }
+
+    /// Makes memory agree with what the database holds for `hostname` (a shared store
+    /// read it under the host's lock): the database's row replaces another revision, and
+    /// a host the database does not have is forgotten. `NotRead` changes nothing.
+    pub fn sync(&self, hostname: &str, db: DbRow) {
+        match db {
+            DbRow::NotRead => {}
+            DbRow::Absent => {
+                let mut serials = self.serials.lock();
+                if let Some(rec) = self.shard(hostname).write().remove(hostname) {
+                    serials.remove(&rec.serial);
+                }
+            }
+            DbRow::Row(row) => {
+                let current = self.read(hostname, |rec| rec.rev);
+                if current != Some(row.rev) {
+                    if let Err(e) = self.install(&row) {
+                        tracing::error!(host = %hostname, error = %e, "a stored BootAgent host cannot be read; kept as in memory");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Installs a stored row (at start, or another replica's newer revision), replacing
+    /// what memory holds for that host.
+    pub fn install(&self, row: &BootRow) -> Result<(), String> {
+        let hostname = Hostname::parse(&row.hostname).map_err(|e| e.to_string())?;
+        let serial = Serial::parse(&row.serial).map_err(|e| e.to_string())?;
+        let stored: Stored = serde_json::from_str(&row.state).map_err(|e| e.to_string())?;
+        let mut serials = self.serials.lock();
+        let mut shard = self.shard(hostname.as_str()).write();
+        if let Some(old) = shard.get(&hostname) {
+            if old.serial != serial {
+                serials.remove(&old.serial);
+            }
+        }
+        // A serial another host holds in memory is the database's word now: that host
+        // re-registered elsewhere or was forgotten.
+        if let Some(other) = serials.get(&serial).filter(|h| **h != hostname).cloned() {
+            drop(shard);
+            let mut o = self.shard(other.as_str()).write();
+            o.remove(&other);
+            drop(o);
+            shard = self.shard(hostname.as_str()).write();
+        }
+        serials.insert(serial.clone(), hostname.clone());
+        let hash = digest(
+            serial.as_str(),
+            stored.registered,
+            stored.report.as_ref(),
+            &stored.jobs,
+        );
+        shard.insert(
+            hostname,
+            HostRec {
+                serial,
+                registered: stored.registered,
+                last_seen: row.last_seen,
+                report: stored.report,
+                jobs: stored.jobs,
+                rev: row.rev,
+                saved: Some((hash, row.last_seen)),
+            },
+        );
+        Ok(())
+    }
+}
+
 /// A fresh serial: a random UUID.
 pub fn new_serial() -> Serial {
     Serial::parse(&super::jobs::new_id()).expect("a UUID is a valid serial")
@@ -248,7 +425,7 @@ mod tests {
             Registration::Adopted
         );
         // web-1 lost its metafile: the new serial replaces the old one.
-        let (s3, _) = r.register(&h("web-1"), None, 4);
+        let (s3, _) = r.register(&h("web-1"), None, 4 + REGISTER_REPEAT_SECS);
         assert_eq!(
             r.with_host("web-1", s1.as_str(), |_| ()),
             Err(Refusal::Unregistered)
@@ -261,6 +438,51 @@ mod tests {
         assert_eq!(
             r.hostnames(|h| h.starts_with("web")),
             ["web-1", "web-2", "web-9"]
+        );
+    }
+
+    #[test]
+    fn a_repeated_registration_before_any_report_keeps_its_serial() {
+        let r = Registry::new();
+        let (s1, _) = r.register(&h("web-1"), None, 100);
+        // The answer was lost, or another replica took the same registration.
+        assert_eq!(
+            r.register(&h("web-1"), None, 101),
+            (s1.clone(), Registration::Repeated)
+        );
+        // Once the host reported, a registration without a serial is a lost metafile.
+        r.with_host("web-1", s1.as_str(), |rec| {
+            rec.report = Some(Report::default())
+        })
+        .unwrap();
+        let (s2, how) = r.register(&h("web-1"), None, 102);
+        assert_eq!(how, Registration::Issued);
+        assert_ne!(s2, s1);
+        // And long after the registration, too.
+        let (s3, _) = r.register(&h("web-2"), None, 0);
+        let (s4, _) = r.register(&h("web-2"), None, REGISTER_REPEAT_SECS);
+        assert_ne!(s3, s4);
+    }
+
+    #[test]
+    fn a_saved_host_reads_back_and_an_unchanged_one_is_not_saved_again() {
+        let r = Registry::new();
+        let (s, _) = r.register(&h("web-1"), None, 100);
+        let row = r.save("web-1").expect("a new host is saved");
+        assert_eq!((row.rev, row.serial.as_str()), (1, s.as_str()));
+        assert!(r.save("web-1").is_none(), "nothing changed");
+        r.with_hostname("web-1", |rec| rec.last_seen = 100 + 120);
+        let row = r.save("web-1").expect("last seen entered a new step");
+        let other = Registry::new();
+        other.install(&row).unwrap();
+        assert_eq!(
+            other.read("web-1", |rec| (rec.rev, rec.last_seen)),
+            Some((2, 220))
+        );
+        assert_eq!(other.with_host("web-1", s.as_str(), |_| ()), Ok(()));
+        assert!(
+            other.save("web-1").is_none(),
+            "installed rows are saved already"
         );
     }
 

@@ -1,4 +1,6 @@
 //! `GET /config/reload`: re-reads the config file; loopback callers only, as the original.
+//! `GET /metrics`: a few gauges in the Prometheus text format (the store's backend and how
+//! far its write-behind queue lags, host counts).
 
 use std::net::SocketAddr;
 
@@ -9,7 +11,37 @@ use axum::Router;
 use super::{AppError, AppState};
 
 pub(super) fn router() -> Router<AppState> {
-    Router::new().route("/config/reload", get(reload))
+    Router::new()
+        .route("/config/reload", get(reload))
+        .route("/metrics", get(metrics))
+}
+
+async fn metrics(State(st): State<AppState>) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let lag = &st.behind.lag;
+    format!(
+        "# TYPE ops_meta_store_info gauge\n\
+         ops_meta_store_info{{backend=\"{}\"}} 1\n\
+         # TYPE ops_meta_store_queue_hosts gauge\n\
+         ops_meta_store_queue_hosts {}\n\
+         # TYPE ops_meta_store_write_lag_seconds gauge\n\
+         ops_meta_store_write_lag_seconds {:.3}\n\
+         # TYPE ops_meta_store_rows_written_total counter\n\
+         ops_meta_store_rows_written_total {}\n\
+         # TYPE ops_meta_store_write_failures_total counter\n\
+         ops_meta_store_write_failures_total {}\n\
+         # TYPE ops_meta_hosts gauge\n\
+         ops_meta_hosts {}\n\
+         # TYPE ops_meta_bootagent_hosts gauge\n\
+         ops_meta_bootagent_hosts {}\n",
+        st.durable.kind(),
+        lag.queued.load(Relaxed).max(0),
+        lag.last_lag_ms.load(Relaxed) as f64 / 1000.0,
+        lag.written.load(Relaxed),
+        lag.failures.load(Relaxed),
+        st.store.host_count(),
+        st.boot.registry.len(),
+    )
 }
 
 async fn reload(State(st): State<AppState>, req: Request) -> Result<String, AppError> {

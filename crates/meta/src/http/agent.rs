@@ -104,13 +104,20 @@ pub(super) fn check_events(events: &[Event]) -> Result<(), AppError> {
     Ok(())
 }
 
-/// Keeps the checked `events` of `host`, a validated hostname.
-pub(super) fn record_events(st: &AppState, host: &str, events: &[Event]) {
+/// Keeps the checked `events` of `host`, a validated hostname: in memory, and in the
+/// durable store before the report is answered (the host takes a 200 as "kept").
+pub(super) async fn record_events(
+    st: &AppState,
+    host: &str,
+    events: &[Event],
+) -> Result<(), AppError> {
     if events.is_empty() {
-        return;
+        return Ok(());
     }
+    st.durable.put_events(host, events).await?;
     let r = st.events.record(host, events);
     tracing::debug!(host = %host, added = r.added, duplicates = r.duplicates, "agent events");
+    Ok(())
 }
 
 /// The reported hostname, checked: the edge where it becomes a [`Hostname`].
@@ -137,7 +144,8 @@ async fn register(
     };
     let (agentsn, tags, _) = st
         .boot
-        .register(&desired, &hostname, serial.as_ref(), unix_now());
+        .register(&desired, &hostname, serial.as_ref(), unix_now())
+        .await?;
     Ok(Json(RegisterResponse {
         status: STATUS_OK,
         agentsn: agentsn.into(),
@@ -186,7 +194,7 @@ async fn status(
     }
     bootagent::validate_agentsn(&req.agentsn)?;
     let now = unix_now();
-    let (jobs, waiting) = match st.boot.status(&desired, &req, now) {
+    let (jobs, waiting) = match st.boot.status(&desired, &req, now).await? {
         Ok(jobs) => jobs,
         Err(r) => {
             tracing::info!(host = %req.hostname, agentsn = %req.agentsn, refusal = ?r, "bootagent status refused: register again");
@@ -208,8 +216,10 @@ async fn status(
             timestamp: ts,
         })
         .collect();
-    st.store.record(&req.hostname, &agents, now);
-    record_events(&st, &req.hostname, &req.events);
+    if st.store.record(&req.hostname, &agents, now) {
+        st.behind.push(&req.hostname).await;
+    }
+    record_events(&st, &req.hostname, &req.events).await?;
     let resp = StatusResponse {
         status: STATUS_OK,
         message: String::new(),

@@ -155,10 +155,13 @@ where
         proto::validate_version(&a.version)?;
     }
     super::agent::check_events(&req.events)?;
-    st.store.record(&req.hostname, &req.real_agents, unix_now());
+    if st.store.record(&req.hostname, &req.real_agents, unix_now()) {
+        // Written behind: the host sends this whole report again at its next heartbeat.
+        st.behind.push(&req.hostname).await;
+    }
     // The `events` extension; a heartbeat without it does not reach this branch.
     if !req.events.is_empty() {
-        super::agent::record_events(st, &req.hostname, &req.events);
+        super::agent::record_events(st, &req.hostname, &req.events).await?;
     }
     let out = desired.response_bytes(&req.hostname);
     if cfg.debug {

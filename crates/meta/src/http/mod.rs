@@ -19,6 +19,12 @@ use axum::Router;
 pub use crate::state::AppState;
 pub use heartbeat::{HeartbeatConn, PATH as HEARTBEAT_PATH};
 
+impl From<crate::persist::StoreError> for AppError {
+    fn from(e: crate::persist::StoreError) -> AppError {
+        AppError::Store(e.to_string())
+    }
+}
+
 /// Entry points for the fuzz targets in `fuzz/` (not an API: it may change at any time).
 /// The parsers they reach stay private to their modules otherwise.
 #[doc(hidden)]
@@ -116,6 +122,9 @@ pub enum AppError {
     /// Detail is logged, never sent.
     #[error("internal error")]
     Internal(String),
+    /// The durable store failed: nothing was acknowledged; the client retries.
+    #[error("the fleet store is unavailable; retry later")]
+    Store(String),
     /// Too many status pages are being sent (`maxStatusStreams`); 503 with `Retry-After`.
     #[error("{max} status pages are being sent, the limit (maxStatusStreams); retry later")]
     Busy { max: u64, retry_after_secs: u64 },
@@ -151,6 +160,7 @@ impl AppError {
             AppError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             AppError::ReloadRefused(_) => StatusCode::BAD_REQUEST,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            AppError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             AppError::MalformedRequest => StatusCode::BAD_REQUEST,
             AppError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
@@ -164,6 +174,9 @@ impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         if let AppError::Internal(detail) = &self {
             tracing::error!(error = %detail, "internal error");
+        }
+        if let AppError::Store(detail) = &self {
+            tracing::error!(error = %detail, "store error; answered 503");
         }
         // Like Go's http.Error, which the original used: the text, a newline, plain text.
         let mut r = (self.status(), format!("{self}\n")).into_response();

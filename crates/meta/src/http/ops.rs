@@ -194,11 +194,11 @@ async fn post_jobs(
     let req: JobsRequest = parse_object(&bytes)
         .map_err(|e| AppError::BadRequest(format!("body format error: {e}")))?;
     let (job, sel) = operator_job(req)?;
-    let (hosts, missing) = st.boot.select(&desired, &sel);
+    let (hosts, missing) = st.boot.select(&desired, &sel).await?;
     if hosts.is_empty() {
         return Err(AppError::NothingFound(describe(&sel)));
     }
-    let mut out = st.boot.queue(&desired, &job, &hosts, unix_now());
+    let mut out = st.boot.queue(&desired, &job, &hosts, unix_now()).await?;
     out.skipped
         .extend(missing.into_iter().map(|host| proto::ops::SkippedHost {
             host: host.into(),
@@ -213,6 +213,7 @@ async fn get_batch(
 ) -> Result<Json<BatchStatus>, AppError> {
     st.boot
         .batch(&id)
+        .await?
         .map(Json)
         .ok_or_else(|| AppError::NothingFound("no such job batch".into()))
 }
@@ -243,14 +244,24 @@ async fn get_hosts(
                 Some(t) => boot::has_tags(&boot::tags_for(rules, h), t),
             }
     });
-    let hosts = names
+    let mut hosts: Vec<HostView> = names
         .iter()
         .filter_map(|h| st.boot.host_view(&desired, h.as_str()))
-        .map(|mut v| {
-            (v.event_count, v.last_event) = st.events.summary(&v.hostname);
-            v
-        })
         .collect();
+    // Hosts on the legacy heartbeat too (those not registered over BootAgent), so that
+    // every host's agents, states and events are in one list.
+    let registered: std::collections::HashSet<&str> = names.iter().map(|h| h.as_str()).collect();
+    let tag = q.get("tag");
+    let legacy = st.store.hostnames(&|h| {
+        h.starts_with(prefix)
+            && !registered.contains(h)
+            && tag.is_none_or(|t| boot::has_tags(&boot::tags_for(rules, h), t))
+    });
+    hosts.extend(legacy.iter().filter_map(|h| legacy_host_view(&st, h)));
+    hosts.sort_by(|a, b| a.hostname.cmp(&b.hostname));
+    for v in &mut hosts {
+        (v.event_count, v.last_event) = st.events.summary(&v.hostname);
+    }
     Ok(Json(HostsResponse { hosts }))
 }
 
@@ -264,7 +275,8 @@ async fn get_host(
     let desired = st.current.load();
     let mut view = st
         .boot
-        .host_view(&desired, &hostname)
+        .host_view_fresh(&desired, &hostname)
+        .await?
         .or_else(|| legacy_host_view(&st, &hostname))
         .ok_or_else(|| {
             AppError::NothingFound(format!(
@@ -311,12 +323,12 @@ async fn post_retry(
         proto::validate_agent_name(&req.name).map_err(|e| bad("name", e))?;
     }
     let sel = selector(req.hosts, req.prefix, req.tag)?;
-    let (hosts, _) = st.boot.select(&desired, &sel);
+    let (hosts, _) = st.boot.select(&desired, &sel).await?;
     if hosts.is_empty() {
         return Err(AppError::NothingFound(describe(&sel)));
     }
     let name = (!req.name.is_empty()).then_some(req.name.as_str());
-    let cleared = st.boot.retry(&hosts, name);
+    let cleared = st.boot.retry(&hosts, name).await?;
     tracing::info!(
         hosts = hosts.len(),
         cleared,

@@ -136,7 +136,7 @@ impl Fetcher {
         let client = reqwest::Client::builder()
             .connect_timeout(limits.connect_timeout)
             .danger_accept_invalid_certs(accept_invalid_certs)
-            .user_agent(concat!("ops-updater/", env!("CARGO_PKG_VERSION")))
+            .user_agent(format!("ops-updater/{}", crate::selfup::VERSION))
             .build()
             .map_err(|e| ArtifactError::Client(crate::error_chain(&e)))?;
         Ok(Fetcher { client, limits })

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::time::SystemTime;
 
 use md5::{Digest as _, Md5};
+use proto::names::{AgentName, Version};
 
 use super::fetch::{hash_file, verify, MAX_MD5_FILE_BYTES, PART_SUFFIX};
 use super::pipe::{pipe, PIPE_BUDGET_BYTES};
@@ -158,14 +159,13 @@ pub fn clean_leftovers(agent_dir: &Path) -> std::io::Result<()> {
 pub async fn install(
     fetcher: &Fetcher,
     agent_dir: &Path,
-    name: &str,
-    version: &str,
+    name: &AgentName,
+    version: &Version,
     tarball_url: &str,
     md5_url: Option<&str>,
     mut want: Want,
 ) -> Result<PathBuf, ArtifactError> {
-    proto::validate::validate_agent_name(name)?;
-    proto::validate::validate_version(version)?;
+    let (name, version) = (name.as_str(), version.as_str());
     let dir = agent_dir.join(version);
     let (a, v) = (agent_dir.to_path_buf(), version.to_string());
     if blocking(move || Ok(is_installed(&a, &v))).await? {
@@ -391,6 +391,14 @@ mod tests {
     use super::super::testserver::{serve, Mode};
     use super::super::Limits;
     use super::*;
+
+    fn name() -> AgentName {
+        AgentName::parse(NAME).unwrap()
+    }
+
+    fn version(v: &str) -> Version {
+        Version::parse(v).unwrap()
+    }
     use std::collections::HashMap;
     use std::time::Duration;
     use test_support::agent::{agent_tarball, Behaviour};
@@ -432,8 +440,8 @@ mod tests {
         let dir = install(
             &fetcher(),
             &agent,
-            NAME,
-            "1.0.1",
+            &name(),
+            &version("1.0.1"),
             &url,
             Some(&md5_url),
             Want::default(),
@@ -458,8 +466,8 @@ mod tests {
         install(
             &fetcher(),
             &agent,
-            NAME,
-            "1.0.1",
+            &name(),
+            &version("1.0.1"),
             &url,
             Some(&md5_url),
             Want::default(),
@@ -488,8 +496,8 @@ mod tests {
         let e = install(
             &fetcher(),
             &agent,
-            NAME,
-            "1.0.1",
+            &name(),
+            &version("1.0.1"),
             &srv.url(&file),
             Some(&srv.url(&format!("{file}.md5"))),
             Want::default(),
@@ -519,8 +527,8 @@ mod tests {
         let e = install(
             &fetcher(),
             &agent,
-            NAME,
-            "6.6.6",
+            &name(),
+            &version("6.6.6"),
             &srv.url(&file),
             None,
             Want {
@@ -542,8 +550,8 @@ mod tests {
         let e = install(
             &fetcher(),
             root.path(),
-            NAME,
-            "1.0",
+            &name(),
+            &version("1.0"),
             "http://127.0.0.1:9/x",
             None,
             Want::default(),
@@ -568,8 +576,8 @@ mod tests {
         let dir = install(
             &fetcher(),
             &agent,
-            NAME,
-            "1.0.1",
+            &name(),
+            &version("1.0.1"),
             &srv.url(&file),
             None,
             Want {
@@ -637,7 +645,16 @@ mod tests {
         let task = {
             let (agent, url, want) = (agent.clone(), srv.url(&file), want_of(&tb));
             tokio::spawn(async move {
-                install(&patient_fetcher(), &agent, NAME, "2.0", &url, None, want).await
+                install(
+                    &patient_fetcher(),
+                    &agent,
+                    &name(),
+                    &version("2.0"),
+                    &url,
+                    None,
+                    want,
+                )
+                .await
             })
         };
         // Half the body is in: `control`, the first member, is already unpacked into the
@@ -690,8 +707,8 @@ mod tests {
         let e = install(
             &patient_fetcher(),
             &agent,
-            NAME,
-            "2.0",
+            &name(),
+            &version("2.0"),
             &srv.url(&file),
             None,
             Want {
@@ -731,8 +748,8 @@ mod tests {
             install(
                 &patient_fetcher(),
                 &agent,
-                NAME,
-                "6.6.6",
+                &name(),
+                &version("6.6.6"),
                 &srv.url(&file),
                 None,
                 want_of(&tb),
@@ -769,9 +786,17 @@ mod tests {
         let agent = root.path().join(NAME);
         std::fs::create_dir(&agent).unwrap();
         let url = srv.url(&file);
-        let e = install(&fetcher(), &agent, NAME, "2.0", &url, None, want_of(&tb))
-            .await
-            .unwrap_err();
+        let e = install(
+            &fetcher(),
+            &agent,
+            &name(),
+            &version("2.0"),
+            &url,
+            None,
+            want_of(&tb),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(e, ArtifactError::Http { .. }), "{e:?}");
         let part = agent
             .join(DOWNLOAD_DIR)
@@ -780,9 +805,17 @@ mod tests {
         assert!(temp_folders(&agent).is_empty());
         assert!(!agent.join("2.0").exists());
 
-        let dir = install(&fetcher(), &agent, NAME, "2.0", &url, None, want_of(&tb))
-            .await
-            .unwrap();
+        let dir = install(
+            &fetcher(),
+            &agent,
+            &name(),
+            &version("2.0"),
+            &url,
+            None,
+            want_of(&tb),
+        )
+        .await
+        .unwrap();
         let heads = srv.heads();
         assert_eq!(heads.len(), 2, "{heads:?}");
         assert!(
@@ -827,8 +860,8 @@ mod tests {
         let dir = install(
             &fetcher(),
             &agent,
-            NAME,
-            "0.0.9",
+            &name(),
+            &version("0.0.9"),
             "http://127.0.0.1:9/x",
             Some("http://127.0.0.1:9/x.md5"),
             Want::default(),

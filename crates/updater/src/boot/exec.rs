@@ -4,6 +4,7 @@
 
 use proto::bootagent::{Action, Checksum, Job};
 use proto::legacy::Cmd;
+use proto::names::{AgentName, Version};
 use proto::rules;
 
 use super::jobs::{ERR_FAILED, ERR_INVALID, ERR_OK, ERR_ROLLED_BACK, MAX_ID_LEN};
@@ -25,8 +26,6 @@ fn is_http_url(u: &str) -> bool {
     })
 }
 
-/// Checks a job before anything is done for it. `only` is the config's `desiredAgent`.
-/// Returns the SHA-256 (lowercase hex) for install and upgrade.
 /// The digests an install or upgrade job carries, checked.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct JobDigests {
@@ -36,10 +35,28 @@ pub struct JobDigests {
     pub md5: Option<String>,
 }
 
-/// Checks a job. For install and upgrade, returns its digests: at least one of a SHA-256
-/// or an MD5 (`checksum: MD5:...` is what ops-meta sends while it knows no SHA-256 of the
-/// artifact, the same check the legacy path makes with the `.md5` file).
-pub fn check(job: &Job, only: &str) -> Result<Option<JobDigests>, String> {
+/// A job that passed [`check`]: its names as checked types, which is all [`run`] builds
+/// folders and URLs from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    /// The agent (every action but `config`).
+    pub agent: Option<AgentName>,
+    /// The version to install (install and upgrade).
+    pub version: Option<Version>,
+    /// The digests the artifact must have (install and upgrade).
+    pub digests: Option<JobDigests>,
+}
+
+/// Checks a job before anything is done for it; `only` is the config's `desiredAgent`.
+/// For install and upgrade, the digests are at least one of a SHA-256 or an MD5
+/// (`checksum: MD5:...` is what ops-meta sends while it knows no SHA-256 of the artifact,
+/// the same check the legacy path makes with the `.md5` file).
+pub fn check(job: &Job, only: &str) -> Result<Checked, String> {
+    let mut checked = Checked {
+        agent: None,
+        version: None,
+        digests: None,
+    };
     if job.id.is_empty() || job.id.len() > MAX_ID_LEN || job.id.chars().any(char::is_control) {
         return Err(format!(
             "job id {:?} is empty, too long or holds control characters",
@@ -56,9 +73,9 @@ pub fn check(job: &Job, only: &str) -> Result<Option<JobDigests>, String> {
         if let Some(step) = job.step {
             rules::check_step(step).map_err(|e| format!("step: {e}"))?;
         }
-        return Ok(None);
+        return Ok(checked);
     }
-    proto::validate_agent_name(&job.name).map_err(|e| e.to_string())?;
+    checked.agent = Some(AgentName::parse(&job.name).map_err(|e| e.to_string())?);
     if !only.is_empty() && job.name != only {
         return Err(format!(
             "agent {:?}: this host only manages {only:?} (desiredAgent)",
@@ -75,7 +92,7 @@ pub fn check(job: &Job, only: &str) -> Result<Option<JobDigests>, String> {
                 job.action.as_str()
             ));
         }
-        proto::validate_version(&job.version).map_err(|e| e.to_string())?;
+        checked.version = Some(Version::parse(&job.version).map_err(|e| e.to_string())?);
         if !is_http_url(&job.url) {
             return Err(format!(
                 "agent {:?}: url {:?} is not an http:// or https:// URL",
@@ -119,34 +136,78 @@ pub fn check(job: &Job, only: &str) -> Result<Option<JobDigests>, String> {
             }
             digests.md5 = Some(md5);
         }
-        return Ok(Some(digests));
+        checked.digests = Some(digests);
     }
-    Ok(None)
+    Ok(checked)
 }
 
 fn cut64(s: &str) -> String {
     s.chars().take(64).collect()
 }
 
-/// Runs one checked job (not `config`) on its agent's actor; `digests` from [`check`].
-pub async fn run(engine: &Engine, job: &Job, digests: Option<JobDigests>) -> Outcome {
-    let name = job.name.as_str();
+/// What an install or upgrade job asks for, as a desired state. The job carries the
+/// digests (the MD5 of the `.md5` file among them, when the server read one): nothing more
+/// is fetched to check the artifact.
+fn job_desired(job: &Job, name: AgentName, version: Version, d: JobDigests) -> Desired {
+    Desired {
+        name,
+        version,
+        cmd: Cmd::Start,
+        tarball_url: job.url.clone(),
+        md5_url: String::new(),
+        md5: d.md5,
+        sha256: d.sha256,
+        envs: None,
+        limits: None,
+    }
+}
+
+/// Runs a checked job for ops-updater itself ([`proto::names::SELF_AGENT`]): install and
+/// upgrade are its self-upgrade; nothing else applies to it. `None` while this worker
+/// stops for the upgrade (the next worker answers the job).
+pub async fn run_self(engine: &Engine, job: &Job, checked: Checked) -> Option<Outcome> {
+    use crate::selfup::Outcome as S;
+    let Some(selfup) = engine.ctx().selfup.clone() else {
+        return Some((ERR_FAILED, "self-upgrade is not available here".into()));
+    };
+    if !matches!(job.action, Action::Install | Action::Upgrade) {
+        return Some((
+            ERR_INVALID,
+            format!(
+                "ops-updater manages itself: only install and upgrade apply to it, not {}",
+                job.action.as_str()
+            ),
+        ));
+    }
+    let (Some(name), Some(version), Some(d)) = (checked.agent, checked.version, checked.digests)
+    else {
+        return Some((
+            ERR_INVALID,
+            "an install job needs a version and digests".into(),
+        ));
+    };
+    let desired = job_desired(job, name, version.clone(), d);
+    match selfup.job(desired, &job.id).await {
+        S::Running { .. } => Some((ERR_OK, format!("ops-updater {version} is running"))),
+        S::InProgress => None,
+        S::Refused(why) | S::Failed(why) => Some((ERR_FAILED, rules::clean_message(&why))),
+    }
+}
+
+/// Runs one checked job (not `config`) on its agent's actor; `checked` from [`check`].
+pub async fn run(engine: &Engine, job: &Job, checked: Checked) -> Outcome {
+    let Some(name) = checked.agent else {
+        return (ERR_INVALID, "config jobs are not agent jobs".into());
+    };
     let order = match job.action {
         Action::Install | Action::Upgrade => {
-            let d = digests.unwrap_or_default();
-            engine::Job::Install(Desired {
-                name: name.to_string(),
-                version: job.version.clone(),
-                cmd: Cmd::Start,
-                tarball_url: job.url.clone(),
-                // The job carries the digests (the MD5 of the `.md5` file among them, when
-                // the server read one): nothing more is fetched to check the artifact.
-                md5_url: String::new(),
-                md5: d.md5,
-                sha256: d.sha256,
-                envs: None,
-                limits: None,
-            })
+            let (Some(version), Some(d)) = (checked.version, checked.digests) else {
+                return (
+                    ERR_INVALID,
+                    "an install job needs a version and digests".into(),
+                );
+            };
+            engine::Job::Install(job_desired(job, name.clone(), version, d))
         }
         Action::Stop => engine::Job::Stop,
         Action::Restart => engine::Job::Restart,
@@ -159,7 +220,7 @@ pub async fn run(engine: &Engine, job: &Job, digests: Option<JobDigests>) -> Out
     let keep = job.action != Action::Uninstall;
     let envs = (keep && !job.envs.is_empty()).then(|| job.envs.clone());
     let limits = (keep && !job.limits.is_empty()).then(|| job.limits.clone());
-    let done = engine.agent(name).job(order, envs, limits).await;
+    let done = engine.agent(&name).job(order, envs, limits).await;
     let out = match done {
         Done::Ok(m) => (ERR_OK, m),
         Done::Failed(m) => (ERR_FAILED, m),
@@ -173,6 +234,11 @@ pub async fn run(engine: &Engine, job: &Job, digests: Option<JobDigests>) -> Out
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What [`check`] found of the digests (the part most cases are about).
+    fn digests(job: &Job, only: &str) -> Result<Option<JobDigests>, String> {
+        check(job, only).map(|c| c.digests)
+    }
     use std::collections::BTreeMap;
 
     fn job(action: Action) -> Job {
@@ -197,7 +263,7 @@ mod tests {
             sha256: Some("a".repeat(64)),
             md5: None,
         };
-        assert_eq!(check(&job(Action::Install), ""), Ok(Some(sha_only)));
+        assert_eq!(digests(&job(Action::Install), ""), Ok(Some(sha_only)));
         // While ops-meta knows no SHA-256 it sends the MD5 of the `.md5` file, and the MD5
         // beside a SHA-256 when it knows both: every digest sent is checked.
         let mut j = job(Action::Install);
@@ -206,19 +272,19 @@ mod tests {
             sha256: None,
             md5: Some("b".repeat(32)),
         };
-        assert_eq!(check(&j, ""), Ok(Some(md5_only)));
+        assert_eq!(digests(&j, ""), Ok(Some(md5_only)));
         let mut j = job(Action::Install);
         j.md5 = "c".repeat(32);
         let both = JobDigests {
             sha256: Some("a".repeat(64)),
             md5: Some("c".repeat(32)),
         };
-        assert_eq!(check(&j, ""), Ok(Some(both)));
-        assert_eq!(check(&job(Action::Stop), ""), Ok(None));
+        assert_eq!(digests(&j, ""), Ok(Some(both)));
+        assert_eq!(digests(&job(Action::Stop), ""), Ok(None));
         let bad = |f: &dyn Fn(&mut Job)| {
             let mut j = job(Action::Upgrade);
             f(&mut j);
-            check(&j, "").unwrap_err()
+            digests(&j, "").unwrap_err()
         };
         assert!(bad(&|j| j.version.clear()).contains("has no version"));
         assert!(bad(&|j| j.version = "../1".into()).contains("version"));
@@ -246,37 +312,37 @@ mod tests {
             j.limits.insert("a\nb".into(), "1".into());
         })
         .contains("limits"));
-        assert!(check(&job(Action::Stop), "other")
+        assert!(digests(&job(Action::Stop), "other")
             .unwrap_err()
             .contains("desiredAgent"));
 
         let mut c = job(Action::Config);
         c.name.clear();
-        assert!(check(&c, "").unwrap_err().contains("neither"));
+        assert!(digests(&c, "").unwrap_err().contains("neither"));
         c.svrlist = "127.0.0.1:1,127.0.0.1:2,".into();
-        assert_eq!(check(&c, ""), Ok(None));
+        assert_eq!(digests(&c, ""), Ok(None));
         c.svrlist = "nohost".into();
-        assert!(check(&c, "").unwrap_err().contains("svrlist"));
+        assert!(digests(&c, "").unwrap_err().contains("svrlist"));
         c.svrlist.clear();
         c.step = Some(0);
-        assert!(check(&c, "").unwrap_err().contains("step"));
+        assert!(digests(&c, "").unwrap_err().contains("step"));
         c.step = Some(30);
-        assert_eq!(check(&c, ""), Ok(None));
+        assert_eq!(digests(&c, ""), Ok(None));
         // The bounds are proto's, the ones ops-meta sends within (the updater took 1 s
         // to a week before the rule was shared).
         for (step, ok) in [(9, false), (10, true), (86_400, true), (86_401, false)] {
             c.step = Some(step);
-            assert_eq!(check(&c, "").is_ok(), ok, "step {step}");
+            assert_eq!(digests(&c, "").is_ok(), ok, "step {step}");
         }
         c.step = None;
         c.svrlist = "https://m.example:443, [::1]:2000".into();
-        assert_eq!(check(&c, ""), Ok(None));
+        assert_eq!(digests(&c, ""), Ok(None));
         c.svrlist = vec!["10.0.0.1:1"; 17].join(",");
-        assert_eq!(check(&c, ""), Ok(None), "duplicates count once");
+        assert_eq!(digests(&c, ""), Ok(None), "duplicates count once");
         c.svrlist = (1..=17)
             .map(|i| format!("10.0.0.{i}:1"))
             .collect::<Vec<_>>()
             .join(",");
-        assert!(check(&c, "").unwrap_err().contains("the limit is 16"));
+        assert!(digests(&c, "").unwrap_err().contains("the limit is 16"));
     }
 }

@@ -45,7 +45,9 @@ pub const REPROBE: Duration = Duration::from_secs(3600);
 /// Folder under the workdir for the metafile (by default) and the job record.
 pub const STATE_DIR: &str = ".ops-updater";
 /// The version string reported upstream.
-pub const VERSION: &str = concat!("ops-updater-", env!("CARGO_PKG_VERSION"));
+pub fn version_string() -> String {
+    format!("ops-updater-{}", crate::selfup::VERSION)
+}
 
 /// Why BootAgent mode could not start.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +72,18 @@ pub struct Options {
     /// `-S host:port,host:port`: servers for the first start (persisted in the metafile;
     /// ignored when a metafile exists).
     pub servers: Option<Vec<String>>,
+    /// The config file (`-c`), which a new binary of ops-updater must accept before a
+    /// self-upgrade.
+    pub config: PathBuf,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Asked to stop (SIGTERM, SIGINT).
+    Stopped,
+    /// Stopped for a self-upgrade: the supervisor runs the new binary next.
+    Upgrade,
 }
 
 /// Parses the `-S` value: a server list by [`proto::rules::parse_svrlist`]
@@ -129,12 +143,26 @@ pub async fn run(
     shared: Shared,
     opts: Options,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), BootError> {
+) -> Result<Ended, BootError> {
     std::fs::create_dir_all(&cfg.workdir).map_err(|source| DaemonError::Workdir {
         path: cfg.workdir.display().to_string(),
         source,
     })?;
     let mut ctx = Ctx::from_config(&cfg, shared.clone())?;
+    let selfup = crate::selfup::SelfUpgrade::new(
+        &cfg,
+        opts.config.clone(),
+        ctx.fetcher.clone(),
+        shared.clone(),
+    );
+    ctx.selfup = Some(selfup.clone());
+    let stop_for_upgrade = selfup.stopped();
+    let shutdown = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = stop_for_upgrade => {}
+        }
+    };
     // Agents are daemons forked by `control start`: as their subreaper, ops-updater learns
     // how each one ended (exit code, signal).
     match crate::reaper::enable() {
@@ -159,7 +187,13 @@ pub async fn run(
     let res = run_with(cfg, shared, opts, engine.clone(), shutdown).await;
     tracing::info!("ops-updater stopping");
     engine.shutdown(grace).await;
-    res
+    res.map(|()| {
+        if selfup.stopping() {
+            Ended::Upgrade
+        } else {
+            Ended::Stopped
+        }
+    })
 }
 
 async fn run_with(
@@ -398,7 +432,11 @@ impl Boot {
             Some(ms) => Duration::from_millis(ms).min(step),
             None => step,
         };
-        let first = first_cap.mul_f64(rand::thread_rng().gen_range(0.0..1.0));
+        let mut first = first_cap.mul_f64(rand::thread_rng().gen_range(0.0..1.0));
+        // Right after a self-upgrade: the round the previous process had scheduled.
+        if let Some(due) = crate::selfup::handed_over_round(step) {
+            first = due;
+        }
         tracing::info!(host = %self.cfg.hostname, agentsn = %self.meta.agentsn,
             servers = %self.servers().join(","), workdir = %self.cfg.workdir.display(),
             metafile = %self.meta_path.display(), first_in = ?first, "ops-updater running (BootAgent)");
@@ -430,6 +468,9 @@ impl Boot {
                         Err(RoundError::Fallback(s)) => break Exit::Fallback(s),
                     };
                     next = Instant::now() + wait;
+                    if let Some(s) = &self.engine.ctx().selfup {
+                        s.next_round_at(next);
+                    }
                 }
             }
         };
@@ -549,7 +590,7 @@ impl Boot {
         let req = StatusRequest {
             hostname: self.cfg.hostname.clone(),
             agentsn: self.meta.agentsn.clone(),
-            version: VERSION.to_string(),
+            version: version_string(),
             uptime: self.started.elapsed().as_secs(),
             timestamp: now_unix(),
             step: self.step().as_secs(),
@@ -604,6 +645,9 @@ impl Boot {
             d.last_heartbeat_error = None;
             d.server_error = None;
         });
+        if let Some(s) = &self.engine.ctx().selfup {
+            s.round_ok();
+        }
         self.take_jobs(answer).await;
         Ok(())
     }
@@ -619,7 +663,8 @@ impl Boot {
         );
         names.truncate(MAX_AGENTS);
         let wait = STATUS_WAIT.min(self.runner_status_timeout());
-        self.engine
+        let mut agents: Vec<WireAgent> = self
+            .engine
             .collect(&names, wait)
             .await
             .into_iter()
@@ -629,7 +674,16 @@ impl Boot {
                 status: c.state,
                 uptime: c.uptime,
             })
-            .collect()
+            .collect();
+        if self.engine.ctx().selfup.is_some() {
+            agents.push(WireAgent {
+                name: proto::names::SELF_AGENT.to_string(),
+                version: crate::selfup::VERSION.to_string(),
+                status: proto::bootagent::STATE_RUNNING.to_string(),
+                uptime: self.started.elapsed().as_secs(),
+            });
+        }
+        agents
     }
 
     /// Logs what the server says it cannot hand this host a job for yet, once per change
@@ -688,8 +742,8 @@ impl Boot {
                 }
                 Seen::New => {}
             }
-            let sha = match exec::check(&job, &self.cfg.config.desired_agent) {
-                Ok(s) => s,
+            let checked = match exec::check(&job, &self.cfg.config.desired_agent) {
+                Ok(c) => c,
                 Err(e) => {
                     self.log.warn(
                         "refused job",
@@ -721,7 +775,20 @@ impl Boot {
             let id = job.id.clone();
             let name = job.name.clone();
             let task = tokio::spawn(async move {
-                let out = exec::run(&engine, &job, sha).await;
+                let out = if checked
+                    .agent
+                    .as_ref()
+                    .is_some_and(|a| a == proto::names::SELF_AGENT)
+                {
+                    match exec::run_self(&engine, &job, checked).await {
+                        Some(out) => out,
+                        // Stopping for the upgrade: the job's result comes from the worker
+                        // that runs next (the server delivers the job again).
+                        None => return,
+                    }
+                } else {
+                    exec::run(&engine, &job, checked).await
+                };
                 let _ = tx.send((job.id.clone(), out));
             });
             self.running.insert(id, (name, task));

@@ -8,14 +8,15 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
 use proto::legacy::Cmd;
+use proto::names::{AgentName, Version};
 use tokio::sync::{mpsc, watch, Mutex};
 use tokio::time::Instant;
 
 use super::settings::{self, Settings};
 use super::supervise::{self, Phase, Verdict};
 use super::{
-    backoff_delay, clean_startup_leftovers, plan, remove_version, versions_to_prune, Backoff,
-    BackoffKey, Cell, Ctx, Desired, Done, Job, Order, Plan, START_POLL,
+    backoff_delay, clean_startup_leftovers, plan, read_current, remove_version, versions_to_prune,
+    Backoff, BackoffKey, Cell, Ctx, Desired, Done, Job, Order, Plan, START_POLL,
 };
 use crate::artifact::{self, Want};
 use crate::cgroup::AgentCgroup;
@@ -31,7 +32,7 @@ const OUTPUT_LINES: usize = 10;
 
 pub(super) struct Actor {
     ctx: Arc<Ctx>,
-    name: String,
+    name: AgentName,
     desire: watch::Receiver<Option<Desired>>,
     orders: mpsc::Receiver<Order>,
     lock: Arc<Mutex<()>>,
@@ -84,7 +85,7 @@ fn tail_lines(out: &process::Output) -> Vec<String> {
 impl Actor {
     pub(super) fn new(
         ctx: Arc<Ctx>,
-        name: &str,
+        name: &AgentName,
         desire: watch::Receiver<Option<Desired>>,
         orders: mpsc::Receiver<Order>,
         lock: Arc<Mutex<()>>,
@@ -94,7 +95,7 @@ impl Actor {
         let cg = Arc::new(ctx.cgroups.agent(name, &proto::limits::Limits::default()));
         Actor {
             ctx,
-            name: name.to_string(),
+            name: name.clone(),
             desire,
             orders,
             lock,
@@ -132,7 +133,7 @@ impl Actor {
                     self.noted_unenforced = Some(self.settings.limits.clone());
                     let why = why.to_string();
                     tracing::warn!(agent = %self.name, limits = %limits.describe(), "{why}");
-                    self.event("limits_not_enforced", "", &why);
+                    self.event("limits_not_enforced", None, &why);
                 }
             }
         }
@@ -180,6 +181,10 @@ impl Actor {
 
     fn dir(&self) -> PathBuf {
         self.ctx.agent_dir(&self.name)
+    }
+
+    fn vdir(&self, version: &Version) -> PathBuf {
+        self.ctx.version_dir(&self.name, version)
     }
 
     fn cell(&self) -> std::sync::MutexGuard<'_, Cell> {
@@ -360,7 +365,7 @@ impl Actor {
         });
         if was_fatal {
             tracing::info!(agent = %self.name, "fatal cleared: {why}");
-            self.event("reset", "", why);
+            self.event("reset", None, why);
         }
         if self.settings.fatal.is_some() {
             let mut s = self.settings.clone();
@@ -372,8 +377,8 @@ impl Actor {
 
     /// An event of this agent: logged, and kept in the journal (`<workdir>/.ops-updater.events.json`),
     /// from which the next report (BootAgent or legacy) carries it to the server and the
-    /// local `GET /events` shows it. An empty `version` means the current one.
-    fn event(&self, kind: &str, version: &str, cause: &str) {
+    /// local `GET /events` shows it. No `version` means the current one.
+    fn event(&self, kind: &str, version: Option<&Version>, cause: &str) {
         let (restarts, state) = {
             let c = self.cell();
             let state = match supervise::held_state(&c.sup) {
@@ -385,18 +390,18 @@ impl Actor {
             };
             (c.sup.restarts, state)
         };
-        tracing::info!(agent = %self.name, version, kind, restarts, output = ?self.last_output, "event: {cause}");
-        let version = if version.is_empty() {
-            self.ctx
+        let version = match version {
+            Some(v) => v.to_string(),
+            None => self
+                .ctx
                 .shared
-                .get_agent(&self.name)
+                .get_agent(self.name.as_str())
                 .and_then(|v| v.current_version)
-                .unwrap_or_default()
-        } else {
-            version.to_string()
+                .unwrap_or_default(),
         };
+        tracing::info!(agent = %self.name, version = %version, kind, restarts, output = ?self.last_output, "event: {cause}");
         let input = crate::events::EventInput {
-            agent: self.name.clone(),
+            agent: self.name.to_string(),
             version,
             kind: kind.to_string(),
             cause: cause.to_string(),
@@ -416,7 +421,6 @@ impl Actor {
         if let Err(e) = self.apply_settings(d.envs.clone(), d.limits.clone()).await {
             tracing::warn!(agent = %self.name, error = %e, "cannot save envs/limits");
         }
-        let dir = self.dir();
         // A change of desired version, URL or checksum clears the back-off: the operator
         // fixed something.
         if self
@@ -438,14 +442,14 @@ impl Actor {
             }
         }
         self.ctx.shared.agent(&self.name, |v| {
-            v.desired_version = Some(d.version.clone());
+            v.desired_version = Some(d.version.to_string());
             v.desired_cmd = Some(d.cmd_str().to_string());
         });
         let current = self.current_version().await;
-        let present = current.as_ref().is_some_and(|v| dir.join(v).is_dir());
+        let present = current.as_ref().is_some_and(|v| self.vdir(v).is_dir());
         match plan(
             d,
-            current.as_deref(),
+            current.as_ref(),
             present,
             self.backoff.as_ref(),
             Instant::now(),
@@ -483,7 +487,7 @@ impl Actor {
                 let _ = self.stop(&version).await;
             }
             Plan::Switch { from, to } => {
-                let res = self.switch_recorded(d, from.as_deref()).await;
+                let res = self.switch_recorded(d, from.as_ref()).await;
                 match res {
                     Ok(()) => {}
                     Err(SwitchFailure::Install(e)) => {
@@ -511,16 +515,16 @@ impl Actor {
 
     async fn install_job(&mut self, d: &Desired) -> Done {
         let name = self.name.clone();
-        let version = d.version.as_str();
+        let version = &d.version;
         // An explicit order: whatever the supervisor concluded before no longer holds.
         self.clear_supervision("an install job arrived").await;
         let current = self.current_version().await;
-        if current.as_deref() == Some(version) {
+        if current.as_ref() == Some(version) {
             // Installed already (a job run again after a restart, or a repeated order):
             // make sure it runs.
             self.set_run(true).await;
             let _g = self.lock.clone().lock_owned().await;
-            let vdir = self.dir().join(version);
+            let vdir = self.vdir(version);
             return match self.status(&vdir, version).await {
                 AgentStatus::Started => {
                     self.mark_running();
@@ -538,7 +542,7 @@ impl Actor {
                 )),
             };
         }
-        match self.switch_recorded(d, current.as_deref()).await {
+        match self.switch_recorded(d, current.as_ref()).await {
             Ok(()) => {
                 let from = current.map_or(String::new(), |c| format!(" (from {c})"));
                 Done::Ok(format!("{name} {version} installed and running{from}"))
@@ -567,7 +571,7 @@ impl Actor {
         self.clear_supervision("a restart job arrived").await;
         self.set_run(true).await;
         let _g = self.lock.clone().lock_owned().await;
-        let vdir = self.dir().join(&version);
+        let vdir = self.vdir(&version);
         if let Err(e) = self.control(&vdir, "stop").await {
             return Done::Failed(format!("restart: {e}"));
         }
@@ -625,7 +629,7 @@ impl Actor {
             Err(e) => return Done::Invalid(format!("uninstall refused: {e}")),
         };
         if let Some(version) = self.installed().await {
-            let vdir = dir.join(&version);
+            let vdir = self.vdir(&version);
             if self.status(&vdir, &version).await != AgentStatus::Stopped {
                 if let Err(e) = self.control(&vdir, "stop").await {
                     return Done::Failed(format!("uninstall: {e}; nothing removed"));
@@ -686,14 +690,14 @@ impl Actor {
     /// is found stopped after it was seen running has exited abnormally; one never seen
     /// running is started. Does nothing while the supervisor holds it (`fatal`, or waiting
     /// to restart) or while its status cannot be read (starting blind could run two).
-    async fn observe(&mut self, version: &str) {
+    async fn observe(&mut self, version: &Version) {
         if matches!(
             self.cell().sup.phase,
             Phase::Fatal(_) | Phase::Restarting { .. }
         ) {
             return;
         }
-        let vdir = self.dir().join(version);
+        let vdir = self.vdir(version);
         let lock = self.lock.clone();
         let _g = lock.lock().await;
         match self.status(&vdir, version).await {
@@ -719,45 +723,49 @@ impl Actor {
                         self.exit_cause("exited: control status says it is stopped");
                     self.exited(version, &cause, killed);
                 } else {
-                    tracing::info!(agent = %self.name, version, "agent is stopped; starting it");
+                    tracing::info!(agent = %self.name, version = %version, "agent is stopped; starting it");
                     self.start_supervised(&vdir, version, false).await;
                 }
             }
             // The state is unknown (the script failed or hung): starting blind could run a
             // second copy, so leave it alone and report the error upstream.
             AgentStatus::Error(e) => {
-                tracing::debug!(agent = %self.name, version, error = %e, "status unreadable; not acting");
+                tracing::debug!(agent = %self.name, version = %version, error = %e, "status unreadable; not acting");
                 if !self.status_failing {
                     self.status_failing = true;
-                    self.event("status_failed", version, &e);
+                    self.event("status_failed", Some(version), &e);
                 }
             }
         }
     }
 
     /// The agent exited abnormally: the policy decides when it comes back.
-    fn exited(&mut self, version: &str, cause: &str, killed: bool) {
+    fn exited(&mut self, version: &Version, cause: &str, killed: bool) {
         self.populated_seen = false;
         let p = self.ctx.policy;
         let verdict =
             self.sup(|s| s.exited(Instant::now(), now_unix(), version, cause, killed, &p));
-        tracing::warn!(agent = %self.name, version, cause, "agent exited abnormally");
-        self.event(if killed { "killed" } else { "exited" }, version, cause);
+        tracing::warn!(agent = %self.name, version = %version, cause, "agent exited abnormally");
+        self.event(
+            if killed { "killed" } else { "exited" },
+            Some(version),
+            cause,
+        );
         self.verdict(version, verdict, cause);
     }
 
-    fn verdict(&mut self, version: &str, v: Verdict, cause: &str) {
+    fn verdict(&mut self, version: &Version, v: Verdict, cause: &str) {
         match v {
             Verdict::RestartAt(at) => {
                 let secs = at.saturating_duration_since(Instant::now()).as_secs();
-                tracing::info!(agent = %self.name, version, "restarting in {secs} s");
+                tracing::info!(agent = %self.name, version = %version, "restarting in {secs} s");
             }
             Verdict::GiveUp => {
                 let failures = self.cell().sup.failures;
-                tracing::error!(agent = %self.name, version, failures, cause, "agent keeps failing; not restarting it (fatal)");
+                tracing::error!(agent = %self.name, version = %version, failures, cause, "agent keeps failing; not restarting it (fatal)");
                 self.event(
                     "fatal",
-                    version,
+                    Some(version),
                     &format!("{failures} consecutive failures; last: {cause}"),
                 );
                 let fatal = match &self.cell().sup.phase {
@@ -791,8 +799,8 @@ impl Actor {
         self.exited(&version, &cause, killed);
     }
 
-    async fn restart(&mut self, version: &str) {
-        let vdir = self.dir().join(version);
+    async fn restart(&mut self, version: &Version) {
+        let vdir = self.vdir(version);
         let lock = self.lock.clone();
         let _g = lock.lock().await;
         // Up again by itself (or by someone else) meanwhile: nothing to restart.
@@ -804,23 +812,23 @@ impl Actor {
     }
 
     /// Starts `version` (the caller holds the lock) and accounts for the outcome.
-    async fn start_supervised(&mut self, vdir: &Path, version: &str, restart: bool) {
+    async fn start_supervised(&mut self, vdir: &Path, version: &Version, restart: bool) {
         match self.start_and_check(vdir, version).await {
             Ok(()) => {
                 if restart {
                     self.sup(|s| s.restarts = s.restarts.saturating_add(1));
-                    self.event("restarted", version, "restarted by the supervisor");
+                    self.event("restarted", Some(version), "restarted by the supervisor");
                 }
                 self.mark_running();
                 self.record(format!("start {version}"), Outcome::Ok, None);
-                tracing::info!(agent = %self.name, version, "agent started");
+                tracing::info!(agent = %self.name, version = %version, "agent started");
             }
             Err(e) => {
-                tracing::warn!(agent = %self.name, version, error = %e, "start failed");
+                tracing::warn!(agent = %self.name, version = %version, error = %e, "start failed");
                 self.record(format!("start {version}"), Outcome::Failed, Some(e.clone()));
                 let p = self.ctx.policy;
                 let v = self.sup(|s| s.start_failed(Instant::now(), now_unix(), version, &e, &p));
-                self.event("restart_failed", version, &e);
+                self.event("restart_failed", Some(version), &e);
                 self.verdict(version, v, &e);
             }
         }
@@ -839,23 +847,21 @@ impl Actor {
     // ---- the actions ----
 
     /// `.version` when it is a valid version, or `None`.
-    async fn current_version(&self) -> Option<String> {
-        let dir = self.dir();
-        match fsx::read_version_file(&dir) {
-            Ok(v) => v.filter(|v| proto::validate_version(v).is_ok()),
+    async fn current_version(&self) -> Option<Version> {
+        match read_current(&self.dir()) {
+            Ok(v) => v,
             Err(e) => {
-                tracing::warn!(agent = %self.name, error = %e, "cannot read .version; treating the agent as not installed");
+                tracing::warn!(agent = %self.name, error = %e, "treating the agent as not installed");
                 None
             }
         }
     }
 
     /// The installed current version: `.version` naming a folder that exists.
-    async fn installed(&self) -> Option<String> {
-        let dir = self.dir();
+    async fn installed(&self) -> Option<Version> {
         self.current_version()
             .await
-            .filter(|v| dir.join(v).is_dir())
+            .filter(|v| self.vdir(v).is_dir())
     }
 
     fn busy(&self, b: bool) {
@@ -872,7 +878,7 @@ impl Actor {
             reason: reason.to_string(),
         };
         let view = BackoffView {
-            version: d.version.clone(),
+            version: d.version.to_string(),
             tarball_url: crate::redact(&d.tarball_url).into_owned(),
             failures,
             next_retry_at: until_unix,
@@ -910,12 +916,12 @@ impl Actor {
     }
 
     /// Reads the status of `vdir` under the lock the caller holds, and notes it.
-    async fn status(&self, vdir: &Path, version: &str) -> AgentStatus {
+    async fn status(&self, vdir: &Path, version: &Version) -> AgentStatus {
         let st = control::status(vdir, &self.settings.envs, Some(&self.cg), &self.ctx.status).await;
         let wire = st.wire();
         let now = now_unix();
-        let current = fsx::read_version_file(&self.dir()).ok().flatten();
-        if current.as_deref() == Some(version) {
+        let current = read_current(&self.dir()).ok().flatten();
+        if current.as_ref() == Some(version) {
             self.ctx.shared.agent(&self.name, |v| {
                 v.current_version = Some(version.to_string());
                 v.status = Some(wire);
@@ -927,7 +933,7 @@ impl Actor {
 
     /// Polls `control status` every [`START_POLL`] until it says started or the start
     /// timeout passes. Returns the last status seen.
-    async fn wait_started(&self, vdir: &Path, version: &str) -> AgentStatus {
+    async fn wait_started(&self, vdir: &Path, version: &Version) -> AgentStatus {
         let deadline = Instant::now() + self.ctx.start_timeout;
         loop {
             let st = self.status(vdir, version).await;
@@ -939,14 +945,18 @@ impl Actor {
     }
 
     /// `control start`, then wait for `started`.
-    async fn start_and_check(&mut self, vdir: &Path, version: &str) -> Result<(), String> {
+    async fn start_and_check(&mut self, vdir: &Path, version: &Version) -> Result<(), String> {
         self.busy(true);
         let res = self.start_and_check_inner(vdir, version).await;
         self.busy(false);
         res
     }
 
-    async fn start_and_check_inner(&mut self, vdir: &Path, version: &str) -> Result<(), String> {
+    async fn start_and_check_inner(
+        &mut self,
+        vdir: &Path,
+        version: &Version,
+    ) -> Result<(), String> {
         let started = control::control(
             vdir,
             "start",
@@ -976,15 +986,15 @@ impl Actor {
     }
 
     /// Stops `version` (the caller does not hold the lock) and records it.
-    async fn stop(&mut self, version: &str) -> Done {
+    async fn stop(&mut self, version: &Version) -> Done {
         let name = self.name.clone();
-        let vdir = self.dir().join(version);
+        let vdir = self.vdir(version);
         let lock = self.lock.clone();
         let _g = lock.lock().await;
         if self.status(&vdir, version).await == AgentStatus::Stopped {
             return Done::Ok(format!("{name} {version} was already stopped"));
         }
-        tracing::info!(agent = %name, version, "stopping agent");
+        tracing::info!(agent = %name, version = %version, "stopping agent");
         self.busy(true);
         let res = self.control(&vdir, "stop").await;
         if res.is_ok() {
@@ -1027,20 +1037,20 @@ impl Actor {
     async fn switch_recorded(
         &mut self,
         d: &Desired,
-        from: Option<&str>,
+        from: Option<&Version>,
     ) -> Result<(), SwitchFailure> {
         let to = d.version.clone();
         self.busy(true);
         let res = self.switch(d, from, &to).await;
         self.busy(false);
-        let action = format!("upgrade {} -> {to}", from.unwrap_or("none"));
+        let action = format!("upgrade {} -> {to}", from.map_or("none", Version::as_str));
         match &res {
             Ok(()) => {
                 self.backoff = None;
                 self.record(action, Outcome::Ok, None);
                 self.ctx.shared.agent(&self.name, |v| {
                     v.backoff = None;
-                    v.current_version = Some(to.clone());
+                    v.current_version = Some(to.to_string());
                 });
                 self.clear_supervision("a new version was installed").await;
                 self.set_run(true).await;
@@ -1054,7 +1064,7 @@ impl Actor {
                 self.record(action, Outcome::RolledBack, Some(e.clone()));
                 self.event(
                     "restart_failed",
-                    &to,
+                    Some(&to),
                     &format!("new version did not start; rolled back: {e}"),
                 );
                 if from.is_some() {
@@ -1071,8 +1081,8 @@ impl Actor {
     async fn switch(
         &mut self,
         d: &Desired,
-        from: Option<&str>,
-        to: &str,
+        from: Option<&Version>,
+        to: &Version,
     ) -> Result<(), SwitchFailure> {
         let dir = self.dir();
         std::fs::create_dir_all(&dir)
@@ -1102,7 +1112,7 @@ impl Actor {
         let lock = self.lock.clone();
         let _g = lock.lock().await;
         if let Some(old) = from {
-            let odir = dir.join(old);
+            let odir = self.vdir(old);
             tracing::info!(agent = %self.name, version = %old, "stopping previous version");
             let stopped = self.control(&odir, "stop").await;
             if stopped.is_ok() {
@@ -1146,7 +1156,7 @@ impl Actor {
                     tracing::warn!(agent = %self.name, version = %to, error = %se, "stopping the failed version failed");
                 }
                 if let Some(old) = from {
-                    let odir = dir.join(old);
+                    let odir = self.vdir(old);
                     match self.start_and_check_inner(&odir, old).await {
                         Ok(()) => {
                             tracing::info!(agent = %self.name, version = %old, "previous version running again")
@@ -1167,7 +1177,7 @@ impl Actor {
     /// Keeps the current version and the most recent others (by mtime), `keep_versions` in
     /// all, and removes stale downloads that are not the desired tarball. On the blocking
     /// pool: removing a large version folder takes long.
-    async fn prune(&self, current: &str, d: &Desired) {
+    async fn prune(&self, current: &Version, d: &Desired) {
         let dir = match self.ctx.check_agent(&self.name) {
             Ok(dir) => dir,
             Err(e) => {
@@ -1175,9 +1185,9 @@ impl Actor {
                 return;
             }
         };
-        let (name, current) = (self.name.clone(), current.to_string());
+        let (name, current) = (self.name.clone(), current.clone());
         let keep = self.ctx.keep_versions;
-        let keep_prefix = proto::legacy::tarball_file(&self.name, &d.version);
+        let keep_prefix = proto::names::tarball_file(&self.name, &d.version);
         let _ = fsx::blocking(move || {
             prune_blocking(&dir, &name, &current, keep, &keep_prefix);
             Ok(())
@@ -1198,7 +1208,7 @@ fn remove_dir_all(p: &Path) -> std::io::Result<()> {
 }
 
 #[allow(clippy::disallowed_methods)] // Blocking: called on the blocking pool.
-fn prune_blocking(dir: &Path, name: &str, current: &str, keep: usize, keep_prefix: &str) {
+fn prune_blocking(dir: &Path, name: &AgentName, current: &Version, keep: usize, keep_prefix: &str) {
     for v in versions_to_prune(dir, current, keep) {
         tracing::info!(agent = %name, version = %v, "removing old version");
         if let Err(e) = remove_version(dir, &v) {

@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
 use proto::legacy::{Cmd, DesiredAgent, RealAgent};
+use proto::names::{AgentName, Version};
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use tokio::time::Instant;
 
@@ -53,8 +54,8 @@ pub fn check_limits(m: &BTreeMap<String, String>) -> Result<(), String> {
 /// What the server wants for one agent, checked: every name and URL here is safe to use.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Desired {
-    pub name: String,
-    pub version: String,
+    pub name: AgentName,
+    pub version: Version,
     pub cmd: Cmd,
     pub tarball_url: String,
     pub md5_url: String,
@@ -104,8 +105,8 @@ fn is_http_url(u: &str) -> bool {
 impl Desired {
     /// Validates one entry of `desiredAgents`.
     pub fn from_wire(d: &DesiredAgent) -> Result<Desired, DesiredError> {
-        proto::validate_agent_name(&d.name)?;
-        proto::validate_version(&d.version)?;
+        let name = AgentName::parse(&d.name)?;
+        let version = Version::parse(&d.version)?;
         let cmd = Cmd::parse(&d.cmd).ok_or_else(|| DesiredError::UnknownCmd {
             name: d.name.clone(),
             cmd: d.cmd.chars().take(64).collect(),
@@ -142,12 +143,14 @@ impl Desired {
         if let Some(m) = &d.limits {
             check_limits(m).map_err(bad_map)?;
         }
+        // The URLs are built from the checked names only (the original rule, `proto::names`).
+        let md5_base = if d.md5.is_empty() { &d.tarball } else { &d.md5 };
         Ok(Desired {
-            name: d.name.clone(),
-            version: d.version.clone(),
+            tarball_url: proto::names::tarball_url(&d.tarball, &name, &version),
+            md5_url: proto::names::md5_url(md5_base, &name, &version),
+            name,
+            version,
             cmd,
-            tarball_url: d.tarball_url(),
-            md5_url: d.md5_url(),
             md5: None,
             sha256,
             envs: d.envs.clone(),
@@ -197,7 +200,7 @@ pub struct Backoff {
 /// The identity of a desired version, for back-off purposes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackoffKey {
-    pub version: String,
+    pub version: Version,
     pub tarball_url: String,
     pub md5_url: String,
     pub sha256: Option<String>,
@@ -218,16 +221,16 @@ impl BackoffKey {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plan {
     /// The desired version is current: start it if its status says stopped.
-    EnsureStarted { version: String },
+    EnsureStarted { version: Version },
     /// Stop the current version if its status does not say stopped.
-    EnsureStopped { version: String },
+    EnsureStopped { version: Version },
     /// Install `to` and switch to it from `from` (the installed current version, if any).
-    Switch { from: Option<String>, to: String },
+    Switch { from: Option<Version>, to: Version },
     /// The desired version failed before; wait, keeping the installed current version
     /// (if any) running meanwhile.
     Wait {
         until_unix: i64,
-        current: Option<String>,
+        current: Option<Version>,
     },
     /// Nothing to do (e.g. `stop` for an agent that is not installed).
     Nothing,
@@ -237,7 +240,7 @@ pub enum Plan {
 /// exists. Pure, so the whole decision table is unit-tested.
 pub fn plan(
     desired: &Desired,
-    current: Option<&str>,
+    current: Option<&Version>,
     current_present: bool,
     backoff: Option<&Backoff>,
     now: Instant,
@@ -245,13 +248,11 @@ pub fn plan(
     let installed_current = current.filter(|_| current_present);
     match desired.cmd {
         Cmd::Stop => match installed_current {
-            Some(v) => Plan::EnsureStopped {
-                version: v.to_string(),
-            },
+            Some(v) => Plan::EnsureStopped { version: v.clone() },
             None => Plan::Nothing,
         },
         Cmd::Start => {
-            if installed_current == Some(desired.version.as_str()) {
+            if installed_current == Some(&desired.version) {
                 return Plan::EnsureStarted {
                     version: desired.version.clone(),
                 };
@@ -260,12 +261,12 @@ pub fn plan(
                 if b.key == BackoffKey::of(desired) && now < b.until {
                     return Plan::Wait {
                         until_unix: b.until_unix,
-                        current: installed_current.map(str::to_string),
+                        current: installed_current.cloned(),
                     };
                 }
             }
             Plan::Switch {
-                from: installed_current.map(str::to_string),
+                from: installed_current.cloned(),
                 to: desired.version.clone(),
             }
         }
@@ -293,6 +294,8 @@ pub struct Ctx {
     pub reaper: Option<crate::reaper::Reaper>,
     /// The updater's own files: no action removes or renames them or a folder holding one.
     pub own: Arc<crate::workdir::Own>,
+    /// The updater's own version (the reserved agent `ops-updater`), once the daemon set it.
+    pub selfup: Option<Arc<crate::selfup::SelfUpgrade>>,
 }
 
 impl Ctx {
@@ -336,17 +339,24 @@ impl Ctx {
             cgroups: Arc::new(crate::cgroup::Cgroups::detect(&c.cgroup_parent)),
             reaper: None,
             own: Arc::new(crate::workdir::Own::new(cfg.own_files.iter().cloned())),
+            selfup: None,
         })
     }
 
     /// `name`'s folder when it is an agent ([`crate::workdir::check_agent`]): the check
     /// before anything under it is removed or renamed.
-    pub fn check_agent(&self, name: &str) -> Result<PathBuf, crate::workdir::NotAgent> {
-        crate::workdir::check_agent(&self.workdir, &self.own, name)
+    pub fn check_agent(&self, name: &AgentName) -> Result<PathBuf, crate::workdir::NotAgent> {
+        crate::workdir::check_agent(&self.workdir, &self.own, name.as_str())
     }
 
-    pub fn agent_dir(&self, name: &str) -> PathBuf {
-        self.workdir.join(name)
+    /// `<workdir>/<name>`: an agent's folder is built from its checked name only.
+    pub fn agent_dir(&self, name: &AgentName) -> PathBuf {
+        proto::names::agent_dir(&self.workdir, name)
+    }
+
+    /// `<workdir>/<name>/<version>`.
+    pub fn version_dir(&self, name: &AgentName, version: &Version) -> PathBuf {
+        proto::names::version_dir(&self.workdir, name, version)
     }
 }
 
@@ -409,7 +419,7 @@ pub struct Cell {
 /// A running actor for one agent.
 #[derive(Debug)]
 pub struct Handle {
-    name: String,
+    name: AgentName,
     desire: watch::Sender<Option<Desired>>,
     orders: mpsc::Sender<Order>,
     lock: Arc<Mutex<()>>,
@@ -420,7 +430,7 @@ pub struct Handle {
 impl Handle {
     /// Starts the actor for `name` (a validated agent name). It first removes leftovers of
     /// interrupted work in the agent's folder and loads its settings.
-    pub fn spawn(ctx: Arc<Ctx>, name: &str) -> Handle {
+    pub fn spawn(ctx: Arc<Ctx>, name: &AgentName) -> Handle {
         let (desire, desire_rx) = watch::channel(None);
         let (orders, orders_rx) = mpsc::channel(MAX_QUEUED_ORDERS);
         let lock = Arc::new(Mutex::new(()));
@@ -428,7 +438,7 @@ impl Handle {
         let a = actor::Actor::new(ctx, name, desire_rx, orders_rx, lock.clone(), cell.clone());
         let task = tokio::spawn(a.run());
         Handle {
-            name: name.to_string(),
+            name: name.clone(),
             desire,
             orders,
             lock,
@@ -471,7 +481,7 @@ impl Handle {
         })
     }
 
-    pub fn name(&self) -> &str {
+    pub fn name(&self) -> &AgentName {
         &self.name
     }
 
@@ -528,7 +538,7 @@ impl Drop for Handle {
 #[derive(Debug)]
 pub struct Engine {
     ctx: Arc<Ctx>,
-    agents: StdMutex<BTreeMap<String, Arc<Handle>>>,
+    agents: StdMutex<BTreeMap<AgentName, Arc<Handle>>>,
 }
 
 impl Engine {
@@ -544,9 +554,9 @@ impl Engine {
     }
 
     /// The actor of `name` (a validated agent name), started on first use.
-    pub fn agent(&self, name: &str) -> Arc<Handle> {
+    pub fn agent(&self, name: &AgentName) -> Arc<Handle> {
         let mut m = self.agents.lock().unwrap_or_else(|e| e.into_inner());
-        m.entry(name.to_string())
+        m.entry(name.clone())
             .or_insert_with(|| Arc::new(Handle::spawn(self.ctx.clone(), name)))
             .clone()
     }
@@ -559,7 +569,7 @@ impl Engine {
 
     /// Reads the agents' states for a report: each read in its own task, waited for at most
     /// `wait` ([`collect_within`]).
-    pub async fn collect(&self, names: &[String], wait: Duration) -> Vec<Collected> {
+    pub async fn collect(&self, names: &[AgentName], wait: Duration) -> Vec<Collected> {
         let futs = names.iter().map(|n| {
             let h = self.agent(n);
             collect_within(self.ctx.clone(), h, wait)
@@ -605,7 +615,7 @@ pub fn wire_state(status: &str) -> String {
 /// the next round; meanwhile the agent is reported with the last status known. `None` when
 /// the agent is not an agent or the task failed. Shared by the legacy and BootAgent rounds.
 pub async fn collect_within(ctx: Arc<Ctx>, h: Arc<Handle>, wait: Duration) -> Option<Collected> {
-    let name = h.name().to_string();
+    let name = h.name().clone();
     let read = {
         let (ctx, h) = (ctx.clone(), h.clone());
         tokio::spawn(async move { collect(&ctx, &h).await })
@@ -618,11 +628,7 @@ pub async fn collect_within(ctx: Arc<Ctx>, h: Arc<Handle>, wait: Duration) -> Op
             return None;
         }
         Err(_) => {
-            let dir = ctx.agent_dir(&name);
-            let v = fsx::read_version_file(&dir)
-                .ok()
-                .flatten()
-                .filter(|v| proto::validate_version(v).is_ok())?;
+            let v = read_current(&ctx.agent_dir(&name)).ok().flatten()?;
             let (status, timestamp) = last_known(
                 &ctx,
                 &name,
@@ -631,8 +637,8 @@ pub async fn collect_within(ctx: Arc<Ctx>, h: Arc<Handle>, wait: Duration) -> Op
             );
             tracing::debug!(agent = %name, version = %v, "status still running; reporting the last known");
             RealAgent {
-                name,
-                version: v,
+                name: name.into(),
+                version: v.into(),
                 status,
                 timestamp,
             }
@@ -673,19 +679,14 @@ fn held(h: &Handle, mut real: RealAgent) -> Collected {
 /// An agent the supervisor holds as `fatal` is not asked.
 pub async fn collect(ctx: &Ctx, h: &Handle) -> Option<RealAgent> {
     let name = h.name();
-    let dir = ctx.agent_dir(name);
-    let version = match fsx::read_version_file(&dir) {
+    let version = match read_current(&ctx.agent_dir(name)) {
         Ok(Some(v)) => v,
         Ok(None) => return None,
         Err(e) => {
-            tracing::warn!(agent = %name, error = %e, "cannot read .version");
+            tracing::warn!(agent = %name, error = %e, "not reporting the agent");
             return None;
         }
     };
-    if let Err(e) = proto::validate_version(&version) {
-        tracing::warn!(agent = %name, error = %e, "ignoring agent with a bad .version");
-        return None;
-    }
     let (envs, fatal, cg) = {
         let c = h.cell.lock().unwrap_or_else(|e| e.into_inner());
         (c.envs.clone(), c.sup.is_fatal(), c.cg.clone())
@@ -693,14 +694,14 @@ pub async fn collect(ctx: &Ctx, h: &Handle) -> Option<RealAgent> {
     if fatal {
         return Some(RealAgent {
             name: name.to_string(),
-            version,
+            version: version.into(),
             status: proto::bootagent::STATE_FATAL.to_string(),
             timestamp: now_unix(),
         });
     }
     let (status, timestamp) = match h.lock.try_lock() {
         Ok(_guard) => {
-            let vdir = dir.join(&version);
+            let vdir = ctx.version_dir(name, &version);
             let st = if vdir.is_dir() {
                 control::status(&vdir, &envs, cg.as_deref(), &ctx.status).await
             } else {
@@ -709,7 +710,7 @@ pub async fn collect(ctx: &Ctx, h: &Handle) -> Option<RealAgent> {
             let now = now_unix();
             let wire = st.wire();
             ctx.shared.agent(name, |v| {
-                v.current_version = Some(version.clone());
+                v.current_version = Some(version.to_string());
                 v.status = Some(wire.clone());
                 v.status_at = Some(now);
             });
@@ -726,25 +727,38 @@ pub async fn collect(ctx: &Ctx, h: &Handle) -> Option<RealAgent> {
     };
     Some(RealAgent {
         name: name.to_string(),
-        version,
+        version: version.into(),
         status,
         timestamp,
     })
 }
 
+/// The agent's current version: its `.version`, checked. `Ok(None)` when there is none
+/// (not an agent, or not installed yet); an error when it cannot be read or is no valid
+/// version (then the agent is treated as not installed, and said so).
+pub fn read_current(agent_dir: &Path) -> Result<Option<Version>, String> {
+    match fsx::read_version_file(agent_dir) {
+        Ok(None) => Ok(None),
+        Ok(Some(v)) => Version::parse(&v)
+            .map(Some)
+            .map_err(|e| format!("{}/.version: {e}", agent_dir.display())),
+        Err(e) => Err(format!("cannot read {}/.version: {e}", agent_dir.display())),
+    }
+}
+
 /// The last status read for `name` at `version` and when, or `fallback` (timestamped now)
 /// when none was read for that version.
-pub fn last_known(ctx: &Ctx, name: &str, version: &str, fallback: &str) -> (String, i64) {
-    let view = ctx.shared.get_agent(name).unwrap_or_default();
+pub fn last_known(ctx: &Ctx, name: &AgentName, version: &Version, fallback: &str) -> (String, i64) {
+    let view = ctx.shared.get_agent(name.as_str()).unwrap_or_default();
     match (view.current_version, view.status, view.status_at) {
-        (Some(v), Some(s), Some(t)) if v == version => (s, t),
+        (Some(v), Some(s), Some(t)) if *version == v => (s, t),
         _ => (fallback.to_string(), now_unix()),
     }
 }
 
 /// Version folders of `agent_dir` beyond the `keep` most recent, never `current`.
-pub fn versions_to_prune(agent_dir: &Path, current: &str, keep: usize) -> Vec<String> {
-    let mut others: Vec<(std::time::SystemTime, String)> = Vec::new();
+pub fn versions_to_prune(agent_dir: &Path, current: &Version, keep: usize) -> Vec<Version> {
+    let mut others: Vec<(std::time::SystemTime, Version)> = Vec::new();
     let Ok(rd) = std::fs::read_dir(agent_dir) else {
         return Vec::new();
     };
@@ -752,14 +766,18 @@ pub fn versions_to_prune(agent_dir: &Path, current: &str, keep: usize) -> Vec<St
         let name = e.file_name().to_string_lossy().into_owned();
         // Only version folders (real folders with a `control`): a symlink or another
         // folder an operator put there is theirs.
-        if name == current || !crate::workdir::is_version_dir(agent_dir, &name) {
+        // Only folders with a valid version name: anything else is not ours to remove.
+        let Ok(version) = Version::parse(&name) else {
+            continue;
+        };
+        if version == *current || !crate::workdir::is_version_dir(agent_dir, &name) {
             continue;
         }
         let mtime = e
             .metadata()
             .and_then(|m| m.modified())
             .unwrap_or(std::time::UNIX_EPOCH);
-        others.push((mtime, name));
+        others.push((mtime, version));
     }
     // Newest first; ties broken by name so the result does not depend on readdir order.
     others.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| b.1.cmp(&a.1)));
@@ -775,8 +793,8 @@ pub fn versions_to_prune(agent_dir: &Path, current: &str, keep: usize) -> Vec<St
 const PRUNE_INFIX: &str = ".prune-";
 
 #[allow(clippy::disallowed_methods)] // Blocking: called on the blocking pool.
-fn remove_version(agent_dir: &Path, version: &str) -> std::io::Result<()> {
-    let from = agent_dir.join(version);
+fn remove_version(agent_dir: &Path, version: &Version) -> std::io::Result<()> {
+    let from = agent_dir.join(version.as_str());
     let to = agent_dir.join(format!(
         ".{version}{PRUNE_INFIX}{}",
         uuid::Uuid::new_v4().simple()
@@ -789,7 +807,7 @@ fn remove_version(agent_dir: &Path, version: &str) -> std::io::Result<()> {
 /// Start-up cleaning of one agent folder: torn unpacks (core's `clean_leftovers`) and
 /// half-removed old versions (ours).
 #[allow(clippy::disallowed_methods)] // Blocking: called on the blocking pool.
-fn clean_startup_leftovers(agent_dir: &Path, name: &str) {
+fn clean_startup_leftovers(agent_dir: &Path, name: &AgentName) {
     if let Err(e) = artifact::clean_leftovers(agent_dir) {
         tracing::warn!(agent = %name, error = %e, "cannot clean leftovers");
     }
@@ -807,10 +825,14 @@ fn clean_startup_leftovers(agent_dir: &Path, name: &str) {
 mod tests {
     use super::*;
 
+    fn v(s: &str) -> Version {
+        Version::parse(s).unwrap()
+    }
+
     fn desired(version: &str, cmd: Cmd) -> Desired {
         Desired {
-            name: "a".into(),
-            version: version.into(),
+            name: AgentName::parse("a").unwrap(),
+            version: v(version),
             cmd,
             tarball_url: format!("http://m/a-{version}.tar.gz"),
             md5_url: format!("http://m/a-{version}.tar.gz.md5"),
@@ -827,34 +849,35 @@ mod tests {
         let start2 = desired("2", Cmd::Start);
         let stop2 = desired("2", Cmd::Stop);
         let sw = |from: Option<&str>| Plan::Switch {
-            from: from.map(String::from),
-            to: "2".into(),
+            from: from.map(v),
+            to: v("2"),
         };
+        let (one, two) = (v("1"), v("2"));
         // (desired, current, folder present, expected)
         let cases = [
             (&start2, None, false, sw(None)),
-            (&start2, Some("1"), true, sw(Some("1"))),
+            (&start2, Some(&one), true, sw(Some("1"))),
             // .version names a folder that is gone: nothing to stop.
-            (&start2, Some("1"), false, sw(None)),
+            (&start2, Some(&one), false, sw(None)),
             (
                 &start2,
-                Some("2"),
+                Some(&two),
                 true,
                 Plan::EnsureStarted {
-                    version: "2".into(),
+                    version: two.clone(),
                 },
             ),
-            (&start2, Some("2"), false, sw(None)),
+            (&start2, Some(&two), false, sw(None)),
             (
                 &stop2,
-                Some("1"),
+                Some(&one),
                 true,
                 Plan::EnsureStopped {
-                    version: "1".into(),
+                    version: one.clone(),
                 },
             ),
             (&stop2, None, false, Plan::Nothing),
-            (&stop2, Some("1"), false, Plan::Nothing),
+            (&stop2, Some(&one), false, Plan::Nothing),
         ];
         for (d, cur, present, want) in cases {
             let got = plan(d, cur, present, None, now);
@@ -866,6 +889,7 @@ mod tests {
     fn plan_respects_backoff_for_the_same_key_only() {
         let now = Instant::now();
         let d = desired("2", Cmd::Start);
+        let (one, two) = (v("1"), v("2"));
         let b = Backoff {
             key: BackoffKey::of(&d),
             failures: 1,
@@ -874,10 +898,10 @@ mod tests {
             reason: "md5 mismatch".into(),
         };
         assert_eq!(
-            plan(&d, Some("1"), true, Some(&b), now),
+            plan(&d, Some(&one), true, Some(&b), now),
             Plan::Wait {
                 until_unix: 123,
-                current: Some("1".into())
+                current: Some(one.clone())
             }
         );
         assert_eq!(
@@ -889,32 +913,38 @@ mod tests {
         );
         // Past the deadline: try again.
         assert!(matches!(
-            plan(&d, Some("1"), true, Some(&b), now + Duration::from_secs(61)),
+            plan(
+                &d,
+                Some(&one),
+                true,
+                Some(&b),
+                now + Duration::from_secs(61)
+            ),
             Plan::Switch { .. }
         ));
         // Another version, URL or checksum: not held back.
         let d3 = desired("3", Cmd::Start);
         assert!(matches!(
-            plan(&d3, Some("1"), true, Some(&b), now),
+            plan(&d3, Some(&one), true, Some(&b), now),
             Plan::Switch { .. }
         ));
         let mut moved = d.clone();
         moved.tarball_url = "http://other/a-2.tar.gz".into();
         assert!(matches!(
-            plan(&moved, Some("1"), true, Some(&b), now),
+            plan(&moved, Some(&one), true, Some(&b), now),
             Plan::Switch { .. }
         ));
         let mut sha = d.clone();
         sha.sha256 = Some("0".repeat(64));
         assert!(matches!(
-            plan(&sha, Some("1"), true, Some(&b), now),
+            plan(&sha, Some(&one), true, Some(&b), now),
             Plan::Switch { .. }
         ));
         // The current version is never held back by a back-off of itself.
         assert_eq!(
-            plan(&d, Some("2"), true, Some(&b), now),
+            plan(&d, Some(&two), true, Some(&b), now),
             Plan::EnsureStarted {
-                version: "2".into()
+                version: two.clone()
             }
         );
     }
@@ -1018,6 +1048,7 @@ mod tests {
             cgroups: Arc::new(crate::cgroup::Cgroups::none("ops-updater", "unit tests")),
             reaper: None,
             own: Arc::default(),
+            selfup: None,
         }
     }
 
@@ -1037,7 +1068,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         write_agent(t.path(), "a", "1.0", "started");
         let c = Arc::new(ctx(t.path()));
-        let h = Handle::spawn(c.clone(), "a");
+        let h = Handle::spawn(c.clone(), &AgentName::parse("a").unwrap());
         let r = collect(&c, &h).await.unwrap();
         assert_eq!((r.version.as_str(), r.status.as_str()), ("1.0", "started"));
         let first = r.timestamp;
@@ -1060,15 +1091,32 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let c = Arc::new(ctx(t.path()));
         std::fs::create_dir_all(t.path().join("plain")).unwrap();
-        assert_eq!(collect(&c, &Handle::spawn(c.clone(), "plain")).await, None);
+        assert_eq!(
+            collect(
+                &c,
+                &Handle::spawn(c.clone(), &AgentName::parse("plain").unwrap())
+            )
+            .await,
+            None
+        );
         std::fs::create_dir_all(t.path().join("bad")).unwrap();
         std::fs::write(t.path().join("bad/.version"), "../../x").unwrap();
-        assert_eq!(collect(&c, &Handle::spawn(c.clone(), "bad")).await, None);
+        assert_eq!(
+            collect(
+                &c,
+                &Handle::spawn(c.clone(), &AgentName::parse("bad").unwrap())
+            )
+            .await,
+            None
+        );
         std::fs::create_dir_all(t.path().join("gone")).unwrap();
         std::fs::write(t.path().join("gone/.version"), "2.0").unwrap();
-        let r = collect(&c, &Handle::spawn(c.clone(), "gone"))
-            .await
-            .unwrap();
+        let r = collect(
+            &c,
+            &Handle::spawn(c.clone(), &AgentName::parse("gone").unwrap()),
+        )
+        .await
+        .unwrap();
         assert_eq!(r.status, "version folder 2.0 is missing");
     }
 
@@ -1089,14 +1137,17 @@ mod tests {
         // A folder with a version's name but no `control` is not a version: kept.
         std::fs::create_dir(t.path().join("0.9")).unwrap();
         // Current is the oldest: it stays, plus the two newest others.
-        let mut got = versions_to_prune(t.path(), "1.0", 3);
+        let mut got = versions_to_prune(t.path(), &v("1.0"), 3);
         got.sort();
-        assert_eq!(got, ["1.1", "1.2"]);
-        assert_eq!(versions_to_prune(t.path(), "1.4", 5), Vec::<String>::new());
-        let mut got = versions_to_prune(t.path(), "1.4", 1);
+        assert_eq!(got, [v("1.1"), v("1.2")]);
+        assert_eq!(
+            versions_to_prune(t.path(), &v("1.4"), 5),
+            Vec::<Version>::new()
+        );
+        let mut got = versions_to_prune(t.path(), &v("1.4"), 1);
         got.sort();
-        assert_eq!(got, ["1.0", "1.1", "1.2", "1.3"]);
-        remove_version(t.path(), "1.0").unwrap();
+        assert_eq!(got, [v("1.0"), v("1.1"), v("1.2"), v("1.3")]);
+        remove_version(t.path(), &v("1.0")).unwrap();
         assert!(!t.path().join("1.0").exists());
     }
 }

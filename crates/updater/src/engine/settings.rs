@@ -88,7 +88,7 @@ mod tests {
             limits: [("CPU".to_string(), "10%".to_string())].into(),
             run: Some(true),
             fatal: Some(Fatal {
-                version: "1".into(),
+                version: proto::names::Version::parse("1").unwrap(),
                 cause: "exited with code 1".into(),
                 since: 5,
                 killed: false,

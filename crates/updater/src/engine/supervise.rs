@@ -21,6 +21,7 @@
 
 use std::time::Duration;
 
+use proto::names::Version;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
@@ -66,7 +67,7 @@ impl Default for Policy {
 #[serde(rename_all = "camelCase")]
 pub struct Fatal {
     /// The version that kept failing.
-    pub version: String,
+    pub version: Version,
     /// The last exit's cause.
     pub cause: String,
     /// Unix seconds.
@@ -154,7 +155,7 @@ impl State {
         &mut self,
         now: Instant,
         now_unix: i64,
-        version: &str,
+        version: &Version,
         cause: &str,
         killed: bool,
         p: &Policy,
@@ -178,7 +179,7 @@ impl State {
         &mut self,
         now: Instant,
         now_unix: i64,
-        version: &str,
+        version: &Version,
         cause: &str,
         p: &Policy,
     ) -> Verdict {
@@ -191,14 +192,14 @@ impl State {
         &mut self,
         now: Instant,
         now_unix: i64,
-        version: &str,
+        version: &Version,
         cause: &str,
         killed: bool,
         p: &Policy,
     ) -> Verdict {
         if self.failures > p.max_failures {
             self.phase = Phase::Fatal(Fatal {
-                version: version.to_string(),
+                version: version.clone(),
                 cause: cause.to_string(),
                 since: now_unix,
                 killed,
@@ -234,6 +235,10 @@ impl State {
 mod tests {
     use super::*;
 
+    fn v(s: &str) -> Version {
+        Version::parse(s).unwrap()
+    }
+
     fn policy() -> Policy {
         Policy::default()
     }
@@ -249,7 +254,7 @@ mod tests {
         let mut now = t0;
         for n in 1..=3u32 {
             now += Duration::from_secs(10);
-            let v = s.exited(now, 0, "1.0", "exited with code 1", false, &p);
+            let v = s.exited(now, 0, &v("1.0"), "exited with code 1", false, &p);
             assert_eq!(v, Verdict::RestartAt(now + p.restart_delay), "exit {n}");
             assert_eq!(s.failures, n);
             assert_eq!(held_state(&s), None);
@@ -258,7 +263,7 @@ mod tests {
         }
         now += Duration::from_secs(10);
         assert_eq!(
-            s.exited(now, 77, "1.0", "exited with code 1", false, &p),
+            s.exited(now, 77, &v("1.0"), "exited with code 1", false, &p),
             Verdict::GiveUp
         );
         assert!(s.is_fatal());
@@ -281,7 +286,7 @@ mod tests {
         // Exactly the window is long enough.
         let now = t0 + p.fail_window;
         assert!(matches!(
-            s.exited(now, 0, "1", "x", false, &p),
+            s.exited(now, 0, &v("1"), "x", false, &p),
             Verdict::RestartAt(_)
         ));
         assert_eq!(s.failures, 0);
@@ -306,11 +311,11 @@ mod tests {
         let t0 = Instant::now();
         let mut s = State::default();
         s.running(t0, 0);
-        let v = s.exited(t0, 0, "1", "killed by the OOM killer", true, &p);
-        assert!(matches!(v, Verdict::RestartAt(_)));
+        let verdict = s.exited(t0, 0, &v("1"), "killed by the OOM killer", true, &p);
+        assert!(matches!(verdict, Verdict::RestartAt(_)));
         assert_eq!(held_state(&s), Some("killed"));
         assert_eq!(
-            s.start_failed(t0, 0, "1", "did not start", &p),
+            s.start_failed(t0, 0, &v("1"), "did not start", &p),
             Verdict::GiveUp
         );
         s.clear();

@@ -213,6 +213,9 @@ pub struct Updater {
     pub http: SocketAddr,
     pub hostname: String,
     pub log: PathBuf,
+    /// The executable to run, when not the test build itself (a copy that a self-upgrade
+    /// may replace).
+    pub exe: Option<PathBuf>,
 }
 
 impl Updater {
@@ -243,6 +246,13 @@ impl Updater {
 
     /// Starts an updater; `tweak` edits the default test config.
     pub fn start(server: &str, hostname: &str, tweak: impl FnOnce(&mut Value)) -> Updater {
+        let mut u = Updater::prepare(server, hostname, tweak);
+        u.spawn();
+        u
+    }
+
+    /// An updater's folder and config, not started yet.
+    pub fn prepare(server: &str, hostname: &str, tweak: impl FnOnce(&mut Value)) -> Updater {
         let dir = test_support::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("work")).unwrap();
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -253,15 +263,36 @@ impl Updater {
             "cfg.json",
             serde_json::to_vec_pretty(&cfg).unwrap(),
         );
-        let mut u = Updater {
+        Updater {
             child: None,
             log: dir.path().join("updater.log"),
             dir,
             http,
             hostname: hostname.to_string(),
-        };
-        u.spawn();
-        u
+            exe: None,
+        }
+    }
+
+    /// The supervisor's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("started").0.id()
+    }
+
+    /// True while the supervisor runs.
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.0.try_wait().ok().flatten().is_none())
+    }
+
+    /// Starts it again until it runs (a start may find the last one's lock for a moment).
+    pub fn respawn_until_up(&mut self) {
+        wait_for("ops-updater to start again", CONVERGE, || {
+            self.kill9();
+            self.spawn();
+            std::thread::sleep(Duration::from_millis(200));
+            self.alive()
+        });
     }
 
     /// (Re)starts the process on the same config and workdir.
@@ -271,7 +302,11 @@ impl Updater {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut cmd = command(Path::new(env!("CARGO_BIN_EXE_ops-updater")));
+        let exe = self
+            .exe
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_ops-updater")));
+        let mut cmd = command(&exe);
         cmd.arg("-c")
             .arg(self.dir.path().join("cfg.json"))
             .current_dir(self.dir.path())
@@ -282,11 +317,23 @@ impl Updater {
         wait_listening(self.http, CONVERGE);
     }
 
-    /// SIGKILL, as a crash or an OOM kill would.
+    /// SIGKILL of the supervisor, as a crash or an OOM kill would; its worker dies with it
+    /// (`PR_SET_PDEATHSIG`), which is waited for too, so that nothing of it still holds the
+    /// local endpoint's socket when this returns.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let worker = worker_of(c.id());
             c.kill().unwrap();
             c.wait().unwrap();
+            if let Some(w) = worker {
+                wait_for("the worker to die with its supervisor", CONVERGE, || {
+                    std::fs::read_to_string(format!("/proc/{w}/stat")).map_or(true, |st| {
+                        st.rsplit(')')
+                            .next()
+                            .is_some_and(|r| r.trim_start().starts_with('Z'))
+                    })
+                });
+            }
         }
     }
 
@@ -311,7 +358,22 @@ impl Updater {
     }
 
     pub fn daemon_status(&self) -> Value {
-        get_json(self.http, "/status").expect("local /status")["daemon"].clone()
+        // Right after a (re)start the worker may take a moment to serve the socket.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(v) = get_json(self.http, "/status") {
+                return v["daemon"].clone();
+            }
+            if std::time::Instant::now() > deadline {
+                let log = self.log_text();
+                let from = log.len().saturating_sub(6000);
+                panic!(
+                    "local /status did not answer; the log's end:\n{}",
+                    &log[from..]
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Waits for `n` more successful heartbeats than now.
@@ -383,34 +445,15 @@ pub fn unique_cgroup_parent() -> String {
 
 /// Removes the cgroups made under `parent` (killing what still runs in them).
 pub fn remove_cgroups(parent: &str) {
-    let cgs = updater::cgroup::Cgroups::detect(parent);
-    for parent in cgs.parent_dirs() {
-        let mut dirs: Vec<PathBuf> = std::fs::read_dir(&parent)
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.path())
-                    .filter(|p| p.is_dir())
-                    .collect()
-            })
-            .unwrap_or_default();
-        dirs.push(parent.clone());
-        for d in dirs {
-            let deadline = std::time::Instant::now() + Duration::from_secs(3);
-            while d.exists()
-                && std::fs::remove_dir(&d).is_err()
-                && std::time::Instant::now() < deadline
-            {
-                let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
-                for pid in procs.split_whitespace().filter_map(|p| p.parse().ok()) {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
+    for dir in updater::cgroup::Cgroups::detect(parent).parent_dirs() {
+        test_support::cgroups::remove_tree(&dir);
     }
+}
+
+/// The worker (the one child) of the supervisor `pid`, from /proc.
+pub fn worker_of(pid: u32) -> Option<u32> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    children.split_whitespace().next()?.parse().ok()
 }
 
 /// Runs `control status` in a version folder, as an operator would.

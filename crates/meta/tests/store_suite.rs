@@ -1,0 +1,302 @@
+//! One suite for every durable backend (`meta::persist`), run against SQLite and against a
+//! throwaway PostgreSQL cluster (test-support starts it; in CI a missing server fails):
+//! what is written is read back after reopening, events and batches are deduplicated and
+//! bounded, a shared backend hands the update its row, a sweep forgets, and a schema
+//! newer than the binary is refused.
+
+use std::sync::{Arc, Mutex};
+
+use meta::persist::{
+    self, BatchRow, BootRow, Cursor, DbRow, Durable, LegacyRow, StoreError, StoreSpec,
+};
+use proto::events::Event;
+use proto::legacy::RealAgent;
+
+fn agent(name: &str, version: &str) -> RealAgent {
+    RealAgent {
+        name: name.into(),
+        version: version.into(),
+        status: "started".into(),
+        timestamp: 1_431_000_000,
+    }
+}
+
+fn event(seq: u64) -> Event {
+    Event {
+        seq,
+        time: 1_700_000_000 + seq as i64,
+        agent: "basic".into(),
+        kind: "exited".into(),
+        cause: format!("exit code {seq}"),
+        ..Event::default()
+    }
+}
+
+fn boot_row(host: &str, serial: &str, rev: i64, last_seen: i64) -> BootRow {
+    BootRow {
+        hostname: host.into(),
+        serial: serial.into(),
+        rev,
+        last_seen,
+        state: format!("{{\"rev\":{rev}}}"),
+    }
+}
+
+/// Writes `row` through `update_boot`; returns what the backend showed the update.
+async fn put_boot(store: &dyn Durable, row: BootRow) -> String {
+    let seen = Arc::new(Mutex::new(String::new()));
+    let s = seen.clone();
+    let host = row.hostname.clone();
+    store
+        .update_boot(
+            &host,
+            Box::new(move |db| {
+                *s.lock().unwrap() = match db {
+                    DbRow::NotRead => "not read".into(),
+                    DbRow::Absent => "absent".into(),
+                    DbRow::Row(r) => format!("rev {}", r.rev),
+                };
+                Some(row)
+            }),
+        )
+        .await
+        .unwrap();
+    let out = seen.lock().unwrap().clone();
+    out
+}
+
+/// Everything stored: the snapshot and the legacy rows handed to the sink.
+async fn load(store: &dyn Durable) -> (persist::Snapshot, Vec<LegacyRow>) {
+    let rows = Arc::new(Mutex::new(Vec::new()));
+    let sink = rows.clone();
+    let snap = store
+        .load(Box::new(move |r| sink.lock().unwrap().push(r)))
+        .await
+        .unwrap();
+    let rows = std::mem::take(&mut *rows.lock().unwrap());
+    (snap, rows)
+}
+
+async fn suite(spec: StoreSpec) {
+    let store = persist::open(&spec).await.unwrap();
+    let shared = store.shared();
+    let (snap, legacy) = load(&*store).await;
+    assert!(legacy.is_empty() && snap.boot.is_empty() && snap.events.is_empty());
+
+    store
+        .put_legacy(vec![
+            LegacyRow {
+                hostname: "web-1".into(),
+                last_seen: 100,
+                agents: vec![agent("falcon-agent", "1.0.0")],
+            },
+            LegacyRow {
+                hostname: "web-2".into(),
+                last_seen: 100,
+                agents: vec![],
+            },
+        ])
+        .await
+        .unwrap();
+    // An upsert replaces the report.
+    store
+        .put_legacy(vec![LegacyRow {
+            hostname: "web-1".into(),
+            last_seen: 200,
+            agents: vec![agent("falcon-agent", "1.0.1"), agent("other", "2")],
+        }])
+        .await
+        .unwrap();
+
+    let first = put_boot(&*store, boot_row("boot-1", "serial-1", 1, 100)).await;
+    let second = put_boot(&*store, boot_row("boot-1", "serial-1", 2, 150)).await;
+    if shared {
+        assert_eq!((first.as_str(), second.as_str()), ("absent", "rev 1"));
+    } else {
+        assert_eq!((first.as_str(), second.as_str()), ("not read", "not read"));
+    }
+    put_boot(&*store, boot_row("boot-2", "serial-2", 1, 10)).await;
+    // An update that changes nothing writes nothing.
+    store
+        .update_boot("boot-2", Box::new(|_| None))
+        .await
+        .unwrap();
+
+    store
+        .put_events("boot-1", &[event(1), event(2)])
+        .await
+        .unwrap();
+    // A resent report: its events are kept once.
+    store
+        .put_events("boot-1", &[event(2), event(3)])
+        .await
+        .unwrap();
+    let many: Vec<Event> = (10..130).map(event).collect();
+    store.put_events("web-2", &many).await.unwrap();
+
+    for i in 0..3 {
+        store
+            .put_batch(BatchRow {
+                id: format!("batch-{i}"),
+                created: 1000 + i,
+                body: format!("{{\"n\":{i}}}"),
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        store.batch("batch-1").await.unwrap().map(|b| b.body),
+        Some("{\"n\":1}".to_string())
+    );
+    assert_eq!(store.batch("nope").await.unwrap(), None);
+    let rows = store
+        .boot_hosts(&["boot-1".into(), "nope".into()])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].rev, 2);
+
+    // Reopened: everything is there.
+    drop(store);
+    let store = persist::open(&spec).await.unwrap();
+    let (mut snap, mut legacy) = load(&*store).await;
+    legacy.sort_by(|a, b| a.hostname.cmp(&b.hostname));
+    assert_eq!((legacy.len(), snap.legacy), (2, 2));
+    assert_eq!(legacy[0].hostname, "web-1");
+    assert_eq!(legacy[0].last_seen, 200);
+    assert_eq!(legacy[0].agents[0].version, "1.0.1");
+    assert_eq!(legacy[0].agents.len(), 2);
+    snap.boot.sort_by(|a, b| a.hostname.cmp(&b.hostname));
+    assert_eq!(
+        snap.boot,
+        vec![
+            boot_row("boot-1", "serial-1", 2, 150),
+            boot_row("boot-2", "serial-2", 1, 10)
+        ]
+    );
+    let seqs = |host: &str| -> Vec<u64> {
+        snap.events
+            .iter()
+            .filter(|e| e.hostname == host)
+            .map(|e| e.event.seq)
+            .collect()
+    };
+    assert_eq!(seqs("boot-1"), [1, 2, 3]);
+    // Bounded per host: the newest are kept.
+    let web2 = seqs("web-2");
+    assert_eq!(web2.len(), persist::EVENTS_KEPT as usize);
+    assert_eq!(web2.last(), Some(&129));
+    assert_eq!(snap.events[0].event, event(1));
+    assert_eq!(snap.batches.len(), 3);
+
+    if shared {
+        // Another replica's write shows in the changes after the cursor.
+        let since = snap.cursor;
+        put_boot(&*store, boot_row("boot-2", "serial-2", 2, 20)).await;
+        store.put_events("boot-2", &[event(7)]).await.unwrap();
+        store
+            .put_legacy(vec![LegacyRow {
+                hostname: "web-1".into(),
+                last_seen: 300,
+                agents: vec![agent("falcon-agent", "1.0.2")],
+            }])
+            .await
+            .unwrap();
+        // An older report (a replica that heard the host before) does not win.
+        store
+            .put_legacy(vec![LegacyRow {
+                hostname: "web-1".into(),
+                last_seen: 250,
+                agents: vec![agent("falcon-agent", "0.9")],
+            }])
+            .await
+            .unwrap();
+        let ch = store.changes(since).await.unwrap();
+        let web1: Vec<_> = ch.legacy.iter().filter(|r| r.hostname == "web-1").collect();
+        assert_eq!(web1.len(), 1, "{:?}", ch.legacy);
+        assert_eq!(
+            (web1[0].last_seen, web1[0].agents[0].version.as_str()),
+            (300, "1.0.2")
+        );
+        assert!(ch.cursor.legacy > since.legacy);
+        assert!(ch.boot.iter().any(|r| r.hostname == "boot-2" && r.rev == 2));
+        assert!(ch.events.iter().any(|e| e.hostname == "boot-2"));
+        assert!(ch.cursor.boot > since.boot && ch.cursor.events > since.events);
+    } else {
+        let ch = store.changes(Cursor::default()).await.unwrap();
+        assert!(ch.boot.is_empty() && ch.events.is_empty());
+    }
+
+    // Hosts last seen before 120 go, and the events of hosts no table knows.
+    let gone = store.sweep(120).await.unwrap();
+    assert_eq!(gone, 2);
+    let (snap, rows) = load(&*store).await;
+    let mut legacy: Vec<_> = rows.iter().map(|r| r.hostname.as_str()).collect();
+    legacy.sort();
+    assert_eq!(legacy, ["web-1"]);
+    let boot: Vec<_> = snap.boot.iter().map(|r| r.hostname.as_str()).collect();
+    assert_eq!(boot, ["boot-1"]);
+    assert!(snap.events.iter().all(|e| e.hostname == "boot-1"));
+}
+
+#[tokio::test]
+async fn sqlite_keeps_what_it_was_given() {
+    let dir = test_support::tempdir().unwrap();
+    suite(StoreSpec::Sqlite(dir.path().join("fleet.db"))).await;
+}
+
+#[tokio::test]
+async fn postgres_keeps_what_it_was_given() {
+    let Some(pg) = test_support::postgres::Cluster::start() else {
+        return;
+    };
+    let url = pg.create_db("suite");
+    suite(StoreSpec::parse(&url).unwrap()).await;
+}
+
+fn too_new(e: StoreError) -> String {
+    let text = e.to_string();
+    assert!(matches!(e, StoreError::TooNew { found: 99, .. }), "{text}");
+    text
+}
+
+#[tokio::test]
+async fn a_schema_newer_than_the_binary_is_refused() {
+    let dir = test_support::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    drop(
+        persist::open(&StoreSpec::Sqlite(path.clone()))
+            .await
+            .unwrap(),
+    );
+    persist::sqlite::set_schema_version(&path, 99).unwrap();
+    let e = persist::open(&StoreSpec::Sqlite(path)).await.unwrap_err();
+    let text = too_new(e);
+    assert!(text.contains("newer than this ops-meta"), "{text}");
+
+    let Some(pg) = test_support::postgres::Cluster::start() else {
+        return;
+    };
+    let url = pg.create_db("newer");
+    drop(
+        persist::open(&StoreSpec::parse(&url).unwrap())
+            .await
+            .unwrap(),
+    );
+    pg.psql("newer", "UPDATE meta_schema SET version = 99");
+    too_new(
+        persist::open(&StoreSpec::parse(&url).unwrap())
+            .await
+            .unwrap_err(),
+    );
+}
+
+#[tokio::test]
+async fn a_second_process_on_one_sqlite_file_is_refused() {
+    let dir = test_support::tempdir().unwrap();
+    let spec = StoreSpec::Sqlite(dir.path().join("fleet.db"));
+    let first = persist::open(&spec).await.unwrap();
+    let e = persist::open(&spec).await.unwrap_err().to_string();
+    assert!(e.contains("another ops-meta uses this file"), "{e}");
+    drop(first);
+}
