@@ -57,8 +57,8 @@ pub struct Server {
     state: AppState,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
-    /// The write-behind writer, stopped after the requests in flight finished.
-    writer: Option<(watch::Sender<bool>, JoinHandle<()>)>,
+    /// The write-behind writers, stopped after the requests in flight finished.
+    writer: Option<(watch::Sender<bool>, Vec<JoinHandle<()>>)>,
 }
 
 /// What [`load`] found in the store.
@@ -131,11 +131,23 @@ impl Server {
         if state.durable.shared() {
             tasks.push(tokio::spawn(follow(state.clone(), rx.clone(), cursor)));
         }
-        let writer = state.writer.lock().take().map(|w| {
-            let (stop, stopped) = watch::channel(false);
-            let task = tokio::spawn(w.run(state.durable.clone(), state.store.clone(), stopped));
-            (stop, task)
-        });
+        let (stop, stopped) = watch::channel(false);
+        let mut writers = Vec::new();
+        if let Some(w) = state.writer.lock().take() {
+            writers.push(tokio::spawn(w.run(
+                state.durable.clone(),
+                state.store.clone(),
+                stopped.clone(),
+            )));
+        }
+        if let Some(w) = state.boot.take_seen_writer() {
+            writers.push(tokio::spawn(w.run(
+                state.durable.clone(),
+                state.boot.registry.clone(),
+                stopped,
+            )));
+        }
+        let writer = (!writers.is_empty()).then_some((stop, writers));
         let addr = listener.as_ref().and_then(|l| l.local_addr().ok());
         if let Some(l) = listener {
             tasks.push(tokio::spawn(accept_loop(
@@ -183,9 +195,11 @@ impl Server {
             let _ = t.await;
         }
         // Requests are done: what they queued is written before we return.
-        if let Some((stop, task)) = self.writer {
+        if let Some((stop, tasks)) = self.writer {
             let _ = stop.send(true);
-            let _ = task.await;
+            for t in tasks {
+                let _ = t.await;
+            }
         }
     }
 }

@@ -1,8 +1,8 @@
 //! One suite for every durable backend (`meta::persist`), run against SQLite and against a
 //! throwaway PostgreSQL cluster (test-support starts it; in CI a missing server fails):
 //! what is written is read back after reopening, events and batches are deduplicated and
-//! bounded, a shared backend hands the update its row, a sweep forgets, and a schema
-//! newer than the binary is refused.
+//! bounded, last-seen times only rise, a shared backend hands the update its row, a sweep
+//! forgets, and a schema newer than the binary is refused.
 
 use std::sync::{Arc, Mutex};
 
@@ -121,6 +121,13 @@ async fn suite(spec: StoreSpec) {
         .update_boot("boot-2", Box::new(|_| None))
         .await
         .unwrap();
+    // Last-seen times alone: raised, never lowered, no new revision; unknown hosts are
+    // left alone.
+    store
+        .touch_boot(vec![("boot-2".into(), 40), ("nope".into(), 50)])
+        .await
+        .unwrap();
+    store.touch_boot(vec![("boot-2".into(), 30)]).await.unwrap();
 
     store
         .put_events("boot-1", &[event(1), event(2)])
@@ -171,7 +178,7 @@ async fn suite(spec: StoreSpec) {
         snap.boot,
         vec![
             boot_row("boot-1", "serial-1", 2, 150),
-            boot_row("boot-2", "serial-2", 1, 10)
+            boot_row("boot-2", "serial-2", 1, 40)
         ]
     );
     let seqs = |host: &str| -> Vec<u64> {

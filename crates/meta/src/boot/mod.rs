@@ -26,9 +26,10 @@ use proto::{AgentName, Hostname, Serial};
 
 use crate::config::TagRule;
 use crate::desired::Desired;
+use crate::persist::behind::{self, Lag, WriteBehind, Writer};
 use crate::persist::{BatchRow, BootRow, Durable, StoreError};
 use jobs::{JobState, Origin, Skip, Want};
-pub use registry::{Refusal, Registration, Registry};
+pub use registry::{Refusal, Registration, Registry, Unsaved};
 use serde::{Deserialize, Serialize};
 
 /// Longest tag list of one rule, in bytes.
@@ -180,9 +181,17 @@ struct Batches {
 pub struct Boot {
     pub registry: Arc<Registry>,
     durable: Arc<dyn Durable>,
+    /// Last-seen times of hosts whose reports changed nothing else, written behind.
+    seen: WriteBehind,
+    /// Its writer, taken by the server that runs it ([`Boot::take_seen_writer`]).
+    seen_writer: Mutex<Option<Writer>>,
     batches: Mutex<Batches>,
     warned: Mutex<HashMap<String, Warned>>,
 }
+
+/// What one status report did to its host: the jobs to send, what waits, why derivation
+/// left agents alone, and how many results it applied; or why it was refused.
+type Taken = Result<(Vec<Job>, Vec<Waiting>, Vec<Skip>, usize), Refusal>;
 
 impl std::fmt::Debug for Boot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -217,12 +226,30 @@ impl Boot {
 
     /// BootAgent state written to `durable`.
     pub fn with_store(durable: Arc<dyn Durable>) -> Boot {
+        let (seen, seen_writer) = if durable.kind() == "memory" {
+            (WriteBehind::disabled(), None)
+        } else {
+            let (q, w) = behind::queue();
+            (q, Some(w))
+        };
         Boot {
             registry: Arc::new(Registry::new()),
             durable,
+            seen,
+            seen_writer: Mutex::new(seen_writer),
             batches: Mutex::new(Batches::default()),
             warned: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The writer of the last-seen queue, for the server to run (once).
+    pub fn take_seen_writer(&self) -> Option<Writer> {
+        self.seen_writer.lock().take()
+    }
+
+    /// How far the last-seen queue lags.
+    pub fn seen_lag(&self) -> &Lag {
+        &self.seen.lag
     }
 
     /// Fills memory from the store's rows at start; returns how many hosts were taken.
@@ -344,37 +371,42 @@ impl Boot {
             events: Vec::new(),
             ..req.clone()
         };
-        let taken = self
-            .on_host(&req.hostname, move |reg| {
-                let req = &owned;
-                reg.with_host(&req.hostname, &req.agentsn, |rec| {
-                    rec.last_seen = now;
-                    rec.report = Some(registry::Report {
-                        version: jobs::clean_text(&req.version, 128),
-                        uptime: req.uptime,
-                        step: req.step,
-                        timestamp: req.timestamp,
-                        agents: req
-                            .agents
-                            .iter()
-                            .map(|a| bootagent::AgentStatus {
-                                status: jobs::clean_text(&a.status, crate::store::MAX_STATUS_LEN),
-                                ..a.clone()
-                            })
-                            .collect(),
-                    });
-                    let applied = rec.jobs.apply_results(&req.jobs, now);
-                    rec.jobs.supervised = req.supervised;
-                    let skips = rec.jobs.derive(&wants, &req.agents, now);
-                    (
-                        rec.jobs.to_send(),
-                        rec.jobs.waiting().to_vec(),
-                        skips,
-                        applied,
-                    )
-                })
+        let run: Arc<dyn Fn(&Registry) -> Taken + Send + Sync> = Arc::new(move |reg| {
+            let req = &owned;
+            reg.with_host(&req.hostname, &req.agentsn, |rec| {
+                rec.last_seen = now;
+                rec.report = Some(registry::Report {
+                    version: jobs::clean_text(&req.version, 128),
+                    uptime: req.uptime,
+                    step: req.step,
+                    timestamp: req.timestamp,
+                    agents: req
+                        .agents
+                        .iter()
+                        .map(|a| bootagent::AgentStatus {
+                            status: jobs::clean_text(&a.status, crate::store::MAX_STATUS_LEN),
+                            ..a.clone()
+                        })
+                        .collect(),
+                });
+                let applied = rec.jobs.apply_results(&req.jobs, now);
+                rec.jobs.supervised = req.supervised;
+                let skips = rec.jobs.derive(&wants, &req.agents, now);
+                (
+                    rec.jobs.to_send(),
+                    rec.jobs.waiting().to_vec(),
+                    skips,
+                    applied,
+                )
             })
-            .await?;
+        });
+        let taken = match self
+            .status_in_memory(&req.hostname, !req.jobs.is_empty(), &run)
+            .await?
+        {
+            Some(t) => t,
+            None => self.on_host(&req.hostname, move |reg| run(reg)).await?,
+        };
         let (jobs, waiting, skips, applied) = match taken {
             Ok(t) => t,
             Err(r) => return Ok(Err(r)),
@@ -386,6 +418,53 @@ impl Boot {
             self.log_skip(&req.hostname, s);
         }
         Ok(Ok((jobs, waiting)))
+    }
+
+    /// A status report on memory alone, answered from there when that is safe; `None` when
+    /// it must run (again) inside the store's transaction on the host.
+    ///
+    /// The steady state of a host — a report that carries no job results, changes nothing
+    /// worth a new revision and gets no job — never reaches the store but for its last-seen
+    /// time, written behind in steps. Everything else goes through the store before the
+    /// answer: in a shared store `run` is run again on the database's row under its lock
+    /// (so a job is handed out once across replicas); otherwise memory is the truth and its
+    /// row is written. In a shared store, memory may lag the database by one follow
+    /// interval: a job another replica queued a moment ago then goes out at a later
+    /// report, never twice.
+    async fn status_in_memory(
+        &self,
+        hostname: &str,
+        has_results: bool,
+        run: &Arc<dyn Fn(&Registry) -> Taken + Send + Sync>,
+    ) -> Result<Option<Taken>, StoreError> {
+        if self.durable.kind() == "memory" {
+            return Ok(Some(run(&self.registry)));
+        }
+        let shared = self.durable.shared();
+        if shared && has_results {
+            return Ok(None);
+        }
+        let taken = run(&self.registry);
+        let sends = match &taken {
+            // The database may know a host this replica does not (yet).
+            Err(_) if shared => return Ok(None),
+            Err(_) => return Ok(Some(taken)),
+            Ok((jobs, ..)) => !jobs.is_empty(),
+        };
+        let unsaved = self.registry.settle(hostname);
+        match unsaved {
+            Some(Unsaved::Nothing) if !sends => return Ok(Some(taken)),
+            Some(Unsaved::Seen) if !sends => {
+                self.seen.push(hostname).await;
+                return Ok(Some(taken));
+            }
+            _ if shared => return Ok(None),
+            _ => {}
+        }
+        // Memory is the truth: write its row (or wait for the commit of the write that
+        // took it) before the answer.
+        self.on_host(hostname, |_| ()).await?;
+        Ok(Some(taken))
     }
 
     /// True when the warning `key` is due: the first time, then once per [`WARN_EVERY`];

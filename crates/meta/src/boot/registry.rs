@@ -280,6 +280,68 @@ impl Registry {
     }
 }
 
+/// What a host's row needs after a change in memory ([`Registry::settle`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsaved {
+    /// Nothing: the row holds what memory does.
+    Nothing,
+    /// Only its last-seen time entered a new step (now counted as written: queue it).
+    Seen,
+    /// Something worth a new revision changed: [`Registry::save`] it.
+    Row,
+}
+
+impl Registry {
+    /// What the host's row lacks of memory; `None` when the host is unknown. On
+    /// [`Unsaved::Seen`] the last-seen time counts as written from now on, so the caller
+    /// must queue it ([`crate::persist::Durable::touch_boot`]).
+    pub fn settle(&self, hostname: &str) -> Option<Unsaved> {
+        let mut shard = self.shard(hostname).write();
+        let rec = shard.get_mut(hostname)?;
+        let Some((saved, seen)) = rec.saved.as_mut() else {
+            return Some(Unsaved::Row);
+        };
+        let hash = digest(
+            rec.serial.as_str(),
+            rec.registered,
+            rec.report.as_ref(),
+            &rec.jobs,
+        );
+        Some(if hash != *saved {
+            Unsaved::Row
+        } else if seen_step(*seen, rec.last_seen) {
+            *seen = rec.last_seen;
+            Unsaved::Seen
+        } else {
+            Unsaved::Nothing
+        })
+    }
+
+    /// The last-seen times of these hosts, those still known.
+    pub fn last_seen_of(&self, hostnames: &[&str]) -> Vec<(String, i64)> {
+        hostnames
+            .iter()
+            .filter_map(|h| Some((h.to_string(), self.read(h, |rec| rec.last_seen)?)))
+            .collect()
+    }
+}
+
+/// The BootAgent last-seen queue's rows: each host's last-seen time, from memory.
+impl crate::persist::behind::Source for Registry {
+    fn flush<'a>(
+        &'a self,
+        durable: &'a dyn crate::persist::Durable,
+        hosts: &'a [&'a str],
+    ) -> crate::persist::StoreFuture<'a, usize> {
+        let seen = self.last_seen_of(hosts);
+        Box::pin(async move {
+            let n = seen.len();
+            durable.touch_boot(seen).await?;
+            Ok(n)
+        })
+    }
+}
+
 impl Registry {
     /// The host's row, when something worth keeping changed since it was last saved (its
     /// `rev` is then bumped); `None` when nothing did or the host is unknown.
@@ -484,6 +546,42 @@ mod tests {
             other.save("web-1").is_none(),
             "installed rows are saved already"
         );
+    }
+
+    #[test]
+    fn settle_tells_a_new_revision_from_a_last_seen_step() {
+        let r = Registry::new();
+        assert_eq!(r.settle("web-1"), None);
+        r.register(&h("web-1"), None, 100);
+        assert_eq!(r.settle("web-1"), Some(Unsaved::Row), "never saved");
+        r.save("web-1").unwrap();
+        assert_eq!(r.settle("web-1"), Some(Unsaved::Nothing));
+        // Within the step, then into the next one: only the time is due, once.
+        r.with_hostname("web-1", |rec| rec.last_seen = 110);
+        assert_eq!(r.settle("web-1"), Some(Unsaved::Nothing));
+        r.with_hostname("web-1", |rec| rec.last_seen = 185);
+        assert_eq!(r.settle("web-1"), Some(Unsaved::Seen));
+        assert_eq!(r.settle("web-1"), Some(Unsaved::Nothing));
+        assert_eq!(r.last_seen_of(&["web-1", "nope"]), [("web-1".into(), 185)]);
+        // A report's uptime alone is no revision; its agents' versions are.
+        let report = |version: &str, uptime: u64| Report {
+            uptime,
+            agents: vec![AgentStatus {
+                name: "falcon-agent".into(),
+                version: version.into(),
+                uptime,
+                ..AgentStatus::default()
+            }],
+            ..Report::default()
+        };
+        r.with_hostname("web-1", |rec| rec.report = Some(report("1.0", 5)));
+        assert_eq!(r.settle("web-1"), Some(Unsaved::Row));
+        let rev = r.save("web-1").unwrap().rev;
+        r.with_hostname("web-1", |rec| rec.report = Some(report("1.0", 65)));
+        assert_eq!(r.settle("web-1"), Some(Unsaved::Nothing));
+        r.with_hostname("web-1", |rec| rec.report = Some(report("1.1", 70)));
+        assert_eq!(r.settle("web-1"), Some(Unsaved::Row));
+        assert_eq!(r.save("web-1").unwrap().rev, rev + 1);
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub(super) fn router() -> Router<AppState> {
 async fn metrics(State(st): State<AppState>) -> String {
     use std::sync::atomic::Ordering::Relaxed;
     let lag = &st.behind.lag;
+    let seen = st.boot.seen_lag();
     format!(
         "# TYPE ops_meta_store_info gauge\n\
          ops_meta_store_info{{backend=\"{}\"}} 1\n\
@@ -30,6 +31,10 @@ async fn metrics(State(st): State<AppState>) -> String {
          ops_meta_store_rows_written_total {}\n\
          # TYPE ops_meta_store_write_failures_total counter\n\
          ops_meta_store_write_failures_total {}\n\
+         # TYPE ops_meta_store_seen_queue_hosts gauge\n\
+         ops_meta_store_seen_queue_hosts {}\n\
+         # TYPE ops_meta_store_seen_written_total counter\n\
+         ops_meta_store_seen_written_total {}\n\
          # TYPE ops_meta_hosts gauge\n\
          ops_meta_hosts {}\n\
          # TYPE ops_meta_bootagent_hosts gauge\n\
@@ -38,7 +43,9 @@ async fn metrics(State(st): State<AppState>) -> String {
         lag.queued.load(Relaxed).max(0),
         lag.last_lag_ms.load(Relaxed) as f64 / 1000.0,
         lag.written.load(Relaxed),
-        lag.failures.load(Relaxed),
+        lag.failures.load(Relaxed) + seen.failures.load(Relaxed),
+        seen.queued.load(Relaxed).max(0),
+        seen.written.load(Relaxed),
         st.store.host_count(),
         st.boot.registry.len(),
     )

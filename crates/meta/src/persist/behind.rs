@@ -1,8 +1,9 @@
-//! The write-behind queue of legacy reports: the heartbeat path only pushes the hostname of
-//! a host whose row must be written (its report changed, or its last-seen time entered a
-//! new [`SEEN_STEP_SECS`] step); one task takes up to [`MAX_BATCH`] names at a time, reads
-//! each host's current report from memory (so ten reports of one host in a batch are one
-//! row) and writes them in one statement.
+//! Write-behind queues: the request path only pushes the hostname of a host whose row must
+//! be written; one task takes up to [`MAX_BATCH`] names at a time, reads each host's current
+//! state from memory through its [`Source`] (so ten reports of one host in a batch are one
+//! row) and writes them in one statement. Two queues use it: legacy reports (a host's
+//! report changed, or its last-seen time entered a new [`SEEN_STEP_SECS`] step) and the
+//! last-seen times of BootAgent hosts whose reports changed nothing else.
 //!
 //! Bounded: at most [`QUEUE_CAP`] names wait. When the store falls that far behind, a
 //! heartbeat waits for room (back-pressure) instead of growing memory; [`Lag`] counts
@@ -16,8 +17,44 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
-use super::{Durable, LegacyRow};
+use super::{Durable, LegacyRow, StoreFuture};
 use crate::store::FleetStore;
+
+/// Where a queue's hosts come from and go to.
+pub trait Source: Send + Sync + 'static {
+    /// Writes the current state of `hosts` (sorted, each once; hosts forgotten meanwhile
+    /// are left out) to `durable`; returns how many rows it wrote.
+    fn flush<'a>(
+        &'a self,
+        durable: &'a dyn Durable,
+        hosts: &'a [&'a str],
+    ) -> StoreFuture<'a, usize>;
+}
+
+/// Legacy reports: each host's report and last-seen time, from the fleet cache.
+impl Source for dyn FleetStore {
+    fn flush<'a>(
+        &'a self,
+        durable: &'a dyn Durable,
+        hosts: &'a [&'a str],
+    ) -> StoreFuture<'a, usize> {
+        let rows: Vec<LegacyRow> = hosts
+            .iter()
+            .filter_map(|h| {
+                Some(LegacyRow {
+                    hostname: h.to_string(),
+                    last_seen: self.last_seen(h)?,
+                    agents: self.host(h)?,
+                })
+            })
+            .collect();
+        Box::pin(async move {
+            let n = rows.len();
+            durable.put_legacy(rows).await?;
+            Ok(n)
+        })
+    }
+}
 
 /// A host's last-seen time alone is written when it enters a new step of this many
 /// seconds (a report that changed is written at once).
@@ -107,12 +144,12 @@ impl WriteBehind {
 }
 
 impl Writer {
-    /// Writes what is queued, in batches, until `stop`; then writes what is still queued
-    /// and returns.
-    pub async fn run(
+    /// Writes what is queued, in batches, from `source` to `durable` until `stop`; then
+    /// writes what is still queued and returns.
+    pub async fn run<S: Source + ?Sized>(
         mut self,
         durable: Arc<dyn Durable>,
-        store: Arc<dyn FleetStore>,
+        source: Arc<S>,
         mut stop: watch::Receiver<bool>,
     ) {
         let lag = self.lag.clone();
@@ -147,27 +184,31 @@ impl Writer {
                 }
             }
             let oldest = batch.iter().map(|(_, t)| *t).min();
-            let rows = rows_of(&*store, &batch);
+            let mut names: Vec<&str> = batch.iter().map(|(h, _)| &**h).collect();
+            names.sort_unstable();
+            names.dedup();
             let mut delay = Duration::from_millis(100);
             let mut attempts = 0;
-            loop {
-                match durable.put_legacy(rows.clone()).await {
-                    Ok(()) => break,
+            // Each attempt reads memory again: a retry writes the newest state.
+            let written = loop {
+                match source.flush(&*durable, &names).await {
+                    Ok(n) => break n,
                     Err(e) if stopping && attempts >= 3 => {
                         // Hosts send these reports again to whoever serves them next.
-                        tracing::error!(error = %e, rows = rows.len(), "store write failed at shutdown; these reports are not kept");
-                        break;
+                        tracing::error!(error = %e, rows = names.len(), "store write failed at shutdown; these rows are not kept");
+                        break 0;
                     }
                     Err(e) => {
                         attempts += 1;
                         lag.failures.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(error = %e, rows = rows.len(), "store write failed; retrying");
+                        tracing::warn!(error = %e, rows = names.len(), "store write failed; retrying");
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(Duration::from_secs(5));
                     }
                 }
-            }
-            lag.written.fetch_add(rows.len() as u64, Ordering::Relaxed);
+            };
+            drop(names);
+            lag.written.fetch_add(written as u64, Ordering::Relaxed);
             lag.queued.fetch_sub(batch.len() as i64, Ordering::Relaxed);
             if let Some(t) = oldest {
                 lag.last_lag_ms
@@ -176,26 +217,6 @@ impl Writer {
             batch.clear();
         }
     }
-}
-
-/// The current rows of the hosts of `batch`, each once; hosts forgotten meanwhile (swept)
-/// are left out.
-fn rows_of(store: &dyn FleetStore, batch: &[(Box<str>, Instant)]) -> Vec<LegacyRow> {
-    let mut names: Vec<&str> = batch.iter().map(|(h, _)| &**h).collect();
-    names.sort_unstable();
-    names.dedup();
-    names
-        .into_iter()
-        .filter_map(|h| {
-            let agents = store.host(h)?;
-            let last_seen = store.last_seen(h)?;
-            Some(LegacyRow {
-                hostname: h.to_string(),
-                last_seen,
-                agents,
-            })
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -33,6 +33,10 @@ impl Durable for Memory {
         Box::pin(async { Ok(()) })
     }
 
+    fn touch_boot(&self, _seen: Vec<(String, i64)>) -> StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
     fn boot_hosts(&self, _hostnames: &[String]) -> StoreFuture<'_, Vec<BootRow>> {
         Box::pin(async { Ok(Vec::new()) })
     }

@@ -275,6 +275,10 @@ pub trait Durable: Send + Sync + std::fmt::Debug + 'static {
     /// Runs `update` on BootAgent host `hostname` under the database's lock of its row (a
     /// transaction), writes the row it returns, and commits before returning.
     fn update_boot(&self, hostname: &str, update: BootUpdate) -> StoreFuture<'_, ()>;
+    /// Raises the last-seen times of BootAgent hosts whose reports changed nothing else
+    /// (the write-behind queue's batches): no new revision, nothing another replica must
+    /// re-read; a time never goes back.
+    fn touch_boot(&self, seen: Vec<(String, i64)>) -> StoreFuture<'_, ()>;
     /// The rows of these BootAgent hosts as the database has them now.
     fn boot_hosts(&self, hostnames: &[String]) -> StoreFuture<'_, Vec<BootRow>>;
     /// Keeps events of `hostname` (a host resending one keeps it once), durably.

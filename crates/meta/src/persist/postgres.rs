@@ -350,7 +350,8 @@ impl Durable for Postgres {
                     "INSERT INTO boot_hosts (hostname, serial, rev, chg, last_seen, state)
                      VALUES ($1, $2, $3, nextval('boot_chg'), $4, $5)
                      ON CONFLICT (hostname) DO UPDATE SET serial = excluded.serial,
-                       rev = excluded.rev, chg = excluded.chg, last_seen = excluded.last_seen,
+                       rev = excluded.rev, chg = excluded.chg,
+                       last_seen = GREATEST(boot_hosts.last_seen, excluded.last_seen),
                        state = excluded.state",
                     &[
                         &row.hostname,
@@ -366,6 +367,22 @@ impl Durable for Postgres {
             tx.commit()
                 .await
                 .map_err(err(name, "commit a BootAgent host"))
+        })
+    }
+
+    fn touch_boot(&self, seen: Vec<(String, i64)>) -> StoreFuture<'_, ()> {
+        let (hosts, times): (Vec<String>, Vec<i64>) = seen.into_iter().unzip();
+        Box::pin(async move {
+            let c = self.client().await?;
+            c.execute(
+                "UPDATE boot_hosts b SET last_seen = GREATEST(b.last_seen, u.at)
+                 FROM unnest($1::text[], $2::bigint[]) AS u(hostname, at)
+                 WHERE b.hostname = u.hostname AND b.last_seen < u.at",
+                &[&hosts, &times],
+            )
+            .await
+            .map_err(err(&self.name, "write last-seen times"))?;
+            Ok(())
         })
     }
 

@@ -296,7 +296,7 @@ fn write_boot(name: &str, conn: &Connection, row: &BootRow) -> Result<(), StoreE
     conn.execute(
         "INSERT INTO boot_hosts (hostname, serial, rev, last_seen, state) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (hostname) DO UPDATE SET serial = excluded.serial, rev = excluded.rev,
-           last_seen = excluded.last_seen, state = excluded.state",
+           last_seen = max(last_seen, excluded.last_seen), state = excluded.state",
         params![row.hostname, row.serial, row.rev, row.last_seen, row.state],
     )
     .map_err(err(name, "write a BootAgent host"))?;
@@ -440,6 +440,26 @@ impl Durable for Sqlite {
                 tx.commit().map_err(err(name, "write a BootAgent host"))
             }
             None => Ok(()),
+        })
+    }
+
+    fn touch_boot(&self, seen: Vec<(String, i64)>) -> StoreFuture<'_, ()> {
+        self.run(move |conn, name| {
+            let tx = conn
+                .savepoint()
+                .map_err(err(name, "write last-seen times"))?;
+            {
+                let mut st = tx
+                    .prepare_cached(
+                        "UPDATE boot_hosts SET last_seen = max(last_seen, ?2) WHERE hostname = ?1",
+                    )
+                    .map_err(err(name, "write last-seen times"))?;
+                for (host, at) in &seen {
+                    st.execute(params![host, at])
+                        .map_err(err(name, "write last-seen times"))?;
+                }
+            }
+            tx.commit().map_err(err(name, "write last-seen times"))
         })
     }
 
