@@ -3,7 +3,9 @@
 //! host (SQLite and PostgreSQL); two replicas on one PostgreSQL serve hosts that alternate
 //! between them, every operator job run exactly once and its result visible on both; two
 //! replicas registering one hostname at once give one serial; the original `cfg.json`
-//! starts with an embedded store; bad stores are refused with clear errors.
+//! starts with an embedded store; bad stores are refused with clear errors; a BootAgent
+//! host in its steady state is answered from memory, and a job queued through another
+//! replica still reaches it once.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -704,4 +706,73 @@ async fn legacy_reports_to_one_replica_show_on_the_other() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A BootAgent host in its steady state is answered from memory alone; a job to hand out
+/// and a job result go through the store. With `two` replicas on one PostgreSQL the job is
+/// queued through the other replica: it reaches the host, still reporting to the first,
+/// within a few reports, and once.
+async fn steady_reports_are_answered_from_memory(store: &str, two: bool) {
+    let dir = test_support::tempdir().unwrap();
+    let mut ms = vec![Meta::start(dir.path(), "a", store)];
+    if two {
+        ms.push(Meta::start(dir.path(), "b", store));
+    }
+    let (m, other) = (&ms[0], ms.last().unwrap());
+    let c = http();
+    let paths = || async {
+        let (_, text) = get(&c, m.url("/metrics")).await;
+        (
+            metric(&text, "ops_meta_bootagent_reports_total{path=\"memory\"}"),
+            metric(&text, "ops_meta_bootagent_reports_total{path=\"store\"}"),
+        )
+    };
+    let serial = register(&c, m, "web-1").await;
+    for _ in 0..20 {
+        let a = status(&c, m, "web-1", &serial, &[], &[]).await;
+        assert_eq!(
+            (a["status"].clone(), job_ids(&a).len()),
+            (json!(0), 0),
+            "{a}"
+        );
+    }
+    let (memory, through) = paths().await;
+    // The first report is new to the row; a minute boundary may add one more.
+    assert!(
+        memory >= 18.0 && through <= 2.0,
+        "memory {memory}, store {through}"
+    );
+    let b = queue(&c, other, "restart", &["web-1".to_string()]).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    let ids = loop {
+        let a = status(&c, m, "web-1", &serial, &[], &[]).await;
+        let ids = job_ids(&a);
+        if !ids.is_empty() {
+            break ids;
+        }
+        assert!(std::time::Instant::now() < deadline, "the job never came");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(ids.len(), 1);
+    let a = status(&c, m, "web-1", &serial, &ids, &[]).await;
+    assert!(job_ids(&a).is_empty(), "{a}");
+    let a = status(&c, m, "web-1", &serial, &[], &[]).await;
+    assert!(job_ids(&a).is_empty(), "handed out again: {a}");
+    let st = states(&batch(&c, other, b["id"].as_str().unwrap()).await);
+    assert_eq!(st.get("web-1").map(String::as_str), Some("done"), "{st:?}");
+    let (_, after) = paths().await;
+    assert!(after >= through + 2.0, "store {through} -> {after}");
+}
+
+#[tokio::test]
+async fn steady_bootagent_reports_are_answered_from_memory_sqlite() {
+    steady_reports_are_answered_from_memory("sqlite:fleet.db", false).await;
+}
+
+#[tokio::test]
+async fn steady_bootagent_reports_are_answered_from_memory_postgres() {
+    let Some(pg) = test_support::postgres::Cluster::start() else {
+        return;
+    };
+    steady_reports_are_answered_from_memory(&pg.create_db("steady"), true).await;
 }

@@ -16,6 +16,7 @@ pub mod jobs;
 pub mod registry;
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -185,6 +186,9 @@ pub struct Boot {
     seen: WriteBehind,
     /// Its writer, taken by the server that runs it ([`Boot::take_seen_writer`]).
     seen_writer: Mutex<Option<Writer>>,
+    /// Status reports answered from memory alone, and through the store's transaction.
+    pub reports_in_memory: AtomicU64,
+    pub reports_in_store: AtomicU64,
     batches: Mutex<Batches>,
     warned: Mutex<HashMap<String, Warned>>,
 }
@@ -237,6 +241,8 @@ impl Boot {
             durable,
             seen,
             seen_writer: Mutex::new(seen_writer),
+            reports_in_memory: AtomicU64::new(0),
+            reports_in_store: AtomicU64::new(0),
             batches: Mutex::new(Batches::default()),
             warned: Mutex::new(HashMap::new()),
         }
@@ -405,7 +411,10 @@ impl Boot {
             .await?
         {
             Some(t) => t,
-            None => self.on_host(&req.hostname, move |reg| run(reg)).await?,
+            None => {
+                self.reports_in_store.fetch_add(1, Ordering::Relaxed);
+                self.on_host(&req.hostname, move |reg| run(reg)).await?
+            }
         };
         let (jobs, waiting, skips, applied) = match taken {
             Ok(t) => t,
@@ -438,6 +447,7 @@ impl Boot {
         run: &Arc<dyn Fn(&Registry) -> Taken + Send + Sync>,
     ) -> Result<Option<Taken>, StoreError> {
         if self.durable.kind() == "memory" {
+            self.reports_in_memory.fetch_add(1, Ordering::Relaxed);
             return Ok(Some(run(&self.registry)));
         }
         let shared = self.durable.shared();
@@ -453,8 +463,12 @@ impl Boot {
         };
         let unsaved = self.registry.settle(hostname);
         match unsaved {
-            Some(Unsaved::Nothing) if !sends => return Ok(Some(taken)),
+            Some(Unsaved::Nothing) if !sends => {
+                self.reports_in_memory.fetch_add(1, Ordering::Relaxed);
+                return Ok(Some(taken));
+            }
             Some(Unsaved::Seen) if !sends => {
+                self.reports_in_memory.fetch_add(1, Ordering::Relaxed);
                 self.seen.push(hostname).await;
                 return Ok(Some(taken));
             }
@@ -463,6 +477,7 @@ impl Boot {
         }
         // Memory is the truth: write its row (or wait for the commit of the write that
         // took it) before the answer.
+        self.reports_in_store.fetch_add(1, Ordering::Relaxed);
         self.on_host(hostname, |_| ()).await?;
         Ok(Some(taken))
     }

@@ -35,6 +35,9 @@ async fn metrics(State(st): State<AppState>) -> String {
          ops_meta_store_seen_queue_hosts {}\n\
          # TYPE ops_meta_store_seen_written_total counter\n\
          ops_meta_store_seen_written_total {}\n\
+         # TYPE ops_meta_bootagent_reports_total counter\n\
+         ops_meta_bootagent_reports_total{{path=\"memory\"}} {}\n\
+         ops_meta_bootagent_reports_total{{path=\"store\"}} {}\n\
          # TYPE ops_meta_hosts gauge\n\
          ops_meta_hosts {}\n\
          # TYPE ops_meta_bootagent_hosts gauge\n\
@@ -46,6 +49,8 @@ async fn metrics(State(st): State<AppState>) -> String {
         lag.failures.load(Relaxed) + seen.failures.load(Relaxed),
         seen.queued.load(Relaxed).max(0),
         seen.written.load(Relaxed),
+        st.boot.reports_in_memory.load(Relaxed),
+        st.boot.reports_in_store.load(Relaxed),
         st.store.host_count(),
         st.boot.registry.len(),
     )
