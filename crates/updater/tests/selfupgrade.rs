@@ -728,3 +728,58 @@ fn the_worker_tells_systemd_it_is_ready() {
     let n = sock.recv(&mut buf).expect("READY=1 within the bound");
     assert_eq!(&buf[..n], b"READY=1");
 }
+
+/// Releases of ops-updater where operators keep them — a subfolder of `tarballDir` (seed
+/// 001's guide) and a separate file server, with a `.sha256` beside the tarball and without
+/// (ops-meta then hashes it) — one protocol mode each: the host upgrades and commits.
+#[test]
+fn a_release_in_a_subfolder_or_on_a_file_server_upgrades() {
+    let tarball = updater_tarball(&build(NEW));
+    for (protocol, layout) in [
+        ("legacy", "subfolder"),
+        ("bootagent", "file server with .sha256"),
+        ("auto", "file server"),
+    ] {
+        let what = format!("{protocol} × {layout}");
+        let files = layout
+            .starts_with("file server")
+            .then(test_support::fileserver::FileServer::start);
+        let mut meta = Meta::start(json!([]));
+        let (dir, base) = match &files {
+            None => (
+                meta.tarball_dir().join("updater"),
+                format!("{}/updater", meta.base()),
+            ),
+            Some(f) => (f.dir.path().join("updater"), f.url("updater")),
+        };
+        let (_, sha) = test_support::tarball::publish(&dir, "ops-updater", NEW, &tarball);
+        if layout.ends_with(".sha256") {
+            let file = proto::legacy::tarball_file("ops-updater", NEW);
+            std::fs::write(
+                dir.join(format!("{file}.sha256")),
+                format!("{sha}  {file}\n"),
+            )
+            .unwrap();
+        }
+        let u = start_copy(&meta.addr.to_string(), "web-1", mode_tweak(protocol));
+        let pid = u.pid();
+        meta.set_agents(json!([{
+            "default": {"name": "ops-updater", "version": NEW, "tarball": base, "md5": "", "cmd": "start"},
+        }]));
+        wait_for(&format!("{what}: on {NEW}"), CONVERGE, || {
+            local_version(&u).as_deref() == Some(NEW)
+        });
+        let marker = u.work().join(".ops-updater.upgrade.json");
+        wait_for(&format!("{what}: committed"), CONVERGE, || {
+            std::fs::read_to_string(&marker).map_or(true, |m| !m.contains("\"upgrade\""))
+        });
+        let exe = u.exe.clone().unwrap();
+        let v = test_support::command(&exe).arg("-v").output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&v.stdout).trim(), NEW, "{what}");
+        assert_eq!(u.pid(), pid, "{what}: the supervisor stays");
+        wait_for(&format!("{what}: ops-meta sees {NEW}"), CONVERGE, || {
+            meta.reported("ops-updater", "web-1")
+                .is_some_and(|r| r["version"] == NEW)
+        });
+    }
+}

@@ -335,6 +335,28 @@ pub(crate) fn decode_event(store: &str, host: &str, s: &str) -> Result<Event, St
     })
 }
 
+/// Decodes rows of the `events` table read after id `since` (in id order), and the
+/// highest id read (`since` when none).
+pub(crate) fn event_rows(
+    store: &str,
+    since: i64,
+    rows: impl IntoIterator<Item = Result<(i64, String, String), StoreError>>,
+) -> Result<(Vec<EventRow>, i64), StoreError> {
+    let mut out = Vec::new();
+    let mut last = since;
+    for row in rows {
+        let (id, hostname, body) = row?;
+        let event = decode_event(store, &hostname, &body)?;
+        last = last.max(id);
+        out.push(EventRow {
+            id,
+            hostname,
+            event,
+        });
+    }
+    Ok((out, last))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

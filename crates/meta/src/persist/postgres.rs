@@ -17,9 +17,9 @@ use futures_util::{pin_mut, TryStreamExt};
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    decode_agents, decode_event, encode_agents, encode_event, BatchRow, BootRow, BootUpdate,
-    Changes, Cursor, DbRow, Durable, EventRow, LegacyRow, LegacySink, Snapshot, StoreError,
-    StoreFuture, BATCHES_KEPT, EVENTS_KEPT, SCHEMA_VERSION,
+    decode_agents, encode_agents, encode_event, event_rows, BatchRow, BootRow, BootUpdate, Changes,
+    Cursor, DbRow, Durable, EventRow, LegacyRow, LegacySink, Snapshot, StoreError, StoreFuture,
+    BATCHES_KEPT, EVENTS_KEPT, SCHEMA_VERSION,
 };
 use proto::events::Event;
 
@@ -210,20 +210,11 @@ impl Postgres {
             )
             .await
             .map_err(err(name, "read events"))?;
-        let mut out = Vec::with_capacity(rows.len());
-        let mut last = since;
-        for r in rows {
-            let id: i64 = r.get(0);
-            let hostname: String = r.get(1);
-            let event = decode_event(name, &hostname, r.get(2))?;
-            last = last.max(id);
-            out.push(EventRow {
-                id,
-                hostname,
-                event,
-            });
-        }
-        Ok((out, last))
+        event_rows(
+            name,
+            since,
+            rows.iter().map(|r| Ok((r.get(0), r.get(1), r.get(2)))),
+        )
     }
 }
 

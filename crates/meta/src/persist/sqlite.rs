@@ -19,9 +19,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
 use super::{
-    decode_agents, decode_event, encode_agents, encode_event, BatchRow, BootRow, BootUpdate,
-    Changes, Cursor, DbRow, Durable, EventRow, LegacyRow, LegacySink, Snapshot, StoreError,
-    StoreFuture, BATCHES_KEPT, EVENTS_KEPT, SCHEMA_VERSION,
+    decode_agents, encode_agents, encode_event, event_rows, BatchRow, BootRow, BootUpdate, Changes,
+    Cursor, DbRow, Durable, EventRow, LegacyRow, LegacySink, Snapshot, StoreError, StoreFuture,
+    BATCHES_KEPT, EVENTS_KEPT, SCHEMA_VERSION,
 };
 use proto::events::Event;
 
@@ -320,19 +320,11 @@ fn read_events(
             ))
         })
         .map_err(err(name, "read events"))?;
-    let mut out = Vec::new();
-    let mut last = since;
-    for row in rows {
-        let (id, hostname, body) = row.map_err(err(name, "read events"))?;
-        let event = decode_event(name, &hostname, &body)?;
-        last = last.max(id);
-        out.push(EventRow {
-            id,
-            hostname,
-            event,
-        });
-    }
-    Ok((out, last))
+    event_rows(
+        name,
+        since,
+        rows.map(|r| r.map_err(err(name, "read events"))),
+    )
 }
 
 impl Durable for Sqlite {
