@@ -123,6 +123,11 @@ struct Common {
     /// Print a progress line on stderr every second even when it is not a terminal.
     #[arg(long)]
     progress: bool,
+    /// BootAgent: the hosts registered in an earlier run (with the same --hosts and
+    /// --host-prefix), so they report at once, as a fleet does after its server
+    /// restarted; a host the server refuses registers again.
+    #[arg(long)]
+    registered: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -257,6 +262,7 @@ async fn real_main(cli: &Cli) -> anyhow::Result<()> {
         connections: common.connections,
         timeout: Duration::from_millis(common.timeout_ms),
         progress: common.progress || std::io::stderr().is_terminal(),
+        registered: common.registered,
     };
     let report = loadgen::run(settings, mode).await?;
     let stdout = std::io::stdout();

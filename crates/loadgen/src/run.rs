@@ -43,6 +43,9 @@ pub struct Settings {
     pub timeout: Duration,
     /// Print a progress line on stderr once a second.
     pub progress: bool,
+    /// BootAgent: the hosts start registered (an earlier run registered them with their
+    /// fleet serials).
+    pub registered: bool,
 }
 
 /// How to drive the server.
@@ -178,7 +181,7 @@ pub async fn run(settings: Settings, mode: Mode) -> Result<Report, RunError> {
         template: Template::report(settings.protocol, &settings.fleet),
         registered: if loops_register {
             (0..settings.fleet.hosts.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
+                .map(|_| AtomicU64::new(if settings.registered { u64::MAX } else { 0 }))
                 .collect()
         } else {
             Vec::new()
