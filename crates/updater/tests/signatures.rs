@@ -161,8 +161,9 @@ impl Cell {
         while !u.log_text().contains(&needle) {
             if Instant::now() > deadline {
                 panic!(
-                    "{}: never logged {needle:?}; log tail:\n{}",
+                    "{}: never logged {needle:?}; lastError {:?}; log tail:\n{}",
                     self.what(),
+                    u.agent_status(AGENT).map(|s| s["lastError"].clone()),
                     tail(&u.log_text())
                 );
             }
@@ -177,14 +178,19 @@ impl Cell {
             },
         );
         if self.protocol != "legacy" {
+            // The result's message is capped in length: its start is enough.
+            let head = format!("refusing {file}");
             wait_for(
                 &format!("{}: the refusal in the job result", self.what()),
                 CONVERGE,
                 || {
                     get_json(self.meta.addr, "/api/hosts/web-01").is_some_and(|v| {
-                        v["results"]
-                            .as_array()
-                            .is_some_and(|r| r.iter().any(|r| r.to_string().contains(&needle)))
+                        v["results"].as_array().is_some_and(|r| {
+                            r.iter().any(|r| {
+                                r["version"] == version
+                                    && r["message"].as_str().is_some_and(|m| m.contains(&head))
+                            })
+                        })
                     })
                 },
             );
