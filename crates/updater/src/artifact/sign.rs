@@ -37,13 +37,18 @@ const ALG_LEGACY: [u8; 2] = *b"Ed";
 const ALG_PREHASHED: [u8; 2] = *b"ED";
 
 /// A minisign key ID as the tool prints it (`minisign public key 8827838F7D404755`).
+///
+/// Regression (tests/signatures.rs, one run in sixteen): printed zero-padded, an ID whose
+/// top digit is 0 did not match the one in the `.pub` file's comment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyId([u8; 8]);
 
 impl fmt::Display for KeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // minisign prints the eight bytes as one little-endian number.
-        write!(f, "{:016X}", u64::from_le_bytes(self.0))
+        // minisign prints the eight bytes as one little-endian number, in hex without
+        // leading zeros (`minisign public key 69FBC60C2A73AE9`): the same here, so that an
+        // ID in a message can be found in the `.pub` file's comment.
+        write!(f, "{:X}", u64::from_le_bytes(self.0))
     }
 }
 
@@ -288,6 +293,14 @@ mod tests {
             ),
             _ => panic!("key {text:?}: want {want:?}, got {got:?}"),
         }
+    }
+
+    #[test]
+    fn key_ids_print_as_minisign_prints_them() {
+        assert_eq!(
+            KeyId([0xE9, 0x3A, 0xC7, 0x0C, 0xC6, 0xBF, 0x69, 0x00]).to_string(),
+            "69BFC60CC73AE9"
+        );
     }
 
     #[test]
