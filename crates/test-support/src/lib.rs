@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod cgroups;
 pub mod fileserver;
+pub mod minisign;
 pub mod postgres;
 pub mod tarball;
 

@@ -180,6 +180,14 @@ pub struct Config {
     /// `cgroupParent` (ours): the cgroup under which each agent gets its own, relative to
     /// the hierarchy's root.
     pub cgroup_parent: String,
+    /// `trustedKeys` (ours): minisign public keys, each the text of its `.pub` file or its
+    /// key line alone. With any, the `.minisig` beside each tarball is fetched and, when
+    /// present, must verify with one of them (see [`crate::artifact::sign`]). Empty by
+    /// default: no signature is fetched.
+    pub trusted_keys: Vec<crate::artifact::TrustedKey>,
+    /// `requireSignature` (ours): refuse a tarball that has no `.minisig`. Needs
+    /// `trustedKeys`. Off by default.
+    pub require_signature: bool,
 }
 
 /// Default `cgroupParent`.
@@ -218,8 +226,15 @@ impl Default for Config {
             metafile: None,
             supervise: crate::engine::supervise::Policy::default(),
             cgroup_parent: default_cgroup_parent(),
+            trusted_keys: Vec::new(),
+            require_signature: default_require_signature(),
         }
     }
+}
+
+/// Default `requireSignature`: off, so that a setup without signatures keeps working.
+pub const fn default_require_signature() -> bool {
+    false
 }
 
 /// How bad a [`Problem`] is.
@@ -406,6 +421,43 @@ impl<'a, 'p> Fields<'a, 'p> {
     }
 }
 
+/// `trustedKeys`: a list of minisign public keys, each problem naming its entry's index.
+fn trusted_keys_of(
+    v: Option<&Value>,
+    problems: &mut Vec<Problem>,
+) -> Vec<crate::artifact::TrustedKey> {
+    let mut err = |field: String, message: String| {
+        problems.push(Problem {
+            severity: Severity::Error,
+            field,
+            message,
+        })
+    };
+    let items = match v {
+        None => return Vec::new(),
+        Some(Value::Array(items)) => items,
+        Some(v) => {
+            err(
+                "trustedKeys".into(),
+                format!("must be a list of minisign public keys, got {}", kind(v)),
+            );
+            return Vec::new();
+        }
+    };
+    let mut keys = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let field = format!("trustedKeys[{i}]");
+        match item {
+            Value::String(text) => match crate::artifact::TrustedKey::parse(text) {
+                Ok(k) => keys.push(k),
+                Err(m) => err(field, m),
+            },
+            v => err(field, format!("must be a string, got {}", kind(v))),
+        }
+    }
+    keys
+}
+
 fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -517,9 +569,13 @@ impl Config {
         if !cgroup_parent.is_empty() {
             c.cgroup_parent = cgroup_parent;
         }
+        c.require_signature = f.bool("requireSignature", default_require_signature());
+        let trusted_keys = f.get("trustedKeys");
         let http = f.get("http");
         let supervise = f.get("supervise");
         f.warn_unknown();
+
+        c.trusted_keys = trusted_keys_of(trusted_keys, &mut problems);
 
         match supervise {
             None => {}
@@ -664,6 +720,12 @@ impl Config {
             err(
                 "jitterPercent",
                 format!("must be between 0 and 50, got {}", self.jitter_percent),
+            );
+        }
+        if self.require_signature && self.trusted_keys.is_empty() {
+            err(
+                "requireSignature",
+                "is true but trustedKeys is empty: no signature could verify".into(),
             );
         }
         if self.retry_base_secs > self.retry_max_secs && self.retry_max_secs > 0 {
@@ -919,6 +981,84 @@ mod tests {
         assert!(
             shown.contains("interval: must be at least 1 second"),
             "{shown}"
+        );
+    }
+
+    const KEY_A: &str = "RWRVR0B9j4MniJ4jY+REpdsANRryXRuxSwNgD9KWLeBJYwfMcWlS3JaZ";
+    const KEY_B: &str = "RWQf6LRCGA9i53mlYecO4IzT51TGPpvWucNSCh1CBM0QTaLn73Y7GFO3";
+
+    #[test]
+    fn trusted_keys_take_pub_files_and_key_lines() {
+        let cfg = json_cfg(serde_json::json!({
+            "server": "h:1",
+            "requireSignature": true,
+            "trustedKeys": [
+                format!("untrusted comment: minisign public key 8827838F7D404755\n{KEY_A}\n"),
+                KEY_B,
+            ],
+        }));
+        let p = Config::parse(&cfg).unwrap();
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        let ids: Vec<String> = p
+            .config
+            .trusted_keys
+            .iter()
+            .map(|k| k.id().to_string())
+            .collect();
+        assert_eq!(ids, ["8827838F7D404755", "E7620F1842B4E81F"]);
+        assert!(p.config.require_signature);
+        let c = Config::parse(r#"{"server":"h:1"}"#).unwrap().config;
+        assert!(c.trusted_keys.is_empty() && !c.require_signature);
+    }
+
+    fn json_cfg(v: serde_json::Value) -> String {
+        v.to_string()
+    }
+
+    fn errors_of(v: serde_json::Value) -> Vec<String> {
+        Config::parse(&json_cfg(v))
+            .unwrap_err()
+            .problems
+            .iter()
+            .filter(|p| p.severity == Severity::Error)
+            .map(|p| format!("{}: {}", p.field, p.message))
+            .collect()
+    }
+
+    #[test]
+    fn a_bad_trusted_key_is_named_by_its_index() {
+        let errors = errors_of(serde_json::json!({
+            "server": "h:1",
+            "trustedKeys": [KEY_A, "RWRVR0B9j4Mni", 7, ""],
+        }));
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(
+            errors[0].starts_with("trustedKeys[1]: is not a minisign public key"),
+            "{errors:?}"
+        );
+        assert_eq!(errors[1], "trustedKeys[2]: must be a string, got a number");
+        assert!(
+            errors[2].starts_with("trustedKeys[3]: is empty"),
+            "{errors:?}"
+        );
+        let errors = errors_of(serde_json::json!({"server": "h:1", "trustedKeys": KEY_A}));
+        assert_eq!(
+            errors,
+            ["trustedKeys: must be a list of minisign public keys, got a string"]
+        );
+    }
+
+    #[test]
+    fn require_signature_needs_trusted_keys() {
+        let errors = errors_of(serde_json::json!({"server": "h:1", "requireSignature": true}));
+        assert_eq!(
+            errors,
+            ["requireSignature: is true but trustedKeys is empty: no signature could verify"]
+        );
+        let errors = errors_of(serde_json::json!({"server": "h:1", "requireSignature": "yes"}));
+        assert_eq!(
+            errors,
+            ["requireSignature: must be true or false, got a string"]
         );
     }
 

@@ -1,8 +1,9 @@
 //! Downloads over HTTP(S): a tarball streamed to a `.part` file while MD5 and SHA-256 are
-//! computed, resumed with `Range` after an interruption, and the `.md5` file beside it.
-//! Every transfer has a size cap and connect, read and total timeouts.
+//! computed, resumed with `Range` after an interruption, and the small files beside it
+//! (`.md5`, `.minisig`). Every transfer has a size cap and connect, read and total timeouts.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use md5::{Digest as _, Md5};
 use reqwest::header::{CONTENT_RANGE, RANGE};
@@ -11,6 +12,7 @@ use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::pipe::Feed;
+use super::sign::{Trust, MAX_SIGNATURE_BYTES, SIGNATURE_SUFFIX};
 use super::{ArtifactError, Digests, Limits, Want};
 use crate::fsx;
 
@@ -23,12 +25,14 @@ const PART_WRITE_BYTES: usize = 1 << 20;
 /// Suffix of a download in progress.
 pub(crate) const PART_SUFFIX: &str = ".part";
 
-/// Downloads files with the [`Limits`] it was built with. Cheap to clone (the client is
-/// shared).
+/// Downloads files with the [`Limits`] it was built with, and holds the signature policy
+/// ([`Trust`]) every install through it obeys, an agent's and ops-updater's own alike.
+/// Cheap to clone (the client is shared).
 #[derive(Debug, Clone)]
 pub struct Fetcher {
     client: reqwest::Client,
     limits: Limits,
+    trust: Arc<Trust>,
 }
 
 /// Both digests, fed as bytes stream by.
@@ -101,6 +105,14 @@ pub(crate) async fn hash_file(path: &Path, max: u64) -> std::io::Result<Digests>
     Ok(h.finish(size))
 }
 
+/// Where the signature of the tarball at `tarball_url` is: `.minisig` appended to the
+/// path, before any query or fragment (a URL with a token keeps it).
+pub(crate) fn signature_url(tarball_url: &str) -> String {
+    let cut = tarball_url.find(['?', '#']).unwrap_or(tarball_url.len());
+    let (path, rest) = tarball_url.split_at(cut);
+    format!("{path}{SIGNATURE_SUFFIX}{rest}")
+}
+
 /// Parses `bytes start-end/total` and returns `start`.
 fn content_range_start(v: &str) -> Option<u64> {
     let rest = v.trim().strip_prefix("bytes ")?;
@@ -139,12 +151,30 @@ impl Fetcher {
             .user_agent(format!("ops-updater/{}", crate::selfup::VERSION))
             .build()
             .map_err(|e| ArtifactError::Client(crate::error_chain(&e)))?;
-        Ok(Fetcher { client, limits })
+        Ok(Fetcher {
+            client,
+            limits,
+            trust: Arc::new(Trust::default()),
+        })
+    }
+
+    /// This fetcher with the signature policy `trust` (the updater's `trustedKeys` and
+    /// `requireSignature`).
+    pub fn with_trust(self, trust: Trust) -> Fetcher {
+        Fetcher {
+            trust: Arc::new(trust),
+            ..self
+        }
     }
 
     /// The limits this fetcher enforces.
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// The signature policy of installs through this fetcher.
+    pub fn trust(&self) -> &Trust {
+        &self.trust
     }
 
     /// Sends a GET (from byte `from` when given) and waits for the response headers for at
@@ -212,30 +242,11 @@ impl Fetcher {
     }
 
     async fn fetch_md5_inner(&self, url: &str) -> Result<String, ArtifactError> {
-        let mut resp = self.get(url, None).await?;
-        if !resp.status().is_success() {
-            return Err(ArtifactError::Status {
-                url: url.to_string(),
-                status: resp.status().as_u16(),
-            });
-        }
-        let too_large = || ArtifactError::TooLarge {
-            url: url.to_string(),
-            limit: MAX_MD5_FILE_BYTES,
-        };
-        if resp
-            .content_length()
-            .is_some_and(|n| n > MAX_MD5_FILE_BYTES)
-        {
-            return Err(too_large());
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = self.next_chunk(url, &mut resp).await? {
-            if (body.len() + chunk.len()) as u64 > MAX_MD5_FILE_BYTES {
-                return Err(too_large());
-            }
-            body.extend_from_slice(&chunk);
-        }
+        // Never `None`: a missing `.md5` is an error.
+        let body = self
+            .fetch_small(url, MAX_MD5_FILE_BYTES, false)
+            .await?
+            .unwrap_or_default();
         let text = String::from_utf8_lossy(&body);
         proto::legacy::parse_md5_file(&text).ok_or_else(|| {
             let shown: String = text.trim().chars().take(64).collect();
@@ -244,6 +255,55 @@ impl Fetcher {
                 detail: format!("no 32-hex-digit checksum at the start of {shown:?}"),
             }
         })
+    }
+
+    /// GET the minisign signature beside the tarball at `tarball_url` (capped at
+    /// [`MAX_SIGNATURE_BYTES`]); `None` when the server has none (404 or 410).
+    pub async fn fetch_signature(
+        &self,
+        tarball_url: &str,
+    ) -> Result<(String, Option<String>), ArtifactError> {
+        let url = signature_url(tarball_url);
+        let body = self
+            .within_total(&url, self.fetch_small(&url, MAX_SIGNATURE_BYTES, true))
+            .await?;
+        Ok((url, body.map(|b| String::from_utf8_lossy(&b).into_owned())))
+    }
+
+    /// GET a small file whole, refusing more than `max` bytes; with `may_be_absent`, a 404
+    /// or 410 is `None` rather than an error.
+    async fn fetch_small(
+        &self,
+        url: &str,
+        max: u64,
+        may_be_absent: bool,
+    ) -> Result<Option<Vec<u8>>, ArtifactError> {
+        let mut resp = self.get(url, None).await?;
+        let status = resp.status();
+        if may_be_absent && (status == StatusCode::NOT_FOUND || status == StatusCode::GONE) {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(ArtifactError::Status {
+                url: url.to_string(),
+                status: status.as_u16(),
+            });
+        }
+        let too_large = || ArtifactError::TooLarge {
+            url: url.to_string(),
+            limit: max,
+        };
+        if resp.content_length().is_some_and(|n| n > max) {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = self.next_chunk(url, &mut resp).await? {
+            if (body.len() + chunk.len()) as u64 > max {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Some(body))
     }
 
     /// Stream `url` into `<dest_dir>/<file_name>.part` (resuming with Range from an existing .part when the
@@ -472,6 +532,23 @@ mod tests {
         assert_eq!(content_range_start("bytes 0-0/*"), Some(0));
         assert_eq!(content_range_start("items 1-2/3"), None);
         assert_eq!(content_range_start("bytes x-1/2"), None);
+    }
+
+    #[test]
+    fn signature_url_keeps_the_query() {
+        for (tarball, want) in [
+            ("http://m/f-1.tar.gz", "http://m/f-1.tar.gz.minisig"),
+            (
+                "http://m/a/f-1.tar.gz?t=x",
+                "http://m/a/f-1.tar.gz.minisig?t=x",
+            ),
+            (
+                "http://m/f-1.tar.gz#frag",
+                "http://m/f-1.tar.gz.minisig#frag",
+            ),
+        ] {
+            assert_eq!(signature_url(tarball), want, "{tarball}");
+        }
     }
 
     #[test]

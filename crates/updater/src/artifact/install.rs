@@ -13,6 +13,7 @@ use proto::names::{AgentName, Version};
 
 use super::fetch::{hash_file, verify, MAX_MD5_FILE_BYTES, PART_SUFFIX};
 use super::pipe::{pipe, PIPE_BUDGET_BYTES};
+use super::sign::{Admitted, SignatureError};
 use super::unpack::{
     discard, finish, remove_tree, temp_folder, unpack, unpack_members, UNPACK_INFIX,
 };
@@ -206,6 +207,8 @@ async fn fetch_and_unpack(
     let dir = agent_dir.join(version);
     let tarball = dl.join(&file);
     let part = dl.join(format!("{file}{PART_SUFFIX}"));
+    // Before the download: a missing, unknown-key or other-file signature costs no transfer.
+    let signature = admit_signature(fetcher, tarball_url, &file).await?;
     // `unpacked`: a temporary folder already holding the checked members of the verified
     // tarball, when it was unpacked while downloading.
     let (digests, unpacked) = match reuse_download(&tarball, &file, want, fetcher).await {
@@ -224,6 +227,31 @@ async fn fetch_and_unpack(
             (d, Some(tmp))
         }
     };
+    if let Some(sig) = signature {
+        // Over the verified download on disk, streamed: the tarball is never held in
+        // memory. Nothing is installed yet (`unpacked` is a temporary folder).
+        let (tb, id) = (tarball.clone(), sig.key_id());
+        match blocking(move || sig.verify_file(&tb)).await {
+            Ok(()) => {
+                tracing::info!(agent = %name, version = %version, key = %id, "signature verified")
+            }
+            Err(e) => {
+                let tb = tarball.clone();
+                blocking(move || {
+                    if let Some(tmp) = unpacked {
+                        discard(&tmp);
+                    }
+                    // A refused tarball is not kept for a later attempt to reuse.
+                    #[allow(clippy::disallowed_methods)] // On the blocking pool.
+                    let _ = std::fs::remove_file(&tb);
+                    Ok(())
+                })
+                .await?;
+                tracing::warn!(agent = %name, version = %version, error = %e, "signature refused");
+                return Err(e);
+            }
+        }
+    }
     let md5_path = dl.join(format!("{file}.md5"));
     fsx::write_atomic_async(
         md5_path.clone(),
@@ -351,6 +379,32 @@ async fn download_unpacking(
             .await?;
             Err(e)
         }
+    }
+}
+
+/// The signature of the tarball at `tarball_url` checked as far as it can be without the
+/// tarball, when the fetcher's [`Trust`](super::Trust) has keys; `None` when there is
+/// nothing to verify (no keys, or no `.minisig` and none required).
+async fn admit_signature(
+    fetcher: &Fetcher,
+    tarball_url: &str,
+    file: &str,
+) -> Result<Option<Admitted>, ArtifactError> {
+    let trust = fetcher.trust();
+    if !trust.checks() {
+        return Ok(None);
+    }
+    let refuse = |reason| ArtifactError::Signature {
+        file: file.to_string(),
+        reason,
+    };
+    match fetcher.fetch_signature(tarball_url).await? {
+        (url, None) if trust.required() => Err(refuse(SignatureError::Missing { url })),
+        (url, None) => {
+            tracing::info!(file = %file, url = %crate::redact(&url), "no signature published; installing unverified (requireSignature is off)");
+            Ok(None)
+        }
+        (_, Some(text)) => trust.admit(&text, file).map(Some).map_err(refuse),
     }
 }
 

@@ -2,12 +2,14 @@
 //! version folder installed exactly once ([`install`]).
 //!
 //! Every input here comes from the network and is hostile until checked: sizes, entry
-//! counts and times are capped by [`Limits`], checksums are verified before anything is
-//! unpacked, and an archive can write nothing outside its temporary folder.
+//! counts and times are capped by [`Limits`], checksums (and, with `trustedKeys`, the
+//! minisign signature: [`sign`]) are verified before anything is installed, and an archive
+//! can write nothing outside its temporary folder.
 
 mod fetch;
 mod install;
 mod pipe;
+pub mod sign;
 mod unpack;
 
 use std::path::PathBuf;
@@ -15,6 +17,7 @@ use std::time::Duration;
 
 pub use fetch::{Fetcher, MAX_MD5_FILE_BYTES};
 pub use install::{clean_leftovers, install, is_installed, DOWNLOAD_DIR, MARKER};
+pub use sign::{SignatureError, Trust, TrustedKey};
 pub use unpack::unpack;
 
 /// Caps on everything a download or an archive may cost.
@@ -113,6 +116,12 @@ pub enum ArtifactError {
         algo: &'static str,
         want: String,
         got: String,
+    },
+    #[error("refusing {file}: {reason}")]
+    Signature {
+        file: String,
+        #[source]
+        reason: SignatureError,
     },
     #[error("no checksum to verify {file} against")]
     NoChecksum { file: String },

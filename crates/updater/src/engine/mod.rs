@@ -313,7 +313,11 @@ impl Ctx {
                 ..artifact::Limits::default()
             },
             c.tls_insecure,
-        )?;
+        )?
+        .with_trust(artifact::Trust::new(
+            c.trusted_keys.clone(),
+            c.require_signature,
+        ));
         let control_timeout = Duration::from_secs(c.control_timeout_secs);
         let status_timeout = Duration::from_secs(c.status_timeout_secs);
         Ok(Ctx {
