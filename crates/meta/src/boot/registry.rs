@@ -77,31 +77,42 @@ struct StoredRef<'a> {
 
 /// A hash of what is worth a write of the host's row: everything but the counters that
 /// move with every report (the host's clock, uptimes), which are written with the
-/// last-seen time's steps.
+/// last-seen time's steps. Computed on every status report, so it streams the JSON of a
+/// borrowed view into the hasher: no copy of the report, no string.
 fn digest(serial: &str, registered: i64, report: Option<&Report>, jobs: &HostJobs) -> u64 {
-    use std::hash::{DefaultHasher, Hash, Hasher};
-    let steady = report.map(|r| Report {
-        timestamp: 0,
-        uptime: 0,
+    use std::hash::{DefaultHasher, Hasher};
+
+    /// The report without its clock and uptimes.
+    #[derive(Serialize)]
+    struct Steady<'a> {
+        version: &'a str,
+        step: u64,
+        agents: Vec<(&'a str, &'a str, &'a str)>,
+    }
+    /// Feeds what is written to the hasher.
+    struct Feed(DefaultHasher);
+    impl std::io::Write for Feed {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.write(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let steady = report.map(|r| Steady {
+        version: &r.version,
+        step: r.step,
         agents: r
             .agents
             .iter()
-            .map(|a| AgentStatus {
-                uptime: 0,
-                ..a.clone()
-            })
+            .map(|a| (a.name.as_str(), a.version.as_str(), a.status.as_str()))
             .collect(),
-        ..r.clone()
     });
-    let text = serde_json::to_string(&StoredRef {
-        registered,
-        report: steady.as_ref(),
-        jobs,
-    })
-    .expect("a host's state serializes");
-    let mut h = DefaultHasher::new();
-    (serial, text).hash(&mut h);
-    h.finish()
+    let mut feed = Feed(DefaultHasher::new());
+    serde_json::to_writer(&mut feed, &(serial, registered, &steady, jobs))
+        .expect("a host's state serializes");
+    feed.0.finish()
 }
 
 /// How a registration went.
