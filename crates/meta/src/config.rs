@@ -49,6 +49,10 @@ pub const fn default_write_timeout_secs() -> u64 {
 pub const fn default_max_status_streams() -> u64 {
     64
 }
+/// Default most connections open at once.
+pub const fn default_max_connections() -> u64 {
+    10_000
+}
 /// Default time between two checks of the tarballs ops-meta hashes itself.
 pub const fn default_sha_recheck_secs() -> u64 {
     10
@@ -102,6 +106,9 @@ pub struct Config {
     /// `maxStatusStreams` (ours): status pages sent at the same time; one more gets 503
     /// with `Retry-After`.
     pub max_status_streams: u64,
+    /// `maxConnections` (ours): connections open at once, over all listeners; past it,
+    /// new connections wait in the listen backlog until one closes. Read at start only.
+    pub max_connections: u64,
     /// `shaRecheckSecs` (ours): how often local tarballs are checked for change to
     /// recompute their SHA-256; 0 turns computing SHA-256 off.
     pub sha_recheck_secs: u64,
@@ -479,6 +486,7 @@ impl Parser {
             "headerReadTimeoutSecs",
             "writeTimeoutSecs",
             "maxStatusStreams",
+            "maxConnections",
             "shaRecheckSecs",
             "shutdownGraceSecs",
             "tagRules",
@@ -556,6 +564,13 @@ impl Parser {
                 default_max_status_streams(),
                 1,
                 100_000,
+            ),
+            max_connections: self.number(
+                m,
+                "maxConnections",
+                default_max_connections(),
+                1,
+                1_000_000,
             ),
             sha_recheck_secs: self.number(m, "shaRecheckSecs", default_sha_recheck_secs(), 0, DAY),
             shutdown_grace_secs: self.number(

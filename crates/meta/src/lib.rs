@@ -10,6 +10,7 @@ pub mod config;
 pub mod desired;
 pub mod digests;
 pub mod events;
+pub mod guard;
 pub mod http;
 pub mod persist;
 pub mod server;

@@ -20,7 +20,8 @@ use tokio::task::JoinHandle;
 use tower::ServiceExt;
 
 use crate::config::{self, ConfigError};
-use crate::http::{app, unix_now, AppState, HeartbeatConn, HEARTBEAT_PATH};
+use crate::guard::Guard;
+use crate::http::{routes, unix_now, AppState, HeartbeatConn, HEARTBEAT_PATH};
 use crate::persist::{self, behind::SEEN_STEP_SECS, Cursor, StoreError};
 use crate::store::MemStore;
 use crate::wire::{self, Wire};
@@ -212,10 +213,16 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
     header_timeout: Duration,
 ) {
-    let router = app(state.clone());
+    let router = routes(state.clone());
+    let cap = state.connections.clone();
     // Every connection task holds a clone of `alive`; `recv` yields `None` once all are gone.
     let (alive, mut all_done) = mpsc::channel::<()>(1);
     loop {
+        // At the cap, wait for a connection to close before accepting another.
+        let permit = tokio::select! {
+            p = cap.acquire() => p,
+            _ = stopped(&mut shutdown) => break,
+        };
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
@@ -226,6 +233,7 @@ async fn accept_loop(
                     let alive = alive.clone();
                     tokio::spawn(async move {
                         serve_connection(stream, peer, router, state, shutdown, header_timeout).await;
+                        drop(permit);
                         drop(alive);
                     });
                 }
@@ -258,14 +266,24 @@ async fn serve_connection(
     header_timeout: Duration,
 ) {
     let write_timeout = Duration::from_secs(state.current.load().config.write_timeout_secs);
-    let heartbeats = HeartbeatConn::new(state);
+    let heartbeats = HeartbeatConn::new(state.clone());
+    // One protection stack for both: the heartbeat (nearly all of the traffic) is answered
+    // without the router (see http::heartbeat), everything else by it.
+    let guard = Guard::new(state, Some(peer));
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-        // The heartbeat, nearly all of the traffic, skips the router (see http::heartbeat).
         if req.method() == Method::POST && req.uri().path() == HEARTBEAT_PATH {
-            Either::Left(heartbeats.serve(req).map(Ok::<_, Infallible>))
+            Either::Left(
+                guard
+                    .deadline(heartbeats.serve(req))
+                    .map(Ok::<_, Infallible>),
+            )
         } else {
             req.extensions_mut().insert(ConnectInfo(peer));
-            Either::Right(router.clone().oneshot(req))
+            let answer = router
+                .clone()
+                .oneshot(req)
+                .map(|r| r.unwrap_or_else(|e| match e {}));
+            Either::Right(guard.deadline(answer).map(Ok::<_, Infallible>))
         }
     });
     let (mut wire, io) = Wire::new(stream, write_timeout);
@@ -397,6 +415,34 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
+/// Raises the soft open-file limit toward the hard one, as far as `maxConnections` plus
+/// a margin for the store, the tarballs and the log needs, and warns when even the hard
+/// limit is below that (connections past it would fail to be accepted instead of waiting).
+fn open_file_limit(max_connections: u64) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    const MARGIN: u64 = 128;
+    let want = max_connections.saturating_add(MARGIN);
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft >= want {
+        return;
+    }
+    let raised = want.min(hard);
+    let now = if setrlimit(Resource::RLIMIT_NOFILE, raised, hard).is_ok() {
+        raised
+    } else {
+        soft
+    };
+    if now < want {
+        tracing::warn!(
+            open_files = now,
+            max_connections,
+            "the open-file limit is below maxConnections plus {MARGIN}: lower maxConnections or raise the limit (LimitNOFILE= in the systemd unit)"
+        );
+    }
+}
+
 /// The binary: loads `path`, listens on `http.listen`, reloads on SIGHUP and shuts down
 /// gracefully on SIGTERM or SIGINT.
 pub async fn run(path: &Path) -> Result<(), RunError> {
@@ -423,6 +469,7 @@ pub async fn run(path: &Path) -> Result<(), RunError> {
         "fleet state loaded"
     );
     let cfg = state.current.load().config.clone();
+    open_file_limit(cfg.max_connections);
     // Handlers before the socket: once a client can connect, SIGTERM means a clean stop.
     let mut hup = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Signal)?;

@@ -157,6 +157,9 @@ pub struct Shared {
     pub behind: WriteBehind,
     /// Its writer, taken by the server that runs it.
     pub(crate) writer: parking_lot::Mutex<Option<Writer>>,
+    /// The cap on open connections (`maxConnections`, read at start), shared by every
+    /// listener of the server.
+    pub connections: crate::guard::ConnectionCap,
 }
 
 impl std::ops::Deref for AppState {
@@ -191,6 +194,7 @@ impl AppState {
         store: Arc<dyn FleetStore>,
         durable: Arc<dyn Durable>,
     ) -> AppState {
+        let connections = crate::guard::ConnectionCap::new(config.max_connections as usize);
         let current = Arc::new(Current::new(Desired::compile(
             Arc::new(config),
             Default::default(),
@@ -217,6 +221,7 @@ impl AppState {
             durable,
             behind,
             writer: parking_lot::Mutex::new(writer),
+            connections,
         }))
     }
 }

@@ -363,3 +363,88 @@ async fn bodies_that_are_not_utf8_get_the_same_answer_on_both_paths() {
     assert!(f.server.state().store.host("u-1").is_some());
     f.server.stop().await;
 }
+
+/// Writes one keep-alive heartbeat on `s` and reads its whole answer.
+async fn heartbeat_on(s: &mut tokio::net::TcpStream, host: &str) -> String {
+    let body = format!(r#"{{"hostname":"{host}"}}"#);
+    let req = format!(
+        "POST /heartbeat HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The answer's body is JSON: read until its length is all here.
+    loop {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(
+            n > 0,
+            "connection closed: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap();
+            if body.len() >= len {
+                return text;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn past_max_connections_a_new_connection_waits_for_one_to_close() {
+    let f = fixture(r#""maxConnections": 2, "headerReadTimeoutSecs": 600,"#).await;
+    let addr = f.server.local_addr().unwrap();
+    let cap = f.server.state().connections.clone();
+    let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // Both are served (and stay open: keep-alive).
+    assert!(heartbeat_on(&mut first, "cap-1")
+        .await
+        .starts_with("HTTP/1.1 200"));
+    assert!(heartbeat_on(&mut second, "cap-2")
+        .await
+        .starts_with("HTTP/1.1 200"));
+    assert_eq!(cap.open(), 2);
+    // The third connects (the kernel's backlog takes it) but is not accepted.
+    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = r#"{"hostname":"cap-3"}"#;
+    let req = format!(
+        "POST /heartbeat HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    third.write_all(req.as_bytes()).await.unwrap();
+    // The accept loop found the cap reached (it runs on this test's runtime: poll).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while cap.saturated.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cap was never reached"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut buf = [0u8; 64];
+    let early = tokio::time::timeout(Duration::from_millis(300), third.read(&mut buf)).await;
+    assert!(early.is_err(), "answered past the cap: {early:?}");
+    assert!(f.server.state().store.host("cap-3").is_none());
+    // One closes: the third is accepted and answered.
+    drop(first);
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), third.read_to_end(&mut rest))
+        .await
+        .expect("answered once a connection closed")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 200"));
+    assert!(f.server.state().store.host("cap-3").is_some());
+    drop(second);
+    f.server.stop().await;
+}

@@ -41,7 +41,13 @@ async fn metrics(State(st): State<AppState>) -> String {
          # TYPE ops_meta_hosts gauge\n\
          ops_meta_hosts {}\n\
          # TYPE ops_meta_bootagent_hosts gauge\n\
-         ops_meta_bootagent_hosts {}\n",
+         ops_meta_bootagent_hosts {}\n\
+         # TYPE ops_meta_connections_open gauge\n\
+         ops_meta_connections_open {}\n\
+         # TYPE ops_meta_connections_max gauge\n\
+         ops_meta_connections_max {}\n\
+         # TYPE ops_meta_connections_saturated_total counter\n\
+         ops_meta_connections_saturated_total {}\n",
         st.durable.kind(),
         lag.queued.load(Relaxed).max(0),
         lag.last_lag_ms.load(Relaxed) as f64 / 1000.0,
@@ -53,6 +59,9 @@ async fn metrics(State(st): State<AppState>) -> String {
         st.boot.reports_in_store.load(Relaxed),
         st.store.host_count(),
         st.boot.registry.len(),
+        st.connections.open(),
+        st.connections.max(),
+        st.connections.saturated.load(Relaxed),
     )
 }
 

@@ -1,17 +1,15 @@
 //! `POST /heartbeat`: the original protocol. Records what the host reports, answers what
 //! it should run.
 //!
-//! The accept loop serves this route itself ([`HeartbeatConn`]), ahead of the router and its
-//! middleware: it is nearly all of the traffic. The router keeps the same route (for
-//! in-process tests and anything that drives [`crate::app`]); both run [`respond`] with
-//! the same body limit, timeout and error texts.
+//! The accept loop serves this route itself ([`HeartbeatConn`]), without the router: it is
+//! nearly all of the traffic. Both go through the same protection stack
+//! ([`crate::guard`]); the router keeps the same route (for in-process tests and anything
+//! that drives [`crate::app`]); both run [`respond`] with the same body limit and error
+//! texts.
 
 use std::cell::RefCell;
-use std::future::{poll_fn, Future};
-use std::pin::pin;
+use std::future::Future;
 use std::sync::Arc;
-use std::task::Poll;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -75,8 +73,8 @@ impl HeartbeatConn {
     }
 
     /// Serves `POST /heartbeat` straight from the connection, without the router: the
-    /// same answer as through [`crate::app`], `requestTimeoutSecs` included (408 when
-    /// reading the body and answering takes longer).
+    /// same answer as through [`crate::app`]. The connection's [`crate::guard::Guard`]
+    /// runs it, as it runs the router, with the same deadline.
     pub fn serve<B>(&self, req: hyper::Request<B>) -> impl Future<Output = Response> + Send
     where
         B: hyper::body::Body<Data = Bytes> + Send,
@@ -99,20 +97,9 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let (parts, body) = req.into_parts();
-    let secs = ctx.desired.config.request_timeout_secs;
-    let mut fut = pin!(respond(&ctx.state, &ctx.desired, &parts.headers, body));
-    // Almost always the body came with the headers and the answer is ready at the first
-    // poll: then no timer is set up at all. Otherwise the limit counts from here, a few
-    // microseconds after the handler started.
-    let first = poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
-    let result = match first {
-        Poll::Ready(r) => r,
-        Poll::Pending => match tokio::time::timeout(Duration::from_secs(secs), fut).await {
-            Ok(r) => r,
-            Err(_) => Err(AppError::Timeout { secs }),
-        },
-    };
-    result.unwrap_or_else(IntoResponse::into_response)
+    respond(&ctx.state, &ctx.desired, &parts.headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
 /// Reads, checks and records one heartbeat and writes the answer.

@@ -8,9 +8,7 @@ mod heartbeat;
 mod ops;
 mod status;
 
-use std::time::Duration;
-
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -32,9 +30,19 @@ pub mod fuzzing {
     pub use super::files::{parse_range, RangeReq};
 }
 
-/// The whole application. Later areas (BootAgent registration, operator endpoints) merge
-/// their own `Router<AppState>` here.
+/// The whole application as one router, behind the protection stack
+/// ([`crate::guard`]) as a middleware: what in-process tests drive. The server runs
+/// [`routes`] behind each connection's own guard instead.
 pub fn app(state: AppState) -> Router {
+    routes(state.clone()).layer(middleware::from_fn_with_state(
+        state,
+        crate::guard::middleware,
+    ))
+}
+
+/// Every route, without the protection stack. Later areas merge their own
+/// `Router<AppState>` here.
+pub fn routes(state: AppState) -> Router {
     Router::new()
         .merge(heartbeat::router())
         .merge(status::router())
@@ -42,10 +50,6 @@ pub fn app(state: AppState) -> Router {
         .merge(agent::router())
         .merge(ops::router())
         .fallback(files::serve)
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            request_timeout,
-        ))
         .layer(middleware::from_fn(text_errors))
         .with_state(state)
 }
@@ -68,17 +72,6 @@ async fn text_errors(req: Request, next: Next) -> Response {
         parts.headers.insert(name, value.clone());
     }
     Response::from_parts(parts, text.into_body())
-}
-
-/// Answers 408 when a handler (reading the body included) takes longer than
-/// `requestTimeoutSecs` of the current config. Streaming a file body after the headers is
-/// not counted.
-async fn request_timeout(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    let secs = st.current.load().config.request_timeout_secs;
-    match tokio::time::timeout(Duration::from_secs(secs), next.run(req)).await {
-        Ok(r) => r,
-        Err(_) => AppError::Timeout { secs }.into_response(),
-    }
 }
 
 /// Every error a handler can return. The status and the text sent are chosen here; the
