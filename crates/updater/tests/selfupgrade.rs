@@ -783,3 +783,68 @@ fn a_release_in_a_subfolder_or_on_a_file_server_upgrades() {
         });
     }
 }
+
+/// With `trustedKeys` and `requireSignature`, a release signed by the operator's key (the
+/// real `minisign` tool) upgrades ops-updater in every protocol mode; the same binary
+/// signed by a key the host does not trust is refused and the running version stays.
+#[test]
+fn a_signed_release_upgrades_when_signatures_are_required() {
+    if !test_support::minisign::available() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "minisign is not installed"
+        );
+        return;
+    }
+    let keys = test_support::tempdir().unwrap();
+    let operator = test_support::minisign::KeyPair::generate(keys.path(), "operator");
+    let stranger = test_support::minisign::KeyPair::generate(keys.path(), "stranger");
+    let tarball = updater_tarball(&build(NEW));
+    for protocol in ["legacy", "bootagent", "auto"] {
+        let mut meta = Meta::start(json!([]));
+        let dir = meta.tarball_dir();
+        let file = dir.join(proto::legacy::tarball_file("ops-updater", NEW));
+        let other = dir.join(proto::legacy::tarball_file("ops-updater", NEWER));
+        test_support::tarball::publish(&dir, "ops-updater", NEW, &tarball);
+        test_support::tarball::publish(&dir, "ops-updater", NEWER, &tarball);
+        operator.sign(&file);
+        stranger.sign(&other);
+        let trusted = json!([operator.pub_text()]);
+        let tweak = mode_tweak(protocol);
+        let u = start_copy(&meta.addr.to_string(), "web-1", |c| {
+            tweak(c);
+            c["trustedKeys"] = trusted.clone();
+            c["requireSignature"] = json!(true);
+        });
+        let pid = u.pid();
+        // Signed by a key the host does not know: refused, nothing switched.
+        meta.set_agents(json!([{"default": {"name": "ops-updater", "version": NEWER,
+            "tarball": meta.base(), "md5": "", "cmd": "start"}}]));
+        wait_for(
+            &format!("{protocol}: the stranger's release refused"),
+            CONVERGE,
+            || {
+                u.log_text()
+                    .contains("refusing ops-updater-9.0.1.tar.gz: signed by key")
+                    && u.log_text().contains("which is not in trustedKeys")
+            },
+        );
+        assert_eq!(local_version(&u).as_deref(), Some(OLD), "{protocol}");
+        // Signed by the operator: upgraded and committed, the supervisor stays.
+        meta.set_agents(json!([{"default": {"name": "ops-updater", "version": NEW,
+            "tarball": meta.base(), "md5": "", "cmd": "start"}}]));
+        wait_for(&format!("{protocol}: on {NEW}"), CONVERGE, || {
+            local_version(&u).as_deref() == Some(NEW)
+        });
+        let marker = u.work().join(".ops-updater.upgrade.json");
+        wait_for(&format!("{protocol}: committed"), CONVERGE, || {
+            std::fs::read_to_string(&marker).map_or(true, |m| !m.contains("\"upgrade\""))
+        });
+        let v = test_support::command(u.exe.as_ref().unwrap())
+            .arg("-v")
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&v.stdout).trim(), NEW, "{protocol}");
+        assert_eq!(u.pid(), pid, "{protocol}: the supervisor stays");
+    }
+}
