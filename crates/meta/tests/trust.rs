@@ -2,8 +2,9 @@
 //! every mutation needs an admin token (401 without or with an unknown one, 403 with a
 //! read token), reads at least a read token, and every mutation, refused or done, is in
 //! `GET /api/audit` with its actor, hosts and outcome, after a restart too; tokens are
-//! rotated by reload; without tokens the requests a web page could make are refused; and
-//! a bad `apiTokens` lists every problem at once.
+//! rotated by reload; without tokens the requests a web page could make are refused; a
+//! bad `apiTokens` lists every problem at once; and (in process, with a store whose audit
+//! log fails) an action that cannot be recorded is answered 503 and not done.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -510,4 +511,156 @@ fn a_bad_api_tokens_section_lists_every_problem() {
         assert!(text.contains(want), "no {want:?} in {text}");
     }
     assert!(!text.contains("pasted-secret"), "{text}");
+}
+
+/// The memory store, but its audit log fails while `broken` is set.
+#[derive(Debug, Default)]
+struct AuditFails {
+    inner: meta::persist::memory::Memory,
+    broken: std::sync::atomic::AtomicBool,
+}
+
+mod audit_fails {
+    use super::AuditFails;
+    use meta::persist::{
+        AuditRow, BatchRow, BootRow, BootUpdate, Changes, Cursor, Durable, LegacyRow, LegacySink,
+        Snapshot, StoreError, StoreFuture,
+    };
+    use proto::events::Event;
+    use std::sync::atomic::Ordering;
+
+    fn failed<T: Send + 'static>() -> StoreFuture<'static, T> {
+        Box::pin(async {
+            Err(StoreError::Other {
+                store: "test".into(),
+                what: "write an audit entry",
+                message: "disk full".into(),
+            })
+        })
+    }
+
+    impl Durable for AuditFails {
+        fn kind(&self) -> &'static str {
+            "memory"
+        }
+        fn shared(&self) -> bool {
+            false
+        }
+        fn load(&self, legacy: LegacySink) -> StoreFuture<'_, Snapshot> {
+            self.inner.load(legacy)
+        }
+        fn put_legacy(&self, rows: Vec<LegacyRow>) -> StoreFuture<'_, ()> {
+            self.inner.put_legacy(rows)
+        }
+        fn update_boot(&self, hostname: &str, update: BootUpdate) -> StoreFuture<'_, ()> {
+            self.inner.update_boot(hostname, update)
+        }
+        fn touch_boot(&self, seen: Vec<(String, i64)>) -> StoreFuture<'_, ()> {
+            self.inner.touch_boot(seen)
+        }
+        fn boot_hosts(&self, hostnames: &[String]) -> StoreFuture<'_, Vec<BootRow>> {
+            self.inner.boot_hosts(hostnames)
+        }
+        fn put_events(&self, hostname: &str, events: &[Event]) -> StoreFuture<'_, ()> {
+            self.inner.put_events(hostname, events)
+        }
+        fn put_batch(&self, row: BatchRow) -> StoreFuture<'_, ()> {
+            self.inner.put_batch(row)
+        }
+        fn batch(&self, id: &str) -> StoreFuture<'_, Option<BatchRow>> {
+            self.inner.batch(id)
+        }
+        fn put_audit(&self, row: AuditRow) -> StoreFuture<'_, i64> {
+            if self.broken.load(Ordering::SeqCst) {
+                return failed();
+            }
+            self.inner.put_audit(row)
+        }
+        fn finish_audit(&self, row: AuditRow) -> StoreFuture<'_, ()> {
+            self.inner.finish_audit(row)
+        }
+        fn audit(&self, before: Option<i64>, limit: usize) -> StoreFuture<'_, Vec<AuditRow>> {
+            self.inner.audit(before, limit)
+        }
+        fn changes(&self, since: Cursor) -> StoreFuture<'_, Changes> {
+            self.inner.changes(since)
+        }
+        fn sweep(&self, older_than: i64) -> StoreFuture<'_, u64> {
+            self.inner.sweep(older_than)
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_action_the_audit_log_cannot_take_is_not_done() {
+    use axum::body::Body;
+    use axum::extract::ConnectInfo;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    use tower::ServiceExt;
+
+    let dir = test_support::tempdir().unwrap();
+    let cfg = json!({"tarballDir": "", "http": {"enabled": true, "listen": "127.0.0.1:0"},
+                     "agents": [], "apiTokens": [token("ops-admin", "admin", ADMIN)]});
+    let path = test_support::write_file(dir.path(), "cfg.json", cfg.to_string());
+    let config = meta::config::load(&path).unwrap().config;
+    let durable = Arc::new(AuditFails::default());
+    let st = meta::AppState::with_durable(
+        &path,
+        config,
+        Arc::new(meta::MemStore::new()),
+        durable.clone(),
+    );
+    let call = |method: &str, uri: &str, body: &str| {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {ADMIN}"))
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        req.extensions_mut()
+            .insert(ConnectInfo("10.1.2.3:4000".parse::<SocketAddr>().unwrap()));
+        let app = meta::app(st.clone());
+        async move {
+            let r = app.oneshot(req).await.unwrap();
+            let code = r.status().as_u16();
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            (code, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    let (code, text) = call(
+        "POST",
+        "/agent/register",
+        r#"{"hostname": "web-1", "agentsn": ""}"#,
+    )
+    .await;
+    assert_eq!(code, 200, "{text}");
+    let job = r#"{"action": "restart", "name": "basic", "hosts": ["web-1"]}"#;
+
+    durable.broken.store(true, Ordering::SeqCst);
+    let (code, text) = call("POST", "/api/jobs", job).await;
+    assert_eq!(code, 503, "{text}");
+    assert_eq!(text, "the fleet store is unavailable; retry later\n");
+    let (_, view) = call("GET", "/api/hosts/web-1", "").await;
+    let view: Value = serde_json::from_str(&view).unwrap();
+    assert_eq!(view["pending"], json!([]), "nothing was queued: {view}");
+
+    durable.broken.store(false, Ordering::SeqCst);
+    let (code, text) = call("POST", "/api/jobs", job).await;
+    assert_eq!(code, 200, "{text}");
+    let (_, view) = call("GET", "/api/hosts/web-1", "").await;
+    let view: Value = serde_json::from_str(&view).unwrap();
+    assert_eq!(view["pending"].as_array().unwrap().len(), 1, "{view}");
+    let (_, audit) = call("GET", "/api/audit", "").await;
+    let audit: Value = serde_json::from_str(&audit).unwrap();
+    let entries = audit["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{audit}");
+    assert_eq!(
+        entries[0]["peer"], "10.1.2.3:4000",
+        "tokens work from any address"
+    );
+    assert_eq!(entries[0]["status"], 200);
 }
