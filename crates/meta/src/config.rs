@@ -138,7 +138,54 @@ pub struct Config {
     /// `remoteRecheckSecs` (ours): how often a tarball on another server is checked for
     /// change (its `.sha256`, or its ETag / Last-Modified / length).
     pub remote_recheck_secs: u64,
+    /// `apiTokens` (ours): the operators' bearer tokens, by the SHA-256 of each (the token
+    /// itself is never in the file). Empty: the operator API and `/config/reload` answer
+    /// loopback callers only, as the original, with the browser checks of
+    /// [`crate::http`]'s auth module. Taken at every reload.
+    pub api_tokens: Vec<ApiToken>,
 }
+
+/// `apiTokens[]` (ours).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiToken {
+    /// `name`: who holds the token, as the audit log records it; unique.
+    pub name: String,
+    /// `role`: `admin` (reads and every change) or `read` (reads only).
+    pub role: Role,
+    /// `sha256`: SHA-256 of the token as sent after `Bearer `.
+    pub sha256: [u8; 32],
+}
+
+/// Shown without the hash, so that logs and `-T` never print it.
+impl fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiToken")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// Operator reads: `GET /api/*`, `/status/*`, `/metrics`.
+    Read,
+    /// Reads and mutations: every other `/api/*` method and `/config/reload`.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Read => "read",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// Longest token name.
+pub const MAX_TOKEN_NAME: usize = 64;
 
 /// `tagRules[]` (ours).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -496,6 +543,7 @@ impl Parser {
             "remoteHashTimeoutSecs",
             "remoteRecheckSecs",
             "store",
+            "apiTokens",
         ];
         let empty = Map::new();
         let m = self.object(root, "", KNOWN).unwrap_or(&empty);
@@ -605,7 +653,118 @@ impl Parser {
                 1,
                 DAY,
             ),
+            api_tokens: self.api_tokens(m),
         }
+    }
+
+    /// `apiTokens`: a list of `{"name", "role", "sha256"}`, every problem reported; a
+    /// section of ours alone, so an unknown key (a `token` pasted in, say) is an error.
+    fn api_tokens(&mut self, m: &Map<String, Value>) -> Vec<ApiToken> {
+        let Some(v) = lookup(m, "apiTokens") else {
+            return Vec::new();
+        };
+        let Some(items) = v.as_array() else {
+            self.error("apiTokens", format!("want a list, got {}", kind(v)));
+            return Vec::new();
+        };
+        let mut out: Vec<ApiToken> = Vec::new();
+        // Every name and hash given, valid entries or not, for the duplicate checks.
+        let mut names: Vec<String> = Vec::new();
+        let mut hashes: Vec<[u8; 32]> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let p = format!("apiTokens[{i}]");
+            let Some(o) = item.as_object() else {
+                self.error(&p, format!("want an object, got {}", kind(item)));
+                continue;
+            };
+            for k in o.keys() {
+                if !["name", "role", "sha256"]
+                    .iter()
+                    .any(|n| n.eq_ignore_ascii_case(k))
+                {
+                    self.error(
+                        &join(&p, k),
+                        "unknown key (name, role, sha256; the file holds the token's SHA-256, never the token)",
+                    );
+                }
+            }
+            let mut ok = true;
+            let name = self.string(o, &p, "name");
+            if name.is_empty() {
+                self.error(&join(&p, "name"), "is missing or empty");
+                ok = false;
+            } else if name.len() > MAX_TOKEN_NAME
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._@-".contains(&b))
+            {
+                self.error(
+                    &join(&p, "name"),
+                    format!(
+                        "{:?} is not 1 to {MAX_TOKEN_NAME} letters, digits, '.', '_', '@' or '-'",
+                        name.chars().take(MAX_TOKEN_NAME + 1).collect::<String>()
+                    ),
+                );
+                ok = false;
+            } else if names.contains(&name) {
+                self.error(
+                    &join(&p, "name"),
+                    format!("{name:?} is also the name of another token; names are unique"),
+                );
+                ok = false;
+            }
+            let role = match self.string(o, &p, "role").as_str() {
+                "admin" => Role::Admin,
+                "read" => Role::Read,
+                "" => {
+                    self.error(&join(&p, "role"), "is missing (admin or read)");
+                    ok = false;
+                    Role::Read
+                }
+                other => {
+                    self.error(
+                        &join(&p, "role"),
+                        format!(
+                            "{:?} is not admin or read",
+                            other.chars().take(32).collect::<String>()
+                        ),
+                    );
+                    ok = false;
+                    Role::Read
+                }
+            };
+            let hex = self.string(o, &p, "sha256");
+            let mut sha256 = [0u8; 32];
+            if hex.is_empty() {
+                self.error(
+                    &join(&p, "sha256"),
+                    "is missing: the SHA-256 of the token, e.g. `printf %s TOKEN | sha256sum`",
+                );
+                ok = false;
+            } else if !is_hex64(&hex) || hex::decode_to_slice(&hex, &mut sha256).is_err() {
+                self.error(
+                    &join(&p, "sha256"),
+                    format!(
+                        "is {} characters, not 64 hexadecimal digits",
+                        hex.chars().count()
+                    ),
+                );
+                ok = false;
+            } else if hashes.contains(&sha256) {
+                self.error(
+                    &join(&p, "sha256"),
+                    "is also the hash of another token; each token is its own",
+                );
+                ok = false;
+            } else {
+                hashes.push(sha256);
+            }
+            names.push(name.clone());
+            if ok {
+                out.push(ApiToken { name, role, sha256 });
+            }
+        }
+        out
     }
 
     /// `store`: parsed only (no file is opened, no server asked), so `-T` has no effects.
@@ -1129,5 +1288,60 @@ mod tests {
         ] {
             assert!(fields.contains(&f), "no error for {f}: {errors:?}");
         }
+    }
+
+    #[test]
+    fn api_tokens_are_read_and_every_problem_named() {
+        let h = "ab".repeat(32);
+        let ok = parse(&format!(
+            r#"{{"apiTokens": [{{"name": "ci", "role": "admin", "sha256": "{}"}},
+                              {{"name": "grafana", "role": "read", "sha256": "{}"}}]}}"#,
+            h.to_uppercase(),
+            "cd".repeat(32)
+        ))
+        .unwrap();
+        let t = &ok.config.api_tokens;
+        assert_eq!(t.len(), 2);
+        assert_eq!((t[0].name.as_str(), t[0].role), ("ci", Role::Admin));
+        assert_eq!(t[0].sha256, [0xab; 32]);
+        assert_eq!(t[1].role, Role::Read);
+        assert!(!format!("{t:?}").contains("ab"), "{t:?}");
+        assert!(parse("{}").unwrap().config.api_tokens.is_empty());
+
+        let secret = "s3cr3t-token-pasted-by-mistake";
+        let (errors, _) = parse(&format!(
+            r#"{{"apiTokens": [
+                {{"name": "", "role": "admin", "sha256": "{h}"}},
+                {{"name": "ci", "role": "root", "sha256": "{h}"}},
+                {{"name": "ci", "role": "read", "sha256": "{secret}"}},
+                {{"name": "has space", "sha256": "{h}", "token": "{secret}"}},
+                "ci",
+                {{"name": "other", "role": "read", "sha256": "{h}"}}
+            ]}}"#
+        ))
+        .unwrap_err();
+        let e: Vec<String> = errors.iter().map(|p| p.to_string()).collect();
+        for want in [
+            "apiTokens[0].name: is missing or empty",
+            "apiTokens[1].role: \"root\" is not admin or read",
+            "apiTokens[2].name: \"ci\" is also the name of another token",
+            "apiTokens[2].sha256: is 30 characters, not 64 hexadecimal digits",
+            "apiTokens[3].token: unknown key",
+            "apiTokens[3].name: \"has space\" is not",
+            "apiTokens[3].role: is missing",
+            "apiTokens[4]: want an object",
+            "apiTokens[5].sha256: is also the hash of another token",
+        ] {
+            assert!(
+                e.iter().any(|s| s.starts_with(want)),
+                "no {want:?} in {e:#?}"
+            );
+        }
+        assert!(!e.iter().any(|s| s.contains(secret)), "{e:#?}");
+        let (errors, _) = parse(r#"{"apiTokens": {"name": "x"}}"#).unwrap_err();
+        assert_eq!(
+            errors[0].to_string(),
+            "apiTokens: want a list, got an object"
+        );
     }
 }

@@ -1,8 +1,10 @@
 //! The protection stack every request goes through, the heartbeat answered from the
 //! connection and the router alike: a cap on open connections (at the accept loop), then
-//! per request the admission checks and the `requestTimeoutSecs` deadline, then the
-//! handler ([`Guard::serve`]). The router's in-process form ([`crate::app`]) runs the same
-//! [`Guard::serve`] as a middleware, so tests that drive the router see the same limits.
+//! per request admission ([`crate::http::auth::admit`]: operator tokens and roles, or
+//! the loopback rules without tokens, and the audit log of every mutation), then the
+//! `requestTimeoutSecs` deadline, then the handler ([`Guard::route`],
+//! [`Guard::deadline`]). The router's in-process form ([`crate::app`]) runs the same steps
+//! as a middleware, so tests that drive the router see the same checks and limits.
 //!
 //! Why not a `tower::ServiceBuilder` of boxed layers: the heartbeat is nearly all of the
 //! traffic and its answer is usually ready at the first poll; a deadline that only starts
@@ -19,12 +21,16 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::Router;
+use futures_util::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower::ServiceExt;
 
-use crate::http::{AppError, AppState};
+use crate::http::{auth, AppError, AppState};
 
 /// One connection's guard: the state, the peer, and the limits of the config snapshot it
 /// last read (re-read when a reload bumps the generation).
@@ -70,11 +76,35 @@ impl Guard {
 
     /// `fut`, the handler's answer, bounded by `requestTimeoutSecs` (reading the body
     /// included; streaming a body after the answer's head is not counted): 408 past it.
+    /// What the heartbeat fast path runs: it is a host endpoint, which admission lets
+    /// through untouched ([`crate::http::auth::is_host_endpoint`]), so it is not asked.
     pub fn deadline<Fut>(&self, fut: Fut) -> impl Future<Output = Response>
     where
         Fut: Future<Output = Response>,
     {
         deadline(self.timeout_secs(), fut)
+    }
+
+    /// `req` through the whole stack into `router`: admission (operator tokens or the
+    /// loopback rules, the audit log of mutations), then the deadline, then the router.
+    pub fn route<B>(&self, req: hyper::Request<B>, router: Router) -> impl Future<Output = Response>
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<axum::BoxError>,
+    {
+        let secs = self.timeout_secs();
+        let state = self.state.clone();
+        let mut req = req.map(Body::new);
+        if let Some(peer) = self.peer {
+            req.extensions_mut().insert(ConnectInfo(peer));
+        }
+        let answer = move |r| {
+            deadline(
+                secs,
+                router.oneshot(r).map(|r| r.unwrap_or_else(|e| match e {})),
+            )
+        };
+        async move { auth::admit(&state, req, answer).await }
     }
 }
 
@@ -99,7 +129,8 @@ pub(crate) async fn middleware(State(st): State<AppState>, req: Request, next: N
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
-    Guard::new(st, peer).deadline(next.run(req)).await
+    let secs = Guard::new(st.clone(), peer).timeout_secs();
+    auth::admit(&st, req, |r| deadline(secs, next.run(r))).await
 }
 
 /// The cap on open connections (`maxConnections`): the accept loop takes a permit before

@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use axum::extract::ConnectInfo;
 use axum::http::Method;
 use futures_util::future::{Either, FutureExt};
 use hyper::body::Incoming;
@@ -17,7 +16,6 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tower::ServiceExt;
 
 use crate::config::{self, ConfigError};
 use crate::guard::Guard;
@@ -270,7 +268,7 @@ async fn serve_connection(
     // One protection stack for both: the heartbeat (nearly all of the traffic) is answered
     // without the router (see http::heartbeat), everything else by it.
     let guard = Guard::new(state, Some(peer));
-    let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+    let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         if req.method() == Method::POST && req.uri().path() == HEARTBEAT_PATH {
             Either::Left(
                 guard
@@ -278,12 +276,7 @@ async fn serve_connection(
                     .map(Ok::<_, Infallible>),
             )
         } else {
-            req.extensions_mut().insert(ConnectInfo(peer));
-            let answer = router
-                .clone()
-                .oneshot(req)
-                .map(|r| r.unwrap_or_else(|e| match e {}));
-            Either::Right(guard.deadline(answer).map(Ok::<_, Infallible>))
+            Either::Right(guard.route(req, router.clone()).map(Ok::<_, Infallible>))
         }
     });
     let (mut wire, io) = Wire::new(stream, write_timeout);

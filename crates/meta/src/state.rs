@@ -99,6 +99,17 @@ impl Reloader {
                 "http settings and headerReadTimeoutSecs changed: they take effect at the next restart"
             );
         }
+        match (
+            old.config.api_tokens.is_empty(),
+            loaded.config.api_tokens.is_empty(),
+        ) {
+            (true, false) => tracing::info!(
+                tokens = loaded.config.api_tokens.len(),
+                "apiTokens configured: operator calls now need a token, from any address"
+            ),
+            (false, true) => warn_no_tokens(),
+            _ => {}
+        }
         if old.config.store != loaded.config.store {
             tracing::warn!("store changed: it takes effect at the next restart");
         }
@@ -135,6 +146,15 @@ impl Reloader {
                 .store(Desired::compile(now.config.clone(), Arc::new(found)));
         }
     }
+}
+
+/// Said at start and when a reload removes the last token.
+fn warn_no_tokens() {
+    tracing::warn!(
+        "no apiTokens configured: the operator API (/api/*) and /config/reload answer \
+         loopback callers without authentication (any local user or process); configure \
+         apiTokens to require tokens"
+    );
 }
 
 /// Everything request handlers share: one `Arc`, so a request clones and drops a single
@@ -183,7 +203,7 @@ impl AppState {
 
     /// State for an already loaded config and a given store, kept in memory only.
     pub fn new(path: &Path, config: config::Config, store: Arc<dyn FleetStore>) -> AppState {
-        AppState::with_durable(path, config, store, Arc::new(Memory))
+        AppState::with_durable(path, config, store, Arc::new(Memory::default()))
     }
 
     /// State for an already loaded config, a given cache and a durable store behind it
@@ -195,6 +215,9 @@ impl AppState {
         durable: Arc<dyn Durable>,
     ) -> AppState {
         let connections = crate::guard::ConnectionCap::new(config.max_connections as usize);
+        if config.api_tokens.is_empty() {
+            warn_no_tokens();
+        }
         let current = Arc::new(Current::new(Desired::compile(
             Arc::new(config),
             Default::default(),

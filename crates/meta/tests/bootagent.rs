@@ -82,6 +82,7 @@ impl Meta {
         let r = self
             .http
             .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
             .body(body)
             .send()
             .await

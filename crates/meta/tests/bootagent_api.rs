@@ -33,6 +33,7 @@ async fn call(
     let mut req = Request::builder()
         .method(method)
         .uri(uri)
+        .header("content-type", "application/json")
         .body(Body::from(body.to_string()))
         .unwrap();
     if let Some(p) = peer {

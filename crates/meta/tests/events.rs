@@ -63,6 +63,7 @@ impl Meta {
         let r = self
             .http
             .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
             .body(serde_json::to_vec(body).unwrap())
             .send()
             .await

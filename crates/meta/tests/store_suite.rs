@@ -7,7 +7,7 @@
 use std::sync::{Arc, Mutex};
 
 use meta::persist::{
-    self, BatchRow, BootRow, Cursor, DbRow, Durable, LegacyRow, StoreError, StoreSpec,
+    self, AuditRow, BatchRow, BootRow, Cursor, DbRow, Durable, LegacyRow, StoreError, StoreSpec,
 };
 use proto::events::Event;
 use proto::legacy::RealAgent;
@@ -246,10 +246,100 @@ async fn suite(spec: StoreSpec) {
     assert!(snap.events.iter().all(|e| e.hostname == "boot-1"));
 }
 
+fn audit_row(time: i64, actor: &str) -> AuditRow {
+    AuditRow {
+        id: 0,
+        time,
+        actor: actor.into(),
+        status: 0,
+        body: format!("{{\"actor\":\"{actor}\"}}"),
+    }
+}
+
+/// The audit log: ids rise, an outcome replaces the entry's status and body, pages go
+/// newest first below `before`; what was written is there after reopening (but in
+/// memory), and a second handle on a shared store sees the first one's entries.
+async fn audit_suite(spec: StoreSpec) {
+    let store = persist::open(&spec).await.unwrap();
+    assert!(store.audit(None, 10).await.unwrap().is_empty());
+    let mut ids = Vec::new();
+    for (i, actor) in ["ci", "alice", "ci"].iter().enumerate() {
+        ids.push(
+            store
+                .put_audit(audit_row(100 + i as i64, actor))
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    store
+        .finish_audit(AuditRow {
+            id: ids[1],
+            status: 200,
+            body: "{\"actor\":\"alice\",\"outcome\":\"ok\"}".into(),
+            ..audit_row(101, "alice")
+        })
+        .await
+        .unwrap();
+    let check = |rows: Vec<AuditRow>| {
+        let got: Vec<(i64, &str, i64)> = rows
+            .iter()
+            .map(|r| (r.id, r.actor.as_str(), r.status))
+            .collect();
+        assert_eq!(
+            got,
+            [(ids[2], "ci", 0), (ids[1], "alice", 200), (ids[0], "ci", 0)]
+        );
+        assert!(rows[1].body.contains("\"outcome\":\"ok\""), "{:?}", rows[1]);
+        assert_eq!(rows[2].time, 100);
+    };
+    check(store.audit(None, 10).await.unwrap());
+    let page = store.audit(None, 2).await.unwrap();
+    assert_eq!(page.len(), 2);
+    let rest = store.audit(Some(page[1].id), 2).await.unwrap();
+    assert_eq!(rest.iter().map(|r| r.id).collect::<Vec<_>>(), [ids[0]]);
+    assert!(store.audit(Some(ids[0]), 10).await.unwrap().is_empty());
+
+    if spec == StoreSpec::Memory {
+        return;
+    }
+    if store.shared() {
+        let other = persist::open(&spec).await.unwrap();
+        let id = other.put_audit(audit_row(200, "replica-2")).await.unwrap();
+        let seen = store.audit(None, 1).await.unwrap();
+        assert_eq!((seen[0].id, seen[0].actor.as_str()), (id, "replica-2"));
+        drop(other);
+        let mut all = store.audit(None, 10).await.unwrap();
+        all.remove(0);
+        check(all);
+        drop(store);
+        return;
+    }
+    drop(store);
+    let again = persist::open(&spec).await.unwrap();
+    check(again.audit(None, 10).await.unwrap());
+    let next = again.put_audit(audit_row(300, "ci")).await.unwrap();
+    assert!(next > ids[2], "ids go on rising after a reopen");
+}
+
 #[tokio::test]
 async fn sqlite_keeps_what_it_was_given() {
     let dir = test_support::tempdir().unwrap();
     suite(StoreSpec::Sqlite(dir.path().join("fleet.db"))).await;
+    audit_suite(StoreSpec::Sqlite(dir.path().join("audit.db"))).await;
+}
+
+#[tokio::test]
+async fn memory_keeps_a_bounded_audit_log() {
+    audit_suite(StoreSpec::Memory).await;
+    let store = persist::open(&StoreSpec::Memory).await.unwrap();
+    let n = persist::AUDIT_KEPT_IN_MEMORY as i64 + 5;
+    for i in 0..n {
+        store.put_audit(audit_row(i, "ci")).await.unwrap();
+    }
+    let all = store.audit(None, usize::MAX).await.unwrap();
+    assert_eq!(all.len(), persist::AUDIT_KEPT_IN_MEMORY);
+    assert_eq!((all[0].time, all.last().unwrap().time), (n - 1, 5));
 }
 
 #[tokio::test]
@@ -259,6 +349,8 @@ async fn postgres_keeps_what_it_was_given() {
     };
     let url = pg.create_db("suite");
     suite(StoreSpec::parse(&url).unwrap()).await;
+    let url = pg.create_db("audit");
+    audit_suite(StoreSpec::parse(&url).unwrap()).await;
 }
 
 fn too_new(e: StoreError) -> String {

@@ -214,6 +214,49 @@ pub struct RetryResponse {
     pub cleared: usize,
 }
 
+/// One operator action as `GET /api/audit` shows it (and the store keeps it): who, what,
+/// which hosts, when, from where, and how it ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditEntry {
+    /// Rises with every entry of the store; `before` of the next page.
+    pub id: i64,
+    /// Unix seconds (server clock) when the request arrived.
+    pub time: i64,
+    /// The token's name; `loopback` when no token is configured; empty when the request
+    /// carried no known token (it was refused).
+    pub actor: String,
+    /// The caller's address, `IP:PORT`.
+    pub peer: String,
+    pub method: String,
+    pub path: String,
+    /// What was asked: `jobs.create`, `retry`, `config.reload`, `hosts.readmit`, or
+    /// `METHOD PATH` for a request no action is named for.
+    pub action: String,
+    /// The selector the request named (`hosts web-1,web-2`, `prefix web`, `tag svc=web`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub target: String,
+    /// Hosts the action touched (at most [`AUDIT_MAX_HOSTS`]; `hostCount` counts all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub host_count: usize,
+    /// The HTTP status answered; 0 while the action runs (or when ops-meta stopped before
+    /// it ended: the outcome is then unknown).
+    pub status: u16,
+    /// A short text: `ok`, what was done, or why it was refused.
+    pub outcome: String,
+}
+
+/// Most hostnames one audit entry lists.
+pub const AUDIT_MAX_HOSTS: usize = 1000;
+
+/// `GET /api/audit` answer: newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditResponse {
+    pub entries: Vec<AuditEntry>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -225,7 +225,7 @@ struct Warned {
 impl Boot {
     /// BootAgent state kept in memory only.
     pub fn new() -> Boot {
-        Boot::with_store(Arc::new(crate::persist::memory::Memory))
+        Boot::with_store(Arc::new(crate::persist::memory::Memory::default()))
     }
 
     /// BootAgent state written to `durable`.

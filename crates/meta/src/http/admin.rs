@@ -1,13 +1,13 @@
-//! `GET /config/reload`: re-reads the config file; loopback callers only, as the original.
+//! `GET /config/reload`: re-reads the config file; an operator mutation (see `auth`: an
+//! admin token, or loopback callers only when no token is configured, as the original).
 //! `GET /metrics`: a few gauges in the Prometheus text format (the store's backend and how
 //! far its write-behind queue lags, host counts).
 
-use std::net::SocketAddr;
-
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::State;
 use axum::routing::get;
 use axum::Router;
 
+use super::auth::AuditNote;
 use super::{AppError, AppState};
 
 pub(super) fn router() -> Router<AppState> {
@@ -65,21 +65,14 @@ async fn metrics(State(st): State<AppState>) -> String {
     )
 }
 
-async fn reload(State(st): State<AppState>, req: Request) -> Result<String, AppError> {
-    // The peer address is put on every request by the server's accept loop; a request
-    // without one (not from a socket) is not trusted.
-    let peer = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_canonical());
-    if !peer.is_some_and(|ip| ip.is_loopback()) {
-        tracing::warn!(peer = ?peer, "config reload refused: not from loopback");
-        return Err(AppError::Forbidden(
-            "config reload is only allowed from loopback",
-        ));
-    }
+async fn reload(State(st): State<AppState>, note: AuditNote) -> Result<String, AppError> {
     match st.reloader.reload().await {
         Ok(r) => {
+            note.detail(format!(
+                "config reloaded: {} agent(s), {} warning(s)",
+                r.agents,
+                r.warnings.len()
+            ));
             let mut out = format!(
                 "config reloaded from {}: {} agent(s)\n",
                 st.reloader.path().display(),

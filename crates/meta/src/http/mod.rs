@@ -3,6 +3,7 @@
 
 mod admin;
 mod agent;
+pub(crate) mod auth;
 mod files;
 mod heartbeat;
 mod ops;
@@ -96,6 +97,16 @@ pub enum AppError {
     Timeout { secs: u64 },
     #[error("{0}")]
     Forbidden(&'static str),
+    /// No API token, or not one of `apiTokens`: 401 with `WWW-Authenticate: Bearer`.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// A `read` token asked for a mutation.
+    #[error("API token {name:?} has role read; this needs an admin token")]
+    NeedsAdmin { name: String },
+    /// A mutation body that is not JSON while no token is configured (what a web page
+    /// can make a browser send).
+    #[error("operator request bodies must be sent with Content-Type: application/json")]
+    UnsupportedMediaType,
     #[error("not found")]
     NotFound,
     /// A request the operator API or BootAgent endpoints refuse; the text names the field.
@@ -145,7 +156,9 @@ impl AppError {
             | AppError::BadPath(_) => StatusCode::BAD_REQUEST,
             AppError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::Timeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            AppError::Forbidden(_) => StatusCode::FORBIDDEN,
+            AppError::Forbidden(_) | AppError::NeedsAdmin { .. } => StatusCode::FORBIDDEN,
+            AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            AppError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::NotFound => StatusCode::NOT_FOUND,
             AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AppError::NothingFound(_) => StatusCode::NOT_FOUND,
@@ -172,7 +185,9 @@ impl IntoResponse for AppError {
             tracing::error!(error = %detail, "store error; answered 503");
         }
         // Like Go's http.Error, which the original used: the text, a newline, plain text.
-        let mut r = (self.status(), format!("{self}\n")).into_response();
+        let text = self.to_string();
+        let mut r = (self.status(), format!("{text}\n")).into_response();
+        r.extensions_mut().insert(ErrorText(text));
         let h = r.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
@@ -194,6 +209,12 @@ impl IntoResponse for AppError {
             AppError::Timeout { .. } => {
                 h.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
+            AppError::Unauthorized(_) => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"ops-meta\""),
+                );
+            }
             AppError::Busy {
                 retry_after_secs, ..
             } => {
@@ -204,6 +225,10 @@ impl IntoResponse for AppError {
         r
     }
 }
+
+/// The text of an error answer, kept on the response for the audit log.
+#[derive(Debug, Clone)]
+pub(crate) struct ErrorText(pub String);
 
 /// Current Unix time in seconds.
 pub(crate) fn unix_now() -> i64 {

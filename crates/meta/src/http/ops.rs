@@ -1,27 +1,27 @@
 //! The operator API: `POST /api/jobs`, `GET /api/jobs/{id}`, `GET /api/hosts`,
-//! `GET /api/hosts/{hostname}`, `POST /api/retry`.
+//! `GET /api/hosts/{hostname}`, `POST /api/retry`, `GET /api/audit`.
 //!
-//! Loopback callers only, checked the way `/config/reload` checks them, until tokens come
-//! with the secure-communication issue; everyone else gets 403.
+//! Who may call it is decided in front of the router, by `auth` (API tokens, or loopback
+//! callers only when none is configured), which also records every mutation in the audit
+//! log; handlers add the hosts they touched through [`AuditNote`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{Extensions, HeaderMap};
-use axum::middleware::{self, Next};
-use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use proto::bootagent::{Action, AgentStatus};
+use proto::ops::{AuditEntry, AuditResponse, RetryRequest, RetryResponse};
 use proto::ops::{
     BatchStatus, HostView, HostsResponse, JobsRequest, JobsResponse, PROTOCOL_LEGACY,
 };
-use proto::ops::{RetryRequest, RetryResponse};
 use proto::{rules, AgentName, Hostname};
 
 use super::agent::{parse_object, read_body};
+use super::auth::AuditNote;
 use super::{unix_now, AppError, AppState};
 use crate::boot::{self, OperatorJob, Selector};
 
@@ -35,7 +35,7 @@ pub(super) fn router() -> Router<AppState> {
         .route("/api/hosts", get(get_hosts))
         .route("/api/hosts/{hostname}", get(get_host))
         .route("/api/retry", post(post_retry))
-        .route_layer(middleware::from_fn(loopback_only))
+        .route("/api/audit", get(get_audit))
 }
 
 /// True when the request came over a socket from a loopback address. The accept loop puts
@@ -43,20 +43,6 @@ pub(super) fn router() -> Router<AppState> {
 pub(crate) fn peer_is_loopback(ext: &Extensions) -> bool {
     ext.get::<ConnectInfo<SocketAddr>>()
         .is_some_and(|c| c.0.ip().to_canonical().is_loopback())
-}
-
-async fn loopback_only(req: Request, next: Next) -> Result<Response, AppError> {
-    if !peer_is_loopback(req.extensions()) {
-        let peer = req
-            .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0);
-        tracing::warn!(peer = ?peer, path = %req.uri().path(), "operator API refused: not from loopback");
-        return Err(AppError::Forbidden(
-            "the operator API is only allowed from loopback",
-        ));
-    }
-    Ok(next.run(req).await)
 }
 
 fn bad(field: &str, message: impl std::fmt::Display) -> AppError {
@@ -186,6 +172,7 @@ fn operator_job(mut req: JobsRequest) -> Result<(OperatorJob, Selector), AppErro
 
 async fn post_jobs(
     State(st): State<AppState>,
+    note: AuditNote,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<JobsResponse>, AppError> {
@@ -194,11 +181,20 @@ async fn post_jobs(
     let req: JobsRequest = parse_object(&bytes)
         .map_err(|e| AppError::BadRequest(format!("body format error: {e}")))?;
     let (job, sel) = operator_job(req)?;
+    note.selector(&sel);
     let (hosts, missing) = st.boot.select(&desired, &sel).await?;
     if hosts.is_empty() {
         return Err(AppError::NothingFound(describe(&sel)));
     }
+    note.hosts(&hosts);
     let mut out = st.boot.queue(&desired, &job, &hosts, unix_now()).await?;
+    note.detail(format!(
+        "{} {} job(s) queued as batch {}, {} host(s) skipped",
+        job.action.as_str(),
+        out.jobs.len(),
+        out.id,
+        out.skipped.len() + missing.len()
+    ));
     out.skipped
         .extend(missing.into_iter().map(|host| proto::ops::SkippedHost {
             host: host.into(),
@@ -312,6 +308,7 @@ fn legacy_host_view(st: &AppState, hostname: &str) -> Option<HostView> {
 
 async fn post_retry(
     State(st): State<AppState>,
+    note: AuditNote,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<RetryResponse>, AppError> {
@@ -323,12 +320,15 @@ async fn post_retry(
         proto::validate_agent_name(&req.name).map_err(|e| bad("name", e))?;
     }
     let sel = selector(req.hosts, req.prefix, req.tag)?;
+    note.selector(&sel);
     let (hosts, _) = st.boot.select(&desired, &sel).await?;
     if hosts.is_empty() {
         return Err(AppError::NothingFound(describe(&sel)));
     }
+    note.hosts(&hosts);
     let name = (!req.name.is_empty()).then_some(req.name.as_str());
     let cleared = st.boot.retry(&hosts, name).await?;
+    note.detail(format!("{cleared} failure(s) and hold(s) cleared"));
     tracing::info!(
         hosts = hosts.len(),
         cleared,
@@ -338,6 +338,60 @@ async fn post_retry(
         hosts: hosts.len(),
         cleared,
     }))
+}
+
+/// Entries `GET /api/audit` answers when `limit` is not given, and at most.
+pub const AUDIT_PAGE: usize = 100;
+pub const AUDIT_PAGE_MAX: usize = 1000;
+
+/// `GET /api/audit?limit=N&before=ID`: the audit log, newest first, read from the store
+/// (so every replica's entries on a shared one).
+async fn get_audit(
+    State(st): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<AuditResponse>, AppError> {
+    if let Some(k) = q.keys().find(|k| !matches!(k.as_str(), "limit" | "before")) {
+        return Err(bad(
+            "query",
+            format!(
+                "unknown parameter {:?} (limit, before)",
+                k.chars().take(32).collect::<String>()
+            ),
+        ));
+    }
+    let limit = match q.get("limit") {
+        None => AUDIT_PAGE,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=AUDIT_PAGE_MAX).contains(&n) => n,
+            _ => {
+                return Err(bad(
+                    "limit",
+                    format!("want a whole number from 1 to {AUDIT_PAGE_MAX}"),
+                ))
+            }
+        },
+    };
+    let before = match q.get("before") {
+        None => None,
+        Some(v) => match v.parse::<i64>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => return Err(bad("before", "want an entry id (a whole number above 0)")),
+        },
+    };
+    let rows = st.durable.audit(before, limit).await?;
+    let mut entries = Vec::with_capacity(rows.len());
+    for r in rows {
+        let mut e: AuditEntry =
+            serde_json::from_str(&r.body).map_err(|e| crate::persist::StoreError::Corrupt {
+                store: st.durable.kind().to_string(),
+                row: format!("audit entry {}", r.id),
+                message: e.to_string(),
+            })?;
+        e.id = r.id;
+        e.status = u16::try_from(r.status).unwrap_or(0);
+        entries.push(e);
+    }
+    Ok(Json(AuditResponse { entries }))
 }
 
 #[cfg(test)]

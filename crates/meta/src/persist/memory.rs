@@ -1,15 +1,23 @@
 //! `store: "memory"`: nothing is kept across a restart, as in the original ops-meta. Every
-//! write succeeds at once; the caches are the only copy.
+//! write succeeds at once; the caches are the only copy. The audit log, which has no cache,
+//! is kept here: the newest [`AUDIT_KEPT_IN_MEMORY`] entries, until the process ends.
+
+use std::collections::VecDeque;
+
+use parking_lot::Mutex;
 
 use super::{
-    BatchRow, BootRow, BootUpdate, Changes, Cursor, DbRow, Durable, LegacyRow, LegacySink,
-    Snapshot, StoreFuture,
+    AuditRow, BatchRow, BootRow, BootUpdate, Changes, Cursor, DbRow, Durable, LegacyRow,
+    LegacySink, Snapshot, StoreFuture, AUDIT_KEPT_IN_MEMORY,
 };
 use proto::events::Event;
 
-/// The store that keeps nothing.
+/// The store that keeps nothing but a bounded audit log.
 #[derive(Debug, Default)]
-pub struct Memory;
+pub struct Memory {
+    /// Oldest first; and the last id given.
+    audit: Mutex<(VecDeque<AuditRow>, i64)>,
+}
 
 impl Durable for Memory {
     fn kind(&self) -> &'static str {
@@ -51,6 +59,42 @@ impl Durable for Memory {
 
     fn batch(&self, _id: &str) -> StoreFuture<'_, Option<BatchRow>> {
         Box::pin(async { Ok(None) })
+    }
+
+    fn put_audit(&self, mut row: AuditRow) -> StoreFuture<'_, i64> {
+        let mut g = self.audit.lock();
+        g.1 += 1;
+        row.id = g.1;
+        g.0.push_back(row);
+        while g.0.len() > AUDIT_KEPT_IN_MEMORY {
+            g.0.pop_front();
+        }
+        let id = g.1;
+        Box::pin(async move { Ok(id) })
+    }
+
+    fn finish_audit(&self, row: AuditRow) -> StoreFuture<'_, ()> {
+        let mut g = self.audit.lock();
+        // Ids rise, so the log is sorted by id.
+        if let Ok(i) = g.0.binary_search_by_key(&row.id, |r| r.id) {
+            g.0[i].status = row.status;
+            g.0[i].body = row.body;
+        }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn audit(&self, before: Option<i64>, limit: usize) -> StoreFuture<'_, Vec<AuditRow>> {
+        let out: Vec<AuditRow> = self
+            .audit
+            .lock()
+            .0
+            .iter()
+            .rev()
+            .filter(|r| before.is_none_or(|b| r.id < b))
+            .take(limit)
+            .cloned()
+            .collect();
+        Box::pin(async move { Ok(out) })
     }
 
     fn changes(&self, since: Cursor) -> StoreFuture<'_, Changes> {

@@ -36,7 +36,7 @@ use proto::legacy::RealAgent;
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// The schema version this binary writes; a database at a higher version is refused.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Where the fleet state is kept: the `store` key of `cfg.json`.
 #[derive(Clone, PartialEq, Eq)]
@@ -204,6 +204,20 @@ pub struct EventRow {
     pub event: Event,
 }
 
+/// An operator action of the audit log (`GET /api/audit`): the columns one filters on,
+/// and the whole entry as [`proto::ops::AuditEntry`] JSON in `body`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRow {
+    /// Given by the store ([`Durable::put_audit`]); rises with every entry.
+    pub id: i64,
+    /// Unix seconds (server clock).
+    pub time: i64,
+    pub actor: String,
+    /// HTTP status answered; 0 while the action runs.
+    pub status: i64,
+    pub body: String,
+}
+
 /// Where [`Durable::load`] hands legacy rows, one at a time as they are read, so that a
 /// million hosts are never held twice.
 pub type LegacySink = Box<dyn FnMut(LegacyRow) + Send>;
@@ -260,6 +274,10 @@ pub type BootUpdate = Box<dyn FnOnce(DbRow) -> Option<BootRow> + Send>;
 pub const EVENTS_KEPT: i64 = crate::events::MAX_EVENTS_PER_HOST as i64;
 /// Operator batches kept in the store, the newest (as in memory).
 pub const BATCHES_KEPT: i64 = crate::boot::MAX_BATCHES as i64;
+/// Audit entries kept in a database, the newest.
+pub const AUDIT_KEPT: i64 = 100_000;
+/// Audit entries kept by `store: "memory"` (in this process only).
+pub const AUDIT_KEPT_IN_MEMORY: usize = 10_000;
 
 /// The durable store interface every backend implements.
 pub trait Durable: Send + Sync + std::fmt::Debug + 'static {
@@ -287,6 +305,14 @@ pub trait Durable: Send + Sync + std::fmt::Debug + 'static {
     fn put_batch(&self, row: BatchRow) -> StoreFuture<'_, ()>;
     /// One operator batch.
     fn batch(&self, id: &str) -> StoreFuture<'_, Option<BatchRow>>;
+    /// Keeps an audit entry, durably, and returns the id it got (`row.id` is not read);
+    /// the oldest beyond [`AUDIT_KEPT`] go.
+    fn put_audit(&self, row: AuditRow) -> StoreFuture<'_, i64>;
+    /// Replaces entry `row.id`'s status and body (the outcome of the action), durably.
+    fn finish_audit(&self, row: AuditRow) -> StoreFuture<'_, ()>;
+    /// Up to `limit` audit entries with an id below `before` (all when `None`), newest
+    /// first; every replica's on a shared store.
+    fn audit(&self, before: Option<i64>, limit: usize) -> StoreFuture<'_, Vec<AuditRow>>;
     /// What changed after `since` (legacy and BootAgent rows, events), for replicas.
     fn changes(&self, since: Cursor) -> StoreFuture<'_, Changes>;
     /// Forgets hosts last seen before `older_than`, and the events of hosts it no longer
@@ -297,7 +323,7 @@ pub trait Durable: Send + Sync + std::fmt::Debug + 'static {
 /// Opens (creating it when needed) and migrates the store `spec` names.
 pub async fn open(spec: &StoreSpec) -> Result<Arc<dyn Durable>, StoreError> {
     Ok(match spec {
-        StoreSpec::Memory => Arc::new(memory::Memory),
+        StoreSpec::Memory => Arc::new(memory::Memory::default()),
         StoreSpec::Sqlite(path) => Arc::new(sqlite::Sqlite::open(path.clone()).await?),
         StoreSpec::Postgres(url) => Arc::new(postgres::Postgres::open(url).await?),
     })

@@ -17,15 +17,16 @@ use futures_util::{pin_mut, TryStreamExt};
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    decode_agents, encode_agents, encode_event, event_rows, BatchRow, BootRow, BootUpdate, Changes,
-    Cursor, DbRow, Durable, EventRow, LegacyRow, LegacySink, Snapshot, StoreError, StoreFuture,
-    BATCHES_KEPT, EVENTS_KEPT, SCHEMA_VERSION,
+    decode_agents, encode_agents, encode_event, event_rows, AuditRow, BatchRow, BootRow,
+    BootUpdate, Changes, Cursor, DbRow, Durable, EventRow, LegacyRow, LegacySink, Snapshot,
+    StoreError, StoreFuture, AUDIT_KEPT, BATCHES_KEPT, EVENTS_KEPT, SCHEMA_VERSION,
 };
 use proto::events::Event;
 
 /// The schema, one entry per version: entry `i` takes the database from version `i` to
 /// `i + 1`. Never edit an entry once released; add one.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE SEQUENCE legacy_chg;
     CREATE TABLE legacy_hosts (
         hostname TEXT PRIMARY KEY,
@@ -57,7 +58,17 @@ const MIGRATIONS: &[&str] = &["
         body TEXT NOT NULL
     );
     CREATE INDEX batches_created ON batches (created);
-"];
+",
+    "
+    CREATE TABLE audit (
+        id BIGSERIAL PRIMARY KEY,
+        time BIGINT NOT NULL,
+        actor TEXT NOT NULL,
+        status BIGINT NOT NULL,
+        body TEXT NOT NULL
+    );
+",
+];
 
 /// Key of the advisory lock migrations run under, so that replicas starting together
 /// migrate once.
@@ -456,6 +467,66 @@ impl Durable for Postgres {
                 created: r.get(1),
                 body: r.get(2),
             }))
+        })
+    }
+
+    fn put_audit(&self, row: AuditRow) -> StoreFuture<'_, i64> {
+        Box::pin(async move {
+            let name = &self.name;
+            let c = self.client().await?;
+            let id: i64 = c
+                .query_one(
+                    "INSERT INTO audit (time, actor, status, body) VALUES ($1, $2, $3, $4)
+                     RETURNING id",
+                    &[&row.time, &row.actor, &row.status, &row.body],
+                )
+                .await
+                .map_err(err(name, "write an audit entry"))?
+                .get(0);
+            c.execute("DELETE FROM audit WHERE id <= $1", &[&(id - AUDIT_KEPT)])
+                .await
+                .map_err(err(name, "write an audit entry"))?;
+            Ok(id)
+        })
+    }
+
+    fn finish_audit(&self, row: AuditRow) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let c = self.client().await?;
+            c.execute(
+                "UPDATE audit SET status = $2, body = $3 WHERE id = $1",
+                &[&row.id, &row.status, &row.body],
+            )
+            .await
+            .map_err(err(&self.name, "write an audit entry"))?;
+            Ok(())
+        })
+    }
+
+    fn audit(&self, before: Option<i64>, limit: usize) -> StoreFuture<'_, Vec<AuditRow>> {
+        Box::pin(async move {
+            let c = self.client().await?;
+            let rows = c
+                .query(
+                    "SELECT id, time, actor, status, body FROM audit WHERE id < $1
+                     ORDER BY id DESC LIMIT $2",
+                    &[
+                        &before.unwrap_or(i64::MAX),
+                        &(limit.min(i64::MAX as usize) as i64),
+                    ],
+                )
+                .await
+                .map_err(err(&self.name, "read the audit log"))?;
+            Ok(rows
+                .iter()
+                .map(|r| AuditRow {
+                    id: r.get(0),
+                    time: r.get(1),
+                    actor: r.get(2),
+                    status: r.get(3),
+                    body: r.get(4),
+                })
+                .collect())
         })
     }
 

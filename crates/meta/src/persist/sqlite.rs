@@ -19,15 +19,16 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
 use super::{
-    decode_agents, encode_agents, encode_event, event_rows, BatchRow, BootRow, BootUpdate, Changes,
-    Cursor, DbRow, Durable, EventRow, LegacyRow, LegacySink, Snapshot, StoreError, StoreFuture,
-    BATCHES_KEPT, EVENTS_KEPT, SCHEMA_VERSION,
+    decode_agents, encode_agents, encode_event, event_rows, AuditRow, BatchRow, BootRow,
+    BootUpdate, Changes, Cursor, DbRow, Durable, EventRow, LegacyRow, LegacySink, Snapshot,
+    StoreError, StoreFuture, AUDIT_KEPT, BATCHES_KEPT, EVENTS_KEPT, SCHEMA_VERSION,
 };
 use proto::events::Event;
 
 /// The schema, one entry per version: entry `i` takes the database from version `i` to
 /// `i + 1`. Never edit an entry once released; add one.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE legacy_hosts (
         hostname TEXT PRIMARY KEY,
         last_seen INTEGER NOT NULL,
@@ -53,7 +54,17 @@ const MIGRATIONS: &[&str] = &["
         body TEXT NOT NULL
     );
     CREATE INDEX batches_created ON batches (created);
-"];
+",
+    "
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        time INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        body TEXT NOT NULL
+    );
+",
+];
 
 /// An operation: runs on the connection and returns what to do once its transaction's
 /// commit is known.
@@ -536,6 +547,65 @@ impl Durable for Sqlite {
             )
             .optional()
             .map_err(err(name, "read a batch"))
+        })
+    }
+
+    fn put_audit(&self, row: AuditRow) -> StoreFuture<'_, i64> {
+        self.run(move |conn, name| {
+            let tx = conn
+                .savepoint()
+                .map_err(err(name, "write an audit entry"))?;
+            tx.execute(
+                "INSERT INTO audit (time, actor, status, body) VALUES (?1, ?2, ?3, ?4)",
+                params![row.time, row.actor, row.status, row.body],
+            )
+            .map_err(err(name, "write an audit entry"))?;
+            let id = tx.last_insert_rowid();
+            tx.execute("DELETE FROM audit WHERE id <= ?1", [id - AUDIT_KEPT])
+                .map_err(err(name, "write an audit entry"))?;
+            tx.commit().map_err(err(name, "write an audit entry"))?;
+            Ok(id)
+        })
+    }
+
+    fn finish_audit(&self, row: AuditRow) -> StoreFuture<'_, ()> {
+        self.run(move |conn, name| {
+            conn.execute(
+                "UPDATE audit SET status = ?2, body = ?3 WHERE id = ?1",
+                params![row.id, row.status, row.body],
+            )
+            .map_err(err(name, "write an audit entry"))?;
+            Ok(())
+        })
+    }
+
+    fn audit(&self, before: Option<i64>, limit: usize) -> StoreFuture<'_, Vec<AuditRow>> {
+        self.run(move |conn, name| {
+            let mut st = conn
+                .prepare_cached(
+                    "SELECT id, time, actor, status, body FROM audit WHERE id < ?1
+                     ORDER BY id DESC LIMIT ?2",
+                )
+                .map_err(err(name, "read the audit log"))?;
+            let rows = st
+                .query_map(
+                    params![
+                        before.unwrap_or(i64::MAX),
+                        limit.min(i64::MAX as usize) as i64
+                    ],
+                    |r| {
+                        Ok(AuditRow {
+                            id: r.get(0)?,
+                            time: r.get(1)?,
+                            actor: r.get(2)?,
+                            status: r.get(3)?,
+                            body: r.get(4)?,
+                        })
+                    },
+                )
+                .map_err(err(name, "read the audit log"))?;
+            rows.map(|r| r.map_err(err(name, "read the audit log")))
+                .collect()
         })
     }
 
