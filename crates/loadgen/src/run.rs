@@ -423,6 +423,7 @@ async fn register(
     let body = serde_json::to_vec(&proto::bootagent::RegisterRequest {
         hostname: hostname.to_string(),
         agentsn: serial.to_string(),
+        ..Default::default()
     })
     .expect("plain struct");
     let sent = Instant::now();

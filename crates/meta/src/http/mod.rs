@@ -103,6 +103,15 @@ pub enum AppError {
     Timeout { secs: u64 },
     #[error("{0}")]
     Forbidden(&'static str),
+    /// A BootAgent request without the credential its host holds (401, with
+    /// `WWW-Authenticate: Bearer`); the text names the hostname, never a credential.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A BootAgent request refused for who it is (a wrong credential, an enrolled
+    /// hostname, a missing or unknown enrollment secret, a legacy heartbeat refused); the
+    /// text names the hostname and the rule, never a secret.
+    #[error("{0}")]
+    Refused(String),
     #[error("not found")]
     NotFound,
     /// A request the operator API or BootAgent endpoints refuse; the text names the field.
@@ -152,7 +161,8 @@ impl AppError {
             | AppError::BadPath(_) => StatusCode::BAD_REQUEST,
             AppError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::Timeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            AppError::Forbidden(_) => StatusCode::FORBIDDEN,
+            AppError::Forbidden(_) | AppError::Refused(_) => StatusCode::FORBIDDEN,
+            AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             AppError::NotFound => StatusCode::NOT_FOUND,
             AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AppError::NothingFound(_) => StatusCode::NOT_FOUND,
@@ -194,6 +204,12 @@ impl IntoResponse for AppError {
                 if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
                     h.insert(header::CONTENT_RANGE, v);
                 }
+            }
+            AppError::Unauthorized(_) => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"ops-meta\""),
+                );
             }
             AppError::MethodNotAllowed => {
                 h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));

@@ -1,5 +1,5 @@
 //! The operator API: `POST /api/jobs`, `GET /api/jobs/{id}`, `GET /api/hosts`,
-//! `GET /api/hosts/{hostname}`, `POST /api/retry`.
+//! `GET /api/hosts/{hostname}`, `POST /api/hosts/{hostname}/readmit`, `POST /api/retry`.
 //!
 //! Loopback callers only, checked the way `/config/reload` checks them, until tokens come
 //! with the secure-communication issue; everyone else gets 403.
@@ -34,6 +34,7 @@ pub(super) fn router() -> Router<AppState> {
         .route("/api/jobs/{id}", get(get_batch))
         .route("/api/hosts", get(get_hosts))
         .route("/api/hosts/{hostname}", get(get_host))
+        .route("/api/hosts/{hostname}/readmit", post(post_readmit))
         .route("/api/retry", post(post_retry))
         .route_layer(middleware::from_fn(loopback_only))
 }
@@ -308,6 +309,24 @@ fn legacy_host_view(st: &AppState, hostname: &str) -> Option<HostView> {
             .collect(),
         ..HostView::default()
     })
+}
+
+/// Re-admits a BootAgent host that lost its metafile: its credential is forgotten (in the
+/// durable store before the answer), so that its next registration is admitted and given a
+/// new one. The enrollment secret is still needed when `enrollmentSecrets` is set.
+async fn post_readmit(
+    State(st): State<AppState>,
+    Path(hostname): Path<String>,
+) -> Result<Json<proto::ops::ReadmitResponse>, AppError> {
+    proto::validate_hostname(&hostname)?;
+    let (serial, had) = st.boot.readmit(&hostname).await?.ok_or_else(|| {
+        AppError::NothingFound(format!("no BootAgent host named {hostname:?} is registered"))
+    })?;
+    Ok(Json(proto::ops::ReadmitResponse {
+        hostname,
+        agentsn: serial.into(),
+        had_credential: had,
+    }))
 }
 
 async fn post_retry(
