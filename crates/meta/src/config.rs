@@ -624,7 +624,10 @@ impl Parser {
             return Vec::new();
         };
         let Some(items) = v.as_array() else {
-            self.error("enrollmentSecrets", format!("want a list of strings, got {}", kind(v)));
+            self.error(
+                "enrollmentSecrets",
+                format!("want a list of strings, got {}", kind(v)),
+            );
             return Vec::new();
         };
         let mut out = Vec::new();

@@ -96,7 +96,8 @@ pub const MAX_SECRET_LEN: usize = 256;
 /// A host credential as the server issues it: [`CREDENTIAL_BYTES`] random bytes in
 /// lowercase hex. The reason never quotes the value.
 pub fn check_credential(s: &str) -> Result<(), &'static str> {
-    if s.len() == CREDENTIAL_BYTES * 2 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+    if s.len() == CREDENTIAL_BYTES * 2 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
         Ok(())
     } else {
         Err("is not 64 lowercase hexadecimal digits")
@@ -397,10 +398,15 @@ mod tests {
             enrollment_secret: "s3cret-s3cret-s3cret".into(),
         };
         let text = serde_json::to_string(&r).unwrap();
-        assert!(text.contains(r#""enrollmentSecret":"s3cret-s3cret-s3cret""#), "{text}");
+        assert!(
+            text.contains(r#""enrollmentSecret":"s3cret-s3cret-s3cret""#),
+            "{text}"
+        );
         assert!(!format!("{r:?}").contains("s3cret"));
         let plain = RegisterRequest::default();
-        assert!(!serde_json::to_string(&plain).unwrap().contains("enrollmentSecret"));
+        assert!(!serde_json::to_string(&plain)
+            .unwrap()
+            .contains("enrollmentSecret"));
         let a: RegisterResponse =
             serde_json::from_str(r#"{"status":0,"agentsn":"a","credential":"c0ffee"}"#).unwrap();
         assert_eq!(a.credential, "c0ffee");
@@ -413,11 +419,19 @@ mod tests {
     #[test]
     fn credential_secret_and_bearer_rules() {
         assert!(check_credential(&"ab".repeat(32)).is_ok());
-        for bad in ["", "ab", &"AB".repeat(32), &"zz".repeat(32), &"ab".repeat(33)] {
+        for bad in [
+            "",
+            "ab",
+            &"AB".repeat(32),
+            &"zz".repeat(32),
+            &"ab".repeat(33),
+        ] {
             assert!(check_credential(bad).is_err(), "{bad}");
         }
         assert!(check_enrollment_secret("0123456789abcdef").is_ok());
-        assert!(check_enrollment_secret("short").unwrap_err().contains("shorter"));
+        assert!(check_enrollment_secret("short")
+            .unwrap_err()
+            .contains("shorter"));
         assert!(check_enrollment_secret("0123456789 abcdef").is_err());
         assert!(check_enrollment_secret(&"x".repeat(257)).is_err());
         assert_eq!(bearer("Bearer abc"), Some("abc"));

@@ -215,7 +215,11 @@ impl Secret {
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "<redacted>" })
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "<redacted>"
+        })
     }
 }
 
@@ -1036,7 +1040,10 @@ mod tests {
         assert_eq!(c.enrollment_secret.expose(), "0123456789abcdef-xyz");
         assert!(!format!("{c:?}").contains("0123456789abcdef"));
         for (text, want) in [
-            (r#"{"server":"h:1","enrollmentSecret":"short"}"#, "shorter than the 16"),
+            (
+                r#"{"server":"h:1","enrollmentSecret":"short"}"#,
+                "shorter than the 16",
+            ),
             (
                 r#"{"server":"h:1","protocol":"legacy","enrollmentSecret":"0123456789abcdef"}"#,
                 "only sent by BootAgent",

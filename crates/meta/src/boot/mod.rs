@@ -30,7 +30,9 @@ use crate::desired::Desired;
 use crate::persist::behind::{self, Lag, WriteBehind, Writer};
 use crate::persist::{BatchRow, BootRow, Durable, StoreError};
 use jobs::{JobState, Origin, Skip, Want};
-pub use registry::{hash_secret, Admitted, CredHash, Denied, Refusal, Registration, Registry, Unsaved};
+pub use registry::{
+    hash_secret, Admitted, CredHash, Denied, Refusal, Registration, Registry, Unsaved,
+};
 use serde::{Deserialize, Serialize};
 
 /// Longest tag list of one rule, in bytes.

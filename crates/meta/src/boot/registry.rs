@@ -21,11 +21,11 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 
 use parking_lot::{Mutex, RwLock};
-use sha2::{Digest as _, Sha256};
-use subtle::ConstantTimeEq;
 use proto::bootagent::AgentStatus;
 use proto::{Hostname, Serial};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq;
 
 use super::jobs::HostJobs;
 use crate::persist::{behind::seen_step, BootRow, DbRow};
@@ -274,9 +274,8 @@ impl Registry {
         let (repeat, issue) = {
             let shard = self.shard(hostname.as_str()).read();
             let rec = shard.get(hostname);
-            let fresh = rec.filter(|rec| {
-                rec.report.is_none() && now - rec.registered < REGISTER_REPEAT_SECS
-            });
+            let fresh = rec
+                .filter(|rec| rec.report.is_none() && now - rec.registered < REGISTER_REPEAT_SECS);
             let issue = match rec {
                 None => true,
                 Some(rec) if rec.credentials.is_empty() => true,
@@ -680,32 +679,17 @@ mod tests {
         assert_eq!(how, Registration::Cloned);
         assert_ne!(s2, s1);
         assert_eq!(with(&r, "web-1", s1.as_str()), Ok(()));
-        assert_eq!(
-            with(&r, "web-2", s1.as_str()),
-            Err(Refusal::Conflict)
-        );
+        assert_eq!(with(&r, "web-2", s1.as_str()), Err(Refusal::Conflict));
         assert_eq!(with(&r, "web-2", s2.as_str()), Ok(()));
-        assert_eq!(
-            with(&r, "web-3", "nope"),
-            Err(Refusal::Unregistered)
-        );
+        assert_eq!(with(&r, "web-3", "nope"), Err(Refusal::Unregistered));
         // A serial the server never saw (it restarted): accepted.
         let unseen = Serial::parse("00000000-0000-4000-8000-000000000001").unwrap();
-        assert_eq!(
-            open(&r, "db-1", Some(&unseen), 3).1,
-            Registration::Adopted
-        );
+        assert_eq!(open(&r, "db-1", Some(&unseen), 3).1, Registration::Adopted);
         // web-1 lost its metafile: the new serial replaces the old one.
         let (s3, _) = open(&r, "web-1", None, 4 + REGISTER_REPEAT_SECS);
-        assert_eq!(
-            with(&r, "web-1", s1.as_str()),
-            Err(Refusal::Unregistered)
-        );
+        assert_eq!(with(&r, "web-1", s1.as_str()), Err(Refusal::Unregistered));
         assert_eq!(with(&r, "web-1", s3.as_str()), Ok(()));
-        assert_eq!(
-            open(&r, "web-9", Some(&s1), 5).1,
-            Registration::Adopted
-        );
+        assert_eq!(open(&r, "web-9", Some(&s1), 5).1, Registration::Adopted);
         assert_eq!(
             r.hostnames(|h| h.starts_with("web")),
             ["web-1", "web-2", "web-9"]
@@ -764,7 +748,12 @@ mod tests {
             .unwrap();
         assert!(back.issued);
         assert_eq!(
-            r.with_host("web-1", back.serial.as_str(), Some(&hash_secret("c3")), |_| ()),
+            r.with_host(
+                "web-1",
+                back.serial.as_str(),
+                Some(&hash_secret("c3")),
+                |_| ()
+            ),
             Ok(())
         );
         assert!(r.holds_credential("web-1"));
@@ -807,7 +796,12 @@ mod tests {
         r.register(&h("web-3"), None, &auth(None, true, "d1"), 100)
             .unwrap();
         assert_eq!(
-            r.register(&h("web-3"), None, &auth(None, true, "d2"), 100 + REGISTER_REPEAT_SECS),
+            r.register(
+                &h("web-3"),
+                None,
+                &auth(None, true, "d2"),
+                100 + REGISTER_REPEAT_SECS
+            ),
             Err(Denied::Enrolled)
         );
     }
@@ -820,16 +814,27 @@ mod tests {
             .unwrap();
         let row = r.save("web-1").unwrap();
         assert!(!row.state.contains("the-credential"), "{}", row.state);
-        assert!(row.state.contains(&hex::encode(hash_secret("the-credential"))));
+        assert!(row
+            .state
+            .contains(&hex::encode(hash_secret("the-credential"))));
         let other = Registry::new();
         other.install(&row).unwrap();
         assert_eq!(
-            other.with_host("web-1", a.serial.as_str(), Some(&hash_secret("the-credential")), |_| ()),
+            other.with_host(
+                "web-1",
+                a.serial.as_str(),
+                Some(&hash_secret("the-credential")),
+                |_| ()
+            ),
             Ok(())
         );
         // A row from before credentials: the same without them.
         let mut state: serde_json::Value = serde_json::from_str(&row.state).unwrap();
-        state.as_object_mut().unwrap().remove("credentials").unwrap();
+        state
+            .as_object_mut()
+            .unwrap()
+            .remove("credentials")
+            .unwrap();
         let old = BootRow {
             state: state.to_string(),
             ..row
@@ -937,15 +942,9 @@ mod tests {
         let (new, _) = open(&r, "new", None, 20);
         assert_eq!(r.sweep(15), 1);
         assert_eq!(r.len(), 1);
-        assert_eq!(
-            with(&r, "old", old.as_str()),
-            Err(Refusal::Unregistered)
-        );
+        assert_eq!(with(&r, "old", old.as_str()), Err(Refusal::Unregistered));
         // The serial is free again: another host may adopt it without a conflict.
-        assert_eq!(
-            open(&r, "other", Some(&old), 30).1,
-            Registration::Adopted
-        );
+        assert_eq!(open(&r, "other", Some(&old), 30).1, Registration::Adopted);
         assert_eq!(with(&r, "new", new.as_str()), Ok(()));
     }
 }

@@ -145,10 +145,7 @@ fn credential(headers: &HeaderMap, hostname: &str) -> Result<Option<CredHash>, A
 /// True when the registration may enroll a host that has no credential: no enrollment
 /// secret is configured, or it carried one of them (compared as SHA-256, in constant
 /// time); otherwise why not, naming the hostname and never a secret.
-fn may_enroll(
-    cfg: &crate::config::Config,
-    req: &RegisterRequest,
-) -> Result<(), &'static str> {
+fn may_enroll(cfg: &crate::config::Config, req: &RegisterRequest) -> Result<(), &'static str> {
     if cfg.enrollment_secrets.is_empty() {
         return Ok(());
     }

@@ -320,7 +320,9 @@ async fn post_readmit(
 ) -> Result<Json<proto::ops::ReadmitResponse>, AppError> {
     proto::validate_hostname(&hostname)?;
     let (serial, had) = st.boot.readmit(&hostname).await?.ok_or_else(|| {
-        AppError::NothingFound(format!("no BootAgent host named {hostname:?} is registered"))
+        AppError::NothingFound(format!(
+            "no BootAgent host named {hostname:?} is registered"
+        ))
     })?;
     Ok(Json(proto::ops::ReadmitResponse {
         hostname,

@@ -61,7 +61,11 @@ impl std::fmt::Debug for Meta {
             .field("step", &self.step)
             .field(
                 "credential",
-                &if self.credential.is_empty() { "" } else { "<redacted>" },
+                &if self.credential.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
             )
             .finish()
     }
@@ -152,9 +156,13 @@ pub fn load(path: &Path) -> Result<Option<Meta>, MetaError> {
     })?;
     // Written by a version that did not hold a credential in it, or by hand.
     match fsx::make_private(path) {
-        Ok(true) => tracing::info!(metafile = %path.display(), "metafile was readable by others; made mode 0600"),
+        Ok(true) => {
+            tracing::info!(metafile = %path.display(), "metafile was readable by others; made mode 0600")
+        }
         Ok(false) => {}
-        Err(e) => tracing::warn!(metafile = %path.display(), error = %e, "cannot make the metafile mode 0600"),
+        Err(e) => {
+            tracing::warn!(metafile = %path.display(), error = %e, "cannot make the metafile mode 0600")
+        }
     }
     parse(path, &text).map(Some)
 }
@@ -244,7 +252,10 @@ mod tests {
         assert_eq!(mode(&p), 0o600);
         std::fs::write(&p, br#"{"agentsn":"a","credential":"not hex"}"#).unwrap();
         let e = load(&p).unwrap_err().to_string();
-        assert!(e.contains("credential: is not 64") && !e.contains("not hex"), "{e}");
+        assert!(
+            e.contains("credential: is not 64") && !e.contains("not hex"),
+            "{e}"
+        );
     }
 
     #[test]
