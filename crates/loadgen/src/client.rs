@@ -136,22 +136,40 @@ impl Conn {
 
     /// POSTs a JSON body to `path` and returns the answer's body.
     pub async fn post(&mut self, path: &str, body: Bytes) -> Result<Bytes, Failure> {
-        self.request(Method::POST, path, body).await
+        self.request(Method::POST, path, body, None).await
+    }
+
+    /// [`Conn::post`] with a BootAgent host's credential (`Authorization: Bearer`), when
+    /// it holds one.
+    pub async fn post_as(
+        &mut self,
+        path: &str,
+        body: Bytes,
+        credential: Option<&str>,
+    ) -> Result<Bytes, Failure> {
+        self.request(Method::POST, path, body, credential).await
     }
 
     /// GETs `path` and returns the answer's body.
     pub async fn get(&mut self, path: &str) -> Result<Bytes, Failure> {
-        self.request(Method::GET, path, Bytes::new()).await
+        self.request(Method::GET, path, Bytes::new(), None).await
     }
 
-    async fn request(&mut self, method: Method, path: &str, body: Bytes) -> Result<Bytes, Failure> {
+    async fn request(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        credential: Option<&str>,
+    ) -> Result<Bytes, Failure> {
         // A connection the server closed while idle is replaced silently: that is keep-alive
         // housekeeping, not a failed request.
         if self.sender.as_ref().is_some_and(|s| s.is_closed()) {
             self.sender = None;
         }
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let result = tokio::time::timeout_at(deadline, self.exchange(method, path, body)).await;
+        let result =
+            tokio::time::timeout_at(deadline, self.exchange(method, path, body, credential)).await;
         match result {
             Ok(Ok(body)) => Ok(body),
             Ok(Err(f @ Failure::Status(_))) => Err(f),
@@ -171,6 +189,7 @@ impl Conn {
         method: Method,
         path: &str,
         body: Bytes,
+        credential: Option<&str>,
     ) -> Result<Bytes, Failure> {
         let mut sender = match self.sender.take() {
             Some(s) => s,
@@ -186,6 +205,9 @@ impl Conn {
             .header(hyper::header::HOST, self.target.authority.as_str());
         if method == Method::POST {
             builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        if let Some(c) = credential {
+            builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {c}"));
         }
         let req = builder
             .body(Full::new(body))

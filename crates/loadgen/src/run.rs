@@ -44,7 +44,8 @@ pub struct Settings {
     /// Print a progress line on stderr once a second.
     pub progress: bool,
     /// BootAgent: the hosts start registered (an earlier run registered them with their
-    /// fleet serials).
+    /// fleet serials). They hold no credential then: an ops-meta that issues credentials
+    /// refuses their reports (401), so this fits only a server from before credentials.
     pub registered: bool,
 }
 
@@ -100,6 +101,10 @@ struct Ctx {
     /// status reports from unknown serials). One bit per host keeps a billion hosts at
     /// 125 MB; the legacy protocol needs none.
     registered: Vec<AtomicU64>,
+    /// BootAgent loops: the credential the server gave each host at registration, sent
+    /// with its reports (about 100 bytes per registered host; a server that gives none
+    /// leaves it empty).
+    credentials: std::sync::RwLock<HashMap<u64, Box<str>>>,
 }
 
 impl Ctx {
@@ -186,6 +191,7 @@ pub async fn run(settings: Settings, mode: Mode) -> Result<Report, RunError> {
         } else {
             Vec::new()
         },
+        credentials: Default::default(),
         settings,
         live: live.clone(),
         stop: stop_rx,
@@ -375,19 +381,42 @@ async fn send_report(
         // A BootAgent host registers before its first report; the registration is a
         // request of its own and is counted as one.
         let hostname = ctx.settings.fleet.hostname(host);
-        if register(ctx, conn, rec, &hostname, &fleet::agentsn(host), intended)
-            .await
-            .is_err()
-        {
+        let held = ctx.credentials.read().unwrap().get(&host).cloned();
+        let Ok((_, credential)) = register(
+            ctx,
+            conn,
+            rec,
+            &hostname,
+            &fleet::agentsn(host),
+            held.as_deref(),
+            intended,
+        )
+        .await
+        else {
             return;
+        };
+        if let Some(c) = credential {
+            ctx.credentials.write().unwrap().insert(host, c.into());
         }
         ctx.set_registered(host, true);
     }
     buf.clear();
     ctx.template.render(host, unix_now(), buf);
     let body = Bytes::copy_from_slice(buf);
+    let credential = if boot {
+        ctx.credentials.read().unwrap().get(&host).cloned()
+    } else {
+        None
+    };
     let sent = Instant::now();
-    match conn.post(ctx.settings.protocol.report_path(), body).await {
+    match conn
+        .post_as(
+            ctx.settings.protocol.report_path(),
+            body,
+            credential.as_deref(),
+        )
+        .await
+    {
         Ok(answer) => {
             let done = Instant::now();
             match wire::read_answer(ctx.settings.protocol, &answer) {
@@ -410,28 +439,38 @@ async fn send_report(
     }
 }
 
-/// `POST /agent/register` for one host. Returns the serial the server assigned when it
-/// differs from `serial`; a failure is recorded and returned as `Err`.
+/// `POST /agent/register` for one host, with the credential it holds. Returns the serial
+/// the server assigned when it differs from `serial`, and the credential it gave the host
+/// when it gave one; a failure is recorded and returned as `Err`.
 async fn register(
     ctx: &Ctx,
     conn: &mut Conn,
     rec: &mut Recorder,
     hostname: &str,
     serial: &str,
+    credential: Option<&str>,
     intended: Instant,
-) -> Result<Option<String>, ()> {
+) -> Result<(Option<String>, Option<String>), ()> {
     let body = serde_json::to_vec(&proto::bootagent::RegisterRequest {
         hostname: hostname.to_string(),
         agentsn: serial.to_string(),
+        ..Default::default()
     })
     .expect("plain struct");
     let sent = Instant::now();
-    match conn.post("/agent/register", body.into()).await {
+    match conn
+        .post_as("/agent/register", body.into(), credential)
+        .await
+    {
         Ok(answer) => match serde_json::from_slice::<proto::bootagent::RegisterResponse>(&answer) {
             Ok(r) if r.status == proto::bootagent::STATUS_OK => {
                 let now = Instant::now();
                 rec.ok(now - intended.min(sent), now - sent, &ctx.live);
-                Ok((!r.agentsn.is_empty() && r.agentsn != serial).then_some(r.agentsn))
+                let credential = (!r.credential.is_empty()).then_some(r.credential);
+                Ok((
+                    (!r.agentsn.is_empty() && r.agentsn != serial).then_some(r.agentsn),
+                    credential,
+                ))
             }
             Ok(r) => {
                 let why = format!("register status {}: {}", r.status, r.message);
@@ -608,6 +647,7 @@ async fn converge_worker(
     let mut registered = vec![false; n];
     // Rarely used: a serial the server assigned instead of ours, and job results to report.
     let mut serials: HashMap<usize, String> = HashMap::new();
+    let mut credentials: HashMap<usize, String> = HashMap::new();
     let mut pending_jobs: HashMap<usize, Vec<proto::bootagent::JobResult>> = HashMap::new();
     let mut converged_at = Vec::new();
     // A fleet already on the expected version (k = 0 or initial == target) converges at once.
@@ -638,11 +678,15 @@ async fn converge_worker(
             if protocol == Protocol::BootAgent && !registered[p] {
                 // A BootAgent host registers once, on its first round, and retries next
                 // round when that fails.
-                match register(&ctx, &mut conn, &mut rec, &hostname, &serial, due).await {
-                    Ok(adopted) => {
+                let held = credentials.get(&p).map(String::as_str);
+                match register(&ctx, &mut conn, &mut rec, &hostname, &serial, held, due).await {
+                    Ok((adopted, credential)) => {
                         registered[p] = true;
                         if let Some(sn) = adopted {
                             serials.insert(p, sn);
+                        }
+                        if let Some(c) = credential {
+                            credentials.insert(p, c);
                         }
                     }
                     Err(()) => continue,
@@ -668,7 +712,11 @@ async fn converge_worker(
             }
             .expect("plain struct");
             let sent = Instant::now();
-            let answer = match conn.post(protocol.report_path(), body.into()).await {
+            let credential = credentials.get(&p).map(String::as_str);
+            let answer = match conn
+                .post_as(protocol.report_path(), body.into(), credential)
+                .await
+            {
                 Ok(a) => a,
                 Err(f) => {
                     rec.failure(&f, &ctx.live);

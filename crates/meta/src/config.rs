@@ -143,6 +143,26 @@ pub struct Config {
     /// loopback callers only, as the original, with the browser checks of
     /// [`crate::http`]'s auth module. Taken at every reload.
     pub api_tokens: Vec<ApiToken>,
+    /// `enrollmentSecrets` (ours): secrets of which a BootAgent host must present one
+    /// (`enrollmentSecret` in its registration) to be given a credential; several at once
+    /// so that they can be rotated. Empty (the default): any host may enroll. Kept as
+    /// SHA-256 only, so that neither `Debug` nor a log can show them.
+    pub enrollment_secrets: Vec<[u8; 32]>,
+    /// `legacyHeartbeat` (ours): `allow` (the default) or `deny` the legacy
+    /// `POST /heartbeat`, which carries no credential. Allowed, it can never speak for a
+    /// BootAgent host that holds a credential.
+    pub legacy_heartbeat: LegacyHeartbeat,
+}
+
+/// `legacyHeartbeat`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LegacyHeartbeat {
+    /// Legacy heartbeats are taken, for hostnames that are not credential-holding
+    /// BootAgent hosts.
+    #[default]
+    Allow,
+    /// Every legacy heartbeat is refused (403).
+    Deny,
 }
 
 /// `apiTokens[]` (ours).
@@ -544,6 +564,8 @@ impl Parser {
             "remoteRecheckSecs",
             "store",
             "apiTokens",
+            "enrollmentSecrets",
+            "legacyHeartbeat",
         ];
         let empty = Map::new();
         let m = self.object(root, "", KNOWN).unwrap_or(&empty);
@@ -654,6 +676,58 @@ impl Parser {
                 DAY,
             ),
             api_tokens: self.api_tokens(m),
+            enrollment_secrets: self.enrollment_secrets(m),
+            legacy_heartbeat: self.legacy_heartbeat(m),
+        }
+    }
+
+    /// `enrollmentSecrets`: a list of secrets ([`proto::bootagent::check_enrollment_secret`]),
+    /// kept hashed. A problem never quotes a secret.
+    fn enrollment_secrets(&mut self, m: &Map<String, Value>) -> Vec<[u8; 32]> {
+        let Some(v) = lookup(m, "enrollmentSecrets") else {
+            return Vec::new();
+        };
+        let Some(items) = v.as_array() else {
+            self.error(
+                "enrollmentSecrets",
+                format!("want a list of strings, got {}", kind(v)),
+            );
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let field = format!("enrollmentSecrets[{i}]");
+            let Some(secret) = item.as_str() else {
+                self.error(&field, format!("want a string, got {}", kind(item)));
+                continue;
+            };
+            if let Err(e) = proto::bootagent::check_enrollment_secret(secret) {
+                self.error(&field, e);
+                continue;
+            }
+            let h = crate::boot::hash_secret(secret);
+            if out.contains(&h) {
+                self.warn(&field, "the same secret as an earlier entry");
+            } else {
+                out.push(h);
+            }
+        }
+        out
+    }
+
+    /// `legacyHeartbeat`: `allow` or `deny`.
+    fn legacy_heartbeat(&mut self, m: &Map<String, Value>) -> LegacyHeartbeat {
+        match lookup(m, "legacyHeartbeat") {
+            None => LegacyHeartbeat::Allow,
+            Some(Value::String(s)) if s == "allow" => LegacyHeartbeat::Allow,
+            Some(Value::String(s)) if s == "deny" => LegacyHeartbeat::Deny,
+            Some(v) => {
+                self.error(
+                    "legacyHeartbeat",
+                    format!("want \"allow\" or \"deny\", got {v}"),
+                );
+                LegacyHeartbeat::Allow
+            }
         }
     }
 

@@ -22,6 +22,8 @@ struct Meta {
     base: String,
     port: u16,
     http: reqwest::Client,
+    /// The credential each host was given at registration, sent with its requests.
+    creds: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 fn cfg_text(dir: &Path, port: u16, extra: &str, agents: &str) -> String {
@@ -54,6 +56,7 @@ impl Meta {
             base: format!("http://{addr}"),
             port,
             http: reqwest::Client::new(),
+            creds: Default::default(),
         }
     }
 
@@ -110,22 +113,39 @@ impl Meta {
         serde_json::from_str(&text).unwrap()
     }
 
+    /// POSTs as `host`, with the credential it was given.
+    async fn post_as(&self, host: &str, path: &str, body: &impl serde::Serialize) -> (u16, String) {
+        let mut r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .body(serde_json::to_vec(body).unwrap());
+        if let Some(c) = self.creds.lock().unwrap().get(host) {
+            r = r.bearer_auth(c);
+        }
+        let r = r.send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
     async fn register(&self, host: &str, sn: &str) -> RegisterResponse {
-        let (code, text) = self
-            .post(
-                "/agent/register",
-                &RegisterRequest {
-                    hostname: host.into(),
-                    agentsn: sn.into(),
-                },
-            )
-            .await;
+        let req = RegisterRequest {
+            hostname: host.into(),
+            agentsn: sn.into(),
+            ..Default::default()
+        };
+        let (code, text) = self.post_as(host, "/agent/register", &req).await;
         assert_eq!(code, 200, "register: {text}");
-        serde_json::from_str(&text).unwrap()
+        let r: RegisterResponse = serde_json::from_str(&text).unwrap();
+        if !r.credential.is_empty() {
+            self.creds
+                .lock()
+                .unwrap()
+                .insert(host.to_string(), r.credential.clone());
+        }
+        r
     }
 
     async fn status(&self, req: &StatusRequest) -> StatusResponse {
-        let (code, text) = self.post("/agent/status", req).await;
+        let (code, text) = self.post_as(&req.hostname, "/agent/status", req).await;
         assert_eq!(code, 200, "status: {text}");
         serde_json::from_str(&text).unwrap()
     }

@@ -30,12 +30,26 @@ async fn call(
     body: &str,
     peer: Option<&str>,
 ) -> (StatusCode, String) {
+    call_as(st, method, uri, body, peer, None).await
+}
+
+/// [`call`] with a host's credential.
+async fn call_as(
+    st: &AppState,
+    method: Method,
+    uri: &str,
+    body: &str,
+    peer: Option<&str>,
+    credential: Option<&str>,
+) -> (StatusCode, String) {
     let mut req = Request::builder()
         .method(method)
         .uri(uri)
-        .header("content-type", "application/json")
-        .body(Body::from(body.to_string()))
-        .unwrap();
+        .header("content-type", "application/json");
+    if let Some(c) = credential {
+        req = req.header("authorization", format!("Bearer {c}"));
+    }
+    let mut req = req.body(Body::from(body.to_string())).unwrap();
     if let Some(p) = peer {
         let addr: SocketAddr = p.parse().unwrap();
         req.extensions_mut().insert(ConnectInfo(addr));
@@ -97,12 +111,13 @@ async fn operator_api_refuses_non_loopback_peers() {
         r#"{{"hostname": "web-1", "agentsn": "{}", "agents": []}}"#,
         reg.agentsn
     );
-    let (code, text) = call(
+    let (code, text) = call_as(
         &st,
         Method::POST,
         "/agent/status",
         &status,
         Some("10.1.2.3:4000"),
+        Some(&reg.credential),
     )
     .await;
     assert_eq!(code, StatusCode::OK, "{text}");

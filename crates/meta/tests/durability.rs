@@ -113,9 +113,38 @@ async fn post(c: &reqwest::Client, url: String, body: &Value) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{url}: {e}: {text}"))
 }
 
+/// [`post`] with a host's credential.
+async fn post_as(c: &reqwest::Client, url: String, credential: &str, body: &Value) -> Value {
+    let r = c
+        .post(&url)
+        .bearer_auth(credential)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let code = r.status();
+    let text = r.text().await.unwrap();
+    assert!(code.is_success(), "{url}: {code}: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{url}: {e}: {text}"))
+}
+
 async fn get(c: &reqwest::Client, url: String) -> (u16, String) {
     let r = c.get(&url).send().await.unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// The credential each (hostname, serial) was given last: serials are random, so tests
+/// that run at once never share an entry.
+static CREDENTIALS: std::sync::Mutex<Option<HashMap<(String, String), String>>> =
+    std::sync::Mutex::new(None);
+
+fn credential_of(host: &str, serial: &str) -> String {
+    CREDENTIALS
+        .lock()
+        .unwrap()
+        .as_ref()
+        .and_then(|m| m.get(&(host.to_string(), serial.to_string())).cloned())
+        .unwrap_or_default()
 }
 
 async fn register(c: &reqwest::Client, m: &Meta, host: &str) -> String {
@@ -126,7 +155,14 @@ async fn register(c: &reqwest::Client, m: &Meta, host: &str) -> String {
     )
     .await;
     assert_eq!(r["status"], 0, "{r}");
-    r["agentsn"].as_str().unwrap().to_string()
+    let serial = r["agentsn"].as_str().unwrap().to_string();
+    let credential = r["credential"].as_str().unwrap_or_default().to_string();
+    CREDENTIALS
+        .lock()
+        .unwrap()
+        .get_or_insert_with(HashMap::new)
+        .insert((host.to_string(), serial.clone()), credential);
+    serial
 }
 
 /// One status report with these job results and events; the answer.
@@ -142,9 +178,10 @@ async fn status(
         .iter()
         .map(|id| json!({"id": id, "errcode": 0, "message": "success"}))
         .collect();
-    post(
+    post_as(
         c,
         m.url("/agent/status"),
+        &credential_of(host, serial),
         &json!({
             "hostname": host, "agentsn": serial, "version": "test", "uptime": 1,
             "timestamp": 1_700_000_000, "step": 60,

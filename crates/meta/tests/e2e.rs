@@ -583,33 +583,35 @@ async fn a_fifo_or_an_escaping_symlink_in_tarball_dir_is_neither_served_nor_hash
     assert_eq!(get(&m, "/config/reload").await.0, 200);
 
     // The digest task looked at both and refused them, with the reason, to BootAgent hosts.
-    let post = |path: &'static str, body: serde_json::Value| {
+    let post = |path: &'static str, credential: String, body: serde_json::Value| {
         let (c, url) = (c.clone(), m.url(path));
         async move {
-            let r = c.post(url).json(&body).send().await.unwrap();
+            let mut r = c.post(url).json(&body);
+            if !credential.is_empty() {
+                r = r.bearer_auth(credential);
+            }
+            let r = r.send().await.unwrap();
             r.json::<serde_json::Value>().await.unwrap()
         }
     };
-    let reg = post(
-        "/agent/register",
-        serde_json::json!({"hostname": "lg-1", "agentsn": ""}),
-    )
-    .await;
-    let sn = reg["agentsn"].as_str().unwrap().to_string();
-    let reg = post(
-        "/agent/register",
-        serde_json::json!({"hostname": "web-1", "agentsn": ""}),
-    )
-    .await;
-    let sn_web = reg["agentsn"].as_str().unwrap().to_string();
-    let status = |host: &'static str, sn: String| {
+    let register = |host: &'static str| {
+        let body = serde_json::json!({"hostname": host, "agentsn": ""});
+        async move {
+            let reg = post("/agent/register", String::new(), body).await;
+            let field = |k: &str| reg[k].as_str().unwrap().to_string();
+            (field("agentsn"), field("credential"))
+        }
+    };
+    let lg_1 = register("lg-1").await;
+    let web_1 = register("web-1").await;
+    let status = |host: &'static str, (sn, credential): (String, String)| {
         let body = serde_json::json!({"hostname": host, "agentsn": sn, "agents": []});
-        post("/agent/status", body)
+        post("/agent/status", credential, body)
     };
     let deadline = std::time::Instant::now() + WAIT;
     let lg = loop {
-        let lg = status("lg-1", sn.clone()).await;
-        let web = status("web-1", sn_web.clone()).await;
+        let lg = status("lg-1", lg_1.clone()).await;
+        let web = status("web-1", web_1.clone()).await;
         let says = |v: &serde_json::Value, what: &str| {
             v["waiting"][0]["reason"]
                 .as_str()
@@ -622,7 +624,8 @@ async fn a_fifo_or_an_escaping_symlink_in_tarball_dir_is_neither_served_nor_hash
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(lg["jobs"], serde_json::json!([]), "{lg}");
-    for host in ["lg-1", "web-1"] {
+    // Legacy hosts of the same prefixes (the BootAgent hosts' names are theirs alone).
+    for host in ["lg-2", "web-2"] {
         let (_, body) = heartbeat(&m, host, "[]").await;
         let r: HeartbeatResponse = serde_json::from_str(&body).unwrap();
         assert_eq!(r.desired_agents[0].sha256, None, "{host}: {body}");

@@ -25,6 +25,8 @@ struct Meta {
     _dir: TempDir,
     base: String,
     http: reqwest::Client,
+    /// The credential each registered host was given, sent with its reports.
+    creds: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl Meta {
@@ -56,18 +58,23 @@ impl Meta {
             _dir: dir,
             base: format!("http://{addr}"),
             http: reqwest::Client::new(),
+            creds: Default::default(),
         }
     }
 
+    /// POSTs `body`, with the credential of the host it names when one was registered.
     async fn post(&self, path: &str, body: &impl serde::Serialize) -> (u16, String) {
-        let r = self
+        let body = serde_json::to_value(body).unwrap();
+        let mut r = self
             .http
             .post(format!("{}{path}", self.base))
             .header("content-type", "application/json")
-            .body(serde_json::to_vec(body).unwrap())
-            .send()
-            .await
-            .unwrap();
+            .body(serde_json::to_vec(&body).unwrap());
+        let host = body["hostname"].as_str().unwrap_or_default();
+        if let Some(c) = self.creds.lock().unwrap().get(host) {
+            r = r.bearer_auth(c);
+        }
+        let r = r.send().await.unwrap();
         (r.status().as_u16(), r.text().await.unwrap())
     }
 
@@ -93,14 +100,17 @@ impl Meta {
                 "/agent/register",
                 &RegisterRequest {
                     hostname: host.into(),
-                    agentsn: String::new(),
+                    ..Default::default()
                 },
             )
             .await;
         assert_eq!(code, 200, "register: {text}");
-        serde_json::from_str::<RegisterResponse>(&text)
+        let r = serde_json::from_str::<RegisterResponse>(&text).unwrap();
+        self.creds
+            .lock()
             .unwrap()
-            .agentsn
+            .insert(host.to_string(), r.credential);
+        r.agentsn
     }
 }
 

@@ -44,17 +44,95 @@ pub fn validate_agentsn(s: &str) -> Result<(), crate::NameError> {
 }
 
 /// `POST /agent/register` body.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegisterRequest {
     #[serde(default, deserialize_with = "null_default")]
     pub hostname: String,
     /// The serial the host holds (or proposes, on first start).
     #[serde(default, deserialize_with = "null_default")]
     pub agentsn: String,
+    /// Extension: one of the server's enrollment secrets (the updater's `enrollmentSecret`),
+    /// which a host must present to register when the server holds any and the host has no
+    /// credential yet. Absent when the host has none. Never logged (see the `Debug` impl).
+    #[serde(
+        rename = "enrollmentSecret",
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub enrollment_secret: String,
+}
+
+impl std::fmt::Debug for RegisterRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterRequest")
+            .field("hostname", &self.hostname)
+            .field("agentsn", &self.agentsn)
+            .field("enrollment_secret", &redacted(&self.enrollment_secret))
+            .finish()
+    }
+}
+
+/// What `Debug` shows of a secret: whether there is one, never its text.
+fn redacted(s: &str) -> &'static str {
+    if s.is_empty() {
+        ""
+    } else {
+        "<redacted>"
+    }
+}
+
+/// The HTTP authentication scheme a host's credential travels in:
+/// `Authorization: Bearer <credential>` on every BootAgent request after registration.
+pub const AUTH_SCHEME: &str = "Bearer";
+
+/// Bytes of randomness in a host credential; it travels as twice as many hex digits.
+pub const CREDENTIAL_BYTES: usize = 32;
+
+/// Shortest and longest enrollment secret accepted, in bytes.
+pub const MIN_SECRET_LEN: usize = 16;
+pub const MAX_SECRET_LEN: usize = 256;
+
+/// A host credential as the server issues it: [`CREDENTIAL_BYTES`] random bytes in
+/// lowercase hex. The reason never quotes the value.
+pub fn check_credential(s: &str) -> Result<(), &'static str> {
+    if s.len() == CREDENTIAL_BYTES * 2 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        Ok(())
+    } else {
+        Err("is not 64 lowercase hexadecimal digits")
+    }
+}
+
+/// An enrollment secret (ops-meta's `enrollmentSecrets`, ops-updater's `enrollmentSecret`):
+/// [`MIN_SECRET_LEN`] to [`MAX_SECRET_LEN`] bytes of printable ASCII without spaces, so that
+/// it survives a JSON file, a shell and a header alike. The reason never quotes the value.
+pub fn check_enrollment_secret(s: &str) -> Result<(), String> {
+    if s.len() < MIN_SECRET_LEN {
+        return Err(format!(
+            "is {} bytes, shorter than the {MIN_SECRET_LEN} required (use e.g. 32 random bytes in hex)",
+            s.len()
+        ));
+    }
+    if s.len() > MAX_SECRET_LEN {
+        return Err(format!("is longer than {MAX_SECRET_LEN} bytes"));
+    }
+    if !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("may only hold printable ASCII without spaces".into());
+    }
+    Ok(())
+}
+
+/// The credential of an `Authorization` header value (`Bearer <credential>`, the scheme
+/// in any case); `None` when it is another scheme or has no credential.
+pub fn bearer(header: &str) -> Option<&str> {
+    let (scheme, rest) = header.trim().split_once(' ')?;
+    let token = rest.trim();
+    (scheme.eq_ignore_ascii_case(AUTH_SCHEME) && !token.is_empty()).then_some(token)
 }
 
 /// `POST /agent/register` answer.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegisterResponse {
     #[serde(default, deserialize_with = "null_default")]
     pub status: i32,
@@ -66,6 +144,29 @@ pub struct RegisterResponse {
     pub tags: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// Extension: the host's own credential ([`check_credential`]), issued when the host
+    /// had none (first registration, a host an operator re-admitted, a host registered
+    /// before credentials existed). The server keeps only its SHA-256, so it is sent once:
+    /// absent when the host registered with the credential it holds. The host keeps it
+    /// and sends it as `Authorization: Bearer <credential>` from then on.
+    #[serde(
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub credential: String,
+}
+
+impl std::fmt::Debug for RegisterResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterResponse")
+            .field("status", &self.status)
+            .field("agentsn", &self.agentsn)
+            .field("tags", &self.tags)
+            .field("message", &self.message)
+            .field("credential", &redacted(&self.credential))
+            .finish()
+    }
 }
 
 /// States of an agent as BootAgent reports them.
@@ -288,6 +389,57 @@ pub fn format_checksum(hex: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_travel_only_when_present_and_never_show_in_debug() {
+        let r = RegisterRequest {
+            hostname: "web-01".into(),
+            agentsn: "a".into(),
+            enrollment_secret: "s3cret-s3cret-s3cret".into(),
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(
+            text.contains(r#""enrollmentSecret":"s3cret-s3cret-s3cret""#),
+            "{text}"
+        );
+        assert!(!format!("{r:?}").contains("s3cret"));
+        let plain = RegisterRequest::default();
+        assert!(!serde_json::to_string(&plain)
+            .unwrap()
+            .contains("enrollmentSecret"));
+        let a: RegisterResponse =
+            serde_json::from_str(r#"{"status":0,"agentsn":"a","credential":"c0ffee"}"#).unwrap();
+        assert_eq!(a.credential, "c0ffee");
+        assert!(!format!("{a:?}").contains("c0ffee"));
+        assert!(!serde_json::to_string(&RegisterResponse::default())
+            .unwrap()
+            .contains("credential"));
+    }
+
+    #[test]
+    fn credential_secret_and_bearer_rules() {
+        assert!(check_credential(&"ab".repeat(32)).is_ok());
+        for bad in [
+            "",
+            "ab",
+            &"AB".repeat(32),
+            &"zz".repeat(32),
+            &"ab".repeat(33),
+        ] {
+            assert!(check_credential(bad).is_err(), "{bad}");
+        }
+        assert!(check_enrollment_secret("0123456789abcdef").is_ok());
+        assert!(check_enrollment_secret("short")
+            .unwrap_err()
+            .contains("shorter"));
+        assert!(check_enrollment_secret("0123456789 abcdef").is_err());
+        assert!(check_enrollment_secret(&"x".repeat(257)).is_err());
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearer "), None);
+        assert_eq!(bearer("Bearer"), None);
+    }
 
     #[test]
     fn status_request_round_trips_seed_shape() {

@@ -257,6 +257,18 @@ pub struct AuditResponse {
     pub entries: Vec<AuditEntry>,
 }
 
+/// `POST /api/hosts/{hostname}/readmit` answer: the host's credential is forgotten, and its
+/// next registration is admitted and given a new one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadmitResponse {
+    pub hostname: String,
+    /// The serial the host is registered under (a registration may replace it).
+    pub agentsn: String,
+    /// False when the host held no credential already.
+    #[serde(rename = "hadCredential")]
+    pub had_credential: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -188,6 +188,39 @@ pub struct Config {
     /// `requireSignature` (ours): refuse a tarball that has no `.minisig`. Needs
     /// `trustedKeys`. Off by default.
     pub require_signature: bool,
+    /// `enrollmentSecret` (ours): one of ops-meta's `enrollmentSecrets`, sent with every
+    /// BootAgent registration; a server that holds any admits a new host only with one.
+    /// Empty by default. Never logged.
+    pub enrollment_secret: Secret,
+}
+
+/// A secret from the config: kept as given, shown by `Debug` only as whether it is set.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: String) -> Secret {
+        Secret(s)
+    }
+
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "<redacted>"
+        })
+    }
 }
 
 /// Default `cgroupParent`.
@@ -228,6 +261,7 @@ impl Default for Config {
             cgroup_parent: default_cgroup_parent(),
             trusted_keys: Vec::new(),
             require_signature: default_require_signature(),
+            enrollment_secret: Secret::default(),
         }
     }
 }
@@ -570,6 +604,7 @@ impl Config {
             c.cgroup_parent = cgroup_parent;
         }
         c.require_signature = f.bool("requireSignature", default_require_signature());
+        c.enrollment_secret = Secret::new(f.string("enrollmentSecret"));
         let trusted_keys = f.get("trustedKeys");
         let http = f.get("http");
         let supervise = f.get("supervise");
@@ -727,6 +762,19 @@ impl Config {
                 "requireSignature",
                 "is true but trustedKeys is empty: no signature could verify".into(),
             );
+        }
+        if !self.enrollment_secret.is_empty() {
+            if let Err(e) =
+                proto::bootagent::check_enrollment_secret(self.enrollment_secret.expose())
+            {
+                err("enrollmentSecret", e);
+            }
+            if self.protocol == Protocol::Legacy {
+                err(
+                    "enrollmentSecret",
+                    "is only sent by BootAgent registrations (protocol bootagent or auto)".into(),
+                );
+            }
         }
         if self.retry_base_secs > self.retry_max_secs && self.retry_max_secs > 0 {
             err(
@@ -982,6 +1030,29 @@ mod tests {
             shown.contains("interval: must be at least 1 second"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn enrollment_secret_is_checked_and_never_shown() {
+        let c = Config::parse(r#"{"server":"h:1","enrollmentSecret":"0123456789abcdef-xyz"}"#)
+            .unwrap()
+            .config;
+        assert_eq!(c.enrollment_secret.expose(), "0123456789abcdef-xyz");
+        assert!(!format!("{c:?}").contains("0123456789abcdef"));
+        for (text, want) in [
+            (
+                r#"{"server":"h:1","enrollmentSecret":"short"}"#,
+                "shorter than the 16",
+            ),
+            (
+                r#"{"server":"h:1","protocol":"legacy","enrollmentSecret":"0123456789abcdef"}"#,
+                "only sent by BootAgent",
+            ),
+        ] {
+            let e = Config::parse(text).unwrap_err().to_string();
+            assert!(e.contains("enrollmentSecret") && e.contains(want), "{e}");
+            assert!(!e.contains("0123456789abcdef"), "{e}");
+        }
     }
 
     const KEY_A: &str = "RWRVR0B9j4MniJ4jY+REpdsANRryXRuxSwNgD9KWLeBJYwfMcWlS3JaZ";

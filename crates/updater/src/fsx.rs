@@ -22,6 +22,30 @@ pub const TEMP_INFIX: &str = ".tmp-";
 /// Write `data` to `path` atomically: temp file in the same dir, write, fsync, rename, fsync dir.
 /// Blocking: async code uses the `_async` twin.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    write_atomic_mode(path, data, 0o666)
+}
+
+/// [`write_atomic`] for a file only its owner may read or write (mode 0600 whatever the
+/// umask lets through): the file that replaces the target is created so, so no moment
+/// exists in which another user could open it.
+pub fn write_atomic_private(path: &Path, data: &[u8]) -> io::Result<()> {
+    write_atomic_mode(path, data, 0o600)
+}
+
+/// Makes an existing file readable and writable by its owner only (mode 0600), when it
+/// was more open; returns whether it changed the mode.
+pub fn make_private(path: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)?.permissions().mode();
+    if mode & 0o077 == 0 {
+        return Ok(false);
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o700 | 0o600))?;
+    Ok(true)
+}
+
+fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = parent_dir(path);
     let name = path.file_name().ok_or_else(|| {
         io::Error::new(
@@ -36,7 +60,11 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     ));
     let result = (|| {
         // create_new refuses to follow a symlink planted at the temporary name.
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
         drop(f);

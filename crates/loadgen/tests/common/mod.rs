@@ -189,6 +189,7 @@ async fn handle(
                 agentsn: r.agentsn,
                 tags: String::new(),
                 message: String::new(),
+                credential: String::new(),
             };
             reply(StatusCode::OK, serde_json::to_vec(&answer).unwrap())
         }

@@ -30,7 +30,9 @@ use crate::desired::Desired;
 use crate::persist::behind::{self, Lag, WriteBehind, Writer};
 use crate::persist::{BatchRow, BootRow, Durable, StoreError};
 use jobs::{JobState, Origin, Skip, Want};
-pub use registry::{Refusal, Registration, Registry, Unsaved};
+pub use registry::{
+    hash_secret, Admitted, CredHash, Denied, Refusal, Registration, Registry, Unsaved,
+};
 use serde::{Deserialize, Serialize};
 
 /// Longest tag list of one rule, in bytes.
@@ -344,24 +346,64 @@ impl Boot {
         b.by_id.insert(id, batch);
     }
 
-    /// Registers a host with the serial it sent (`None`: it has none); returns the serial
-    /// it must use and its tags.
+    /// Registers a host with the serial it sent (`None`: it has none) and the credential
+    /// it carried (SHA-256); `may_enroll` says whether it may be given a credential (no
+    /// enrollment secret is configured, or it carried one). Returns the serial it must
+    /// use, its tags and, when it was given one, its new credential; or why it was refused.
     pub async fn register(
         &self,
         desired: &Desired,
         hostname: &Hostname,
         serial: Option<&Serial>,
+        credential: Option<CredHash>,
+        may_enroll: bool,
         now: i64,
-    ) -> Result<(Serial, String, Registration), StoreError> {
+    ) -> Result<Result<Registered, Denied>, StoreError> {
+        let fresh = new_credential();
+        let auth = registry::Presented {
+            credential,
+            may_enroll,
+            fresh: hash_secret(&fresh),
+        };
         let (h, s) = (hostname.clone(), serial.cloned());
-        let (serial, how) = self
+        let admitted = self
             .on_host(hostname.as_str(), move |reg| {
-                reg.register(&h, s.as_ref(), now)
+                reg.register(&h, s.as_ref(), &auth, now)
             })
             .await?;
+        let Admitted {
+            serial,
+            how,
+            issued,
+        } = match admitted {
+            Ok(a) => a,
+            Err(d) => {
+                tracing::warn!(host = %hostname, refusal = ?d, "bootagent registration refused");
+                return Ok(Err(d));
+            }
+        };
         let tags = tags_for(&desired.config.tag_rules, hostname.as_str());
-        tracing::info!(host = %hostname, agentsn = %serial, how = ?how, tags = %tags, "bootagent registered");
-        Ok((serial, tags, how))
+        tracing::info!(host = %hostname, agentsn = %serial, how = ?how, tags = %tags, credential_issued = issued, "bootagent registered");
+        Ok(Ok(Registered {
+            serial,
+            tags,
+            how,
+            credential: issued.then_some(fresh),
+        }))
+    }
+
+    /// Forgets the credentials of `hostname` so that its next registration is admitted
+    /// and given a new one (an operator re-admits a host that lost its metafile). Returns
+    /// its serial and whether it held a credential; `None` when it is not registered.
+    pub async fn readmit(&self, hostname: &str) -> Result<Option<(Serial, bool)>, StoreError> {
+        let host = hostname.to_string();
+        let r = self
+            .on_host(hostname, move |reg| reg.readmit(&host))
+            .await?;
+        if let Some((serial, had)) = &r {
+            tracing::info!(host = %hostname, agentsn = %serial, had_credential = had, "bootagent host re-admitted: its next registration gets a new credential");
+        }
+        Ok(r)
     }
 
     /// Takes a status report: records it, applies job results, derives jobs, and returns
@@ -370,6 +412,7 @@ impl Boot {
         &self,
         desired: &Desired,
         req: &StatusRequest,
+        credential: Option<CredHash>,
         now: i64,
     ) -> Result<StatusAnswer, StoreError> {
         let wants = wants_for(desired, &req.hostname);
@@ -379,7 +422,7 @@ impl Boot {
         };
         let run: Arc<dyn Fn(&Registry) -> Taken + Send + Sync> = Arc::new(move |reg| {
             let req = &owned;
-            reg.with_host(&req.hostname, &req.agentsn, |rec| {
+            reg.with_host(&req.hostname, &req.agentsn, credential.as_ref(), |rec| {
                 rec.last_seen = now;
                 rec.report = Some(registry::Report {
                     version: jobs::clean_text(&req.version, 128),
@@ -833,6 +876,25 @@ impl Boot {
     pub fn sweep(&self, older_than: i64) -> usize {
         self.registry.sweep(older_than)
     }
+}
+
+/// A registration taken ([`Boot::register`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    pub serial: Serial,
+    pub tags: String,
+    pub how: Registration,
+    /// The host's new credential, when it was given one (sent once, kept only hashed).
+    pub credential: Option<String>,
+}
+
+/// A fresh host credential: [`bootagent::CREDENTIAL_BYTES`] bytes from the operating
+/// system's generator, in lowercase hex.
+pub fn new_credential() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; bootagent::CREDENTIAL_BYTES];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    hex::encode(b)
 }
 
 /// True when the host's last report lists agent `name`.

@@ -20,7 +20,7 @@ use proto::legacy::RealAgentRef;
 use proto::{Hostname, Serial};
 
 use super::{unix_now, AppError, AppState};
-use crate::boot::{Refusal, MAX_RESULTS_PER_REPORT};
+use crate::boot::{hash_secret, CredHash, Denied, Refusal, MAX_RESULTS_PER_REPORT};
 
 pub(super) fn router() -> Router<AppState> {
     Router::new()
@@ -128,6 +128,40 @@ fn check_hostname(h: &str) -> Result<Hostname, AppError> {
     Ok(Hostname::parse(h)?)
 }
 
+/// The SHA-256 of the credential an `Authorization: Bearer` header carries; `None`
+/// without one. Another scheme, or a header that is not text, is refused (401).
+fn credential(headers: &HeaderMap, hostname: &str) -> Result<Option<CredHash>, AppError> {
+    let Some(v) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    match v.to_str().ok().and_then(bootagent::bearer) {
+        Some(token) => Ok(Some(hash_secret(token))),
+        None => Err(AppError::Unauthorized(format!(
+            "host {hostname:?}: the Authorization header must be \"Bearer <credential>\""
+        ))),
+    }
+}
+
+/// True when the registration may enroll a host that has no credential: no enrollment
+/// secret is configured, or it carried one of them (compared as SHA-256, in constant
+/// time); otherwise why not, naming the hostname and never a secret.
+fn may_enroll(cfg: &crate::config::Config, req: &RegisterRequest) -> Result<(), &'static str> {
+    if cfg.enrollment_secrets.is_empty() {
+        return Ok(());
+    }
+    if req.enrollment_secret.is_empty() {
+        return Err("this server requires an enrollment secret to register a new host (enrollmentSecret in ops-updater's config)");
+    }
+    if crate::boot::registry::matches_any(
+        &cfg.enrollment_secrets,
+        &hash_secret(&req.enrollment_secret),
+    ) {
+        Ok(())
+    } else {
+        Err("the enrollment secret is not one this server accepts (enrollmentSecrets)")
+    }
+}
+
 async fn register(
     State(st): State<AppState>,
     headers: HeaderMap,
@@ -142,15 +176,47 @@ async fn register(
     } else {
         Some(Serial::parse(&req.agentsn)?)
     };
-    let (agentsn, tags, _) = st
+    let presented = credential(&headers, hostname.as_str())?;
+    let enroll = may_enroll(&desired.config, &req);
+    let reg = st
         .boot
-        .register(&desired, &hostname, serial.as_ref(), unix_now())
+        .register(
+            &desired,
+            &hostname,
+            serial.as_ref(),
+            presented,
+            enroll.is_ok(),
+            unix_now(),
+        )
         .await?;
+    let reg = match reg {
+        Ok(r) => r,
+        Err(Denied::Enrolled) => {
+            return Err(AppError::Refused(format!(
+                "host {:?} is enrolled: a registration for it must carry its credential; an operator re-admits a host that lost it (POST /api/hosts/{}/readmit)",
+                hostname.as_str(),
+                hostname.as_str()
+            )))
+        }
+        Err(Denied::Enrollment) => {
+            return Err(AppError::Refused(format!(
+                "host {:?}: {}",
+                hostname.as_str(),
+                enroll.err().unwrap_or("enrollment refused")
+            )))
+        }
+    };
+    let message = if reg.credential.is_some() {
+        "a new credential: keep it, this server keeps only its hash and cannot send it again"
+    } else {
+        ""
+    };
     Ok(Json(RegisterResponse {
         status: STATUS_OK,
-        agentsn: agentsn.into(),
-        tags,
-        message: String::new(),
+        agentsn: reg.serial.into(),
+        tags: reg.tags,
+        message: message.into(),
+        credential: reg.credential.unwrap_or_default(),
     }))
 }
 
@@ -172,6 +238,7 @@ async fn status(
     let bytes = read_body(&headers, body, cfg.max_body_bytes).await?;
     let req: StatusRequest = parse_object(&bytes).map_err(|_| AppError::BodyFormat)?;
     check_hostname(&req.hostname)?;
+    let presented = credential(&headers, &req.hostname)?;
     if req.agents.len() as u64 > cfg.max_agents_per_heartbeat {
         return Err(AppError::TooManyAgents {
             got: req.agents.len(),
@@ -194,8 +261,22 @@ async fn status(
     }
     bootagent::validate_agentsn(&req.agentsn)?;
     let now = unix_now();
-    let (jobs, waiting) = match st.boot.status(&desired, &req, now).await? {
+    let (jobs, waiting) = match st.boot.status(&desired, &req, presented, now).await? {
         Ok(jobs) => jobs,
+        Err(Refusal::Unauthenticated) => {
+            tracing::warn!(host = %req.hostname, agentsn = %req.agentsn, "bootagent status refused: no credential");
+            return Err(AppError::Unauthorized(format!(
+                "host {:?} holds a credential: a status report must carry it (Authorization: Bearer)",
+                req.hostname
+            )));
+        }
+        Err(Refusal::WrongCredential) => {
+            tracing::warn!(host = %req.hostname, agentsn = %req.agentsn, "bootagent status refused: wrong credential");
+            return Err(AppError::Refused(format!(
+                "host {:?}: the credential is not this host's",
+                req.hostname
+            )));
+        }
         Err(r) => {
             tracing::info!(host = %req.hostname, agentsn = %req.agentsn, refusal = ?r, "bootagent status refused: register again");
             return Ok(Json(refused(r)));
@@ -246,6 +327,11 @@ fn refused(r: Refusal) -> StatusResponse {
         Refusal::Conflict => (
             bootagent::STATUS_SERIAL_CONFLICT,
             "agentsn is registered to another hostname: register again (POST /agent/register)",
+        ),
+        // A host from before credentials (or re-admitted): its registration gives it one.
+        Refusal::NoCredential | Refusal::Unauthenticated | Refusal::WrongCredential => (
+            bootagent::STATUS_UNREGISTERED,
+            "this host has no credential yet: register again (POST /agent/register)",
         ),
     };
     StatusResponse {

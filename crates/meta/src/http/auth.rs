@@ -240,7 +240,7 @@ fn first_line(s: &str) -> String {
 fn token_mode(headers: &HeaderMap, tokens: &[ApiToken], class: Class) -> Result<String, AppError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(AppError::Unauthorized(
-            "this needs an API token: send Authorization: Bearer TOKEN",
+            "this needs an API token: send Authorization: Bearer TOKEN".into(),
         ));
     };
     let presented = value
@@ -252,10 +252,11 @@ fn token_mode(headers: &HeaderMap, tokens: &[ApiToken], class: Class) -> Result<
         .filter(|t| !t.is_empty());
     let Some(presented) = presented else {
         return Err(AppError::Unauthorized(
-            "the Authorization header is not \"Bearer TOKEN\"",
+            "the Authorization header is not \"Bearer TOKEN\"".into(),
         ));
     };
-    let token = find(tokens, presented).ok_or(AppError::Unauthorized("unknown API token"))?;
+    let token = find(tokens, presented)
+        .ok_or_else(|| AppError::Unauthorized("unknown API token".into()))?;
     if class == Class::Mutation && token.role != Role::Admin {
         return Err(AppError::NeedsAdmin {
             name: token.name.clone(),
@@ -315,10 +316,17 @@ fn loopback_mode(req: &Request, listen: &str, class: Class) -> Result<String, Ap
             ));
         }
     }
-    let with_body = matches!(
-        *req.method(),
-        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
-    );
+    // A request without a body (`POST /api/hosts/NAME/readmit` from curl) has no type to
+    // check; a browser's body-less cross-origin POST carries an `Origin`, refused above.
+    let has_body = h.contains_key(header::TRANSFER_ENCODING)
+        || h.get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0");
+    let with_body = has_body
+        && matches!(
+            *req.method(),
+            Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+        );
     if class == Class::Mutation && with_body && !is_json(h) {
         return Err(AppError::UnsupportedMediaType);
     }

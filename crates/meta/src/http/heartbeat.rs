@@ -6,6 +6,10 @@
 //! ([`crate::guard`]); the router keeps the same route (for in-process tests and anything
 //! that drives [`crate::app`]); both run [`respond`] with the same body limit and error
 //! texts.
+//!
+//! `legacyHeartbeat: deny` refuses every one (403); allowed, a heartbeat under the
+//! hostname of a BootAgent host that holds a credential is refused (403) and changes
+//! nothing: one lookup in the boot registry.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -21,6 +25,7 @@ use bytes::Bytes;
 use proto::legacy::HeartbeatRequestRef;
 
 use super::{unix_now, AppError, AppState};
+use crate::config::LegacyHeartbeat;
 use crate::desired::Desired;
 
 /// The path of the legacy heartbeat.
@@ -114,6 +119,11 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let cfg = &desired.config;
+    if cfg.legacy_heartbeat == LegacyHeartbeat::Deny {
+        return Err(AppError::Refused(
+            "the legacy heartbeat is turned off on this server (legacyHeartbeat: deny): use the BootAgent protocol".into(),
+        ));
+    }
     let bytes = super::agent::read_body(headers, body, cfg.max_body_bytes).await?;
     // Go's decoder refuses anything but an object (a list included), and reads `null` as
     // the zero value (so: hostname is blank). A key given twice takes its last value, as
@@ -131,6 +141,13 @@ where
         return Err(AppError::HostnameBlank);
     }
     proto::validate_hostname(&req.hostname)?;
+    // A legacy heartbeat carries no credential: it never speaks for a host that holds one.
+    if st.boot.registry.holds_credential(&req.hostname) {
+        return Err(AppError::Refused(format!(
+            "host {:?} is a BootAgent host with a credential: a legacy heartbeat cannot report for it",
+            &*req.hostname
+        )));
+    }
     if req.real_agents.len() as u64 > cfg.max_agents_per_heartbeat {
         return Err(AppError::TooManyAgents {
             got: req.real_agents.len(),

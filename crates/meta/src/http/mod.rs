@@ -97,9 +97,6 @@ pub enum AppError {
     Timeout { secs: u64 },
     #[error("{0}")]
     Forbidden(&'static str),
-    /// No API token, or not one of `apiTokens`: 401 with `WWW-Authenticate: Bearer`.
-    #[error("{0}")]
-    Unauthorized(&'static str),
     /// A `read` token asked for a mutation.
     #[error("API token {name:?} has role read; this needs an admin token")]
     NeedsAdmin { name: String },
@@ -107,6 +104,16 @@ pub enum AppError {
     /// can make a browser send).
     #[error("operator request bodies must be sent with Content-Type: application/json")]
     UnsupportedMediaType,
+    /// 401 with `WWW-Authenticate: Bearer`: an operator call without an API token or with
+    /// one not in `apiTokens`, or a BootAgent request without the credential its host
+    /// holds; the text names what is missing (and the hostname), never a secret.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A BootAgent request refused for who it is (a wrong credential, an enrolled
+    /// hostname, a missing or unknown enrollment secret, a legacy heartbeat refused); the
+    /// text names the hostname and the rule, never a secret.
+    #[error("{0}")]
+    Refused(String),
     #[error("not found")]
     NotFound,
     /// A request the operator API or BootAgent endpoints refuse; the text names the field.
@@ -156,7 +163,9 @@ impl AppError {
             | AppError::BadPath(_) => StatusCode::BAD_REQUEST,
             AppError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::Timeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            AppError::Forbidden(_) | AppError::NeedsAdmin { .. } => StatusCode::FORBIDDEN,
+            AppError::Forbidden(_) | AppError::NeedsAdmin { .. } | AppError::Refused(_) => {
+                StatusCode::FORBIDDEN
+            }
             AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             AppError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::NotFound => StatusCode::NOT_FOUND,
@@ -203,17 +212,17 @@ impl IntoResponse for AppError {
                     h.insert(header::CONTENT_RANGE, v);
                 }
             }
-            AppError::MethodNotAllowed => {
-                h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-            }
-            AppError::Timeout { .. } => {
-                h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
             AppError::Unauthorized(_) => {
                 h.insert(
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer realm=\"ops-meta\""),
                 );
+            }
+            AppError::MethodNotAllowed => {
+                h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            }
+            AppError::Timeout { .. } => {
+                h.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             AppError::Busy {
                 retry_after_secs, ..

@@ -1,5 +1,6 @@
 //! The operator API: `POST /api/jobs`, `GET /api/jobs/{id}`, `GET /api/hosts`,
-//! `GET /api/hosts/{hostname}`, `POST /api/retry`, `GET /api/audit`.
+//! `GET /api/hosts/{hostname}`, `POST /api/hosts/{hostname}/readmit`, `POST /api/retry`,
+//! `GET /api/audit`.
 //!
 //! Who may call it is decided in front of the router, by `auth` (API tokens, or loopback
 //! callers only when none is configured), which also records every mutation in the audit
@@ -34,6 +35,7 @@ pub(super) fn router() -> Router<AppState> {
         .route("/api/jobs/{id}", get(get_batch))
         .route("/api/hosts", get(get_hosts))
         .route("/api/hosts/{hostname}", get(get_host))
+        .route("/api/hosts/{hostname}/readmit", post(post_readmit))
         .route("/api/retry", post(post_retry))
         .route("/api/audit", get(get_audit))
 }
@@ -304,6 +306,33 @@ fn legacy_host_view(st: &AppState, hostname: &str) -> Option<HostView> {
             .collect(),
         ..HostView::default()
     })
+}
+
+/// Re-admits a BootAgent host that lost its metafile: its credential is forgotten (in the
+/// durable store before the answer), so that its next registration is admitted and given a
+/// new one. The enrollment secret is still needed when `enrollmentSecrets` is set.
+async fn post_readmit(
+    State(st): State<AppState>,
+    note: AuditNote,
+    Path(hostname): Path<String>,
+) -> Result<Json<proto::ops::ReadmitResponse>, AppError> {
+    let host = Hostname::parse(&hostname)?;
+    note.hosts(std::slice::from_ref(&host));
+    let (serial, had) = st.boot.readmit(&hostname).await?.ok_or_else(|| {
+        AppError::NothingFound(format!(
+            "no BootAgent host named {hostname:?} is registered"
+        ))
+    })?;
+    note.detail(if had {
+        "credential forgotten: the next registration is admitted"
+    } else {
+        "the host held no credential"
+    });
+    Ok(Json(proto::ops::ReadmitResponse {
+        hostname,
+        agentsn: serial.into(),
+        had_credential: had,
+    }))
 }
 
 async fn post_retry(

@@ -23,6 +23,14 @@ pub enum CallError {
     NotSupported { url: String, status: u16 },
     #[error("{url}: {}", crate::error_chain(error))]
     Transport { url: String, error: reqwest::Error },
+    /// 401 or 403: the server refuses this host (no or a wrong credential, an enrolled
+    /// hostname, the enrollment secret). The body is the server's reason.
+    #[error("{url}: the server refuses this host ({status}): {body}")]
+    Refused {
+        url: String,
+        status: u16,
+        body: String,
+    },
     #[error("{url}: server answered {status}: {body}")]
     Status {
         url: String,
@@ -131,36 +139,46 @@ impl Client {
         })
     }
 
-    /// `POST <base>/agent/register`.
+    /// `POST <base>/agent/register`, with the host's credential when it holds one.
     pub async fn register(
         &self,
         base: &str,
         req: &RegisterRequest,
+        credential: &str,
     ) -> Result<RegisterResponse, CallError> {
         let url = format!("{base}/agent/register");
-        let body = self.post(&url, req).await?;
+        let body = self.post(&url, req, credential).await?;
         decode(&url, &body)
     }
 
-    /// `POST <base>/agent/status`.
-    pub async fn status(&self, base: &str, req: &StatusRequest) -> Result<StatusAnswer, CallError> {
+    /// `POST <base>/agent/status`, with the host's credential when it holds one.
+    pub async fn status(
+        &self,
+        base: &str,
+        req: &StatusRequest,
+        credential: &str,
+    ) -> Result<StatusAnswer, CallError> {
         let url = format!("{base}/agent/status");
-        let body = self.post(&url, req).await?;
+        let body = self.post(&url, req, credential).await?;
         decode_status(&body).map_err(|source| CallError::Decode { url, source })
     }
 
-    async fn post(&self, url: &str, req: &impl Serialize) -> Result<Vec<u8>, CallError> {
+    async fn post(
+        &self,
+        url: &str,
+        req: &impl Serialize,
+        credential: &str,
+    ) -> Result<Vec<u8>, CallError> {
         let transport = |error| CallError::Transport {
             url: url.to_string(),
             error,
         };
-        let resp = self
-            .http
-            .post(url)
-            .json(req)
-            .send()
-            .await
-            .map_err(transport)?;
+        let mut post = self.http.post(url).json(req);
+        if !credential.is_empty() {
+            // `Authorization: Bearer <credential>` (proto::bootagent::AUTH_SCHEME).
+            post = post.bearer_auth(credential);
+        }
+        let resp = post.send().await.map_err(transport)?;
         let status = resp.status().as_u16();
         if status == 404 || status == 405 {
             return Err(CallError::NotSupported {
@@ -169,6 +187,14 @@ impl Client {
             });
         }
         let body = self.read_capped(url, resp).await?;
+        if status == 401 || status == 403 {
+            let text: String = String::from_utf8_lossy(&body).chars().take(300).collect();
+            return Err(CallError::Refused {
+                url: url.to_string(),
+                status,
+                body: proto::clean_text(text.trim(), 300),
+            });
+        }
         if !(200..300).contains(&status) {
             let text: String = String::from_utf8_lossy(&body).chars().take(200).collect();
             return Err(CallError::Status {

@@ -2,7 +2,9 @@
 //! or the first start gave it (server lists, report step). Its absence means "first start".
 //!
 //! The file is ours alone (no other program reads it), so its JSON shape lives here rather
-//! than in `proto`. It is always replaced whole through [`fsx::write_atomic`].
+//! than in `proto`. It is always replaced whole through [`fsx::write_atomic_private`]: it
+//! holds the host's credential, so it is mode 0600 (an existing file more open than that
+//! is tightened when it is read).
 
 use std::path::{Path, PathBuf};
 
@@ -15,7 +17,7 @@ use crate::fsx;
 pub const MAX_METAFILE_BYTES: u64 = 64 << 10;
 
 /// What the metafile holds.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Meta {
     /// The serial (`agentsn`); generated at first start, replaced by the one the server
@@ -40,6 +42,33 @@ pub struct Meta {
     /// Report step in seconds set by a `config` job; 0 means the config's `interval`.
     #[serde(default)]
     pub step: u64,
+    /// The credential ops-meta gave this host at registration, sent as
+    /// `Authorization: Bearer` with every request; empty until one is given (or against a
+    /// server that gives none). Never logged.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub credential: String,
+}
+
+impl std::fmt::Debug for Meta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Meta")
+            .field("agentsn", &self.agentsn)
+            .field("confirmed", &self.confirmed)
+            .field("hostname", &self.hostname)
+            .field("tags", &self.tags)
+            .field("servers", &self.servers)
+            .field("pushed", &self.pushed)
+            .field("step", &self.step)
+            .field(
+                "credential",
+                &if self.credential.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
+            .finish()
+    }
 }
 
 /// Why the metafile could not be read or written. Display names the file.
@@ -74,6 +103,7 @@ impl Meta {
             servers,
             pushed: Vec::new(),
             step: 0,
+            credential: String::new(),
         }
     }
 
@@ -82,6 +112,10 @@ impl Meta {
     /// [`rules::MAX_SERVERS`] of them.
     pub fn check(&self) -> Result<(), String> {
         proto::bootagent::validate_agentsn(&self.agentsn).map_err(|e| e.to_string())?;
+        if !self.credential.is_empty() {
+            proto::bootagent::check_credential(&self.credential)
+                .map_err(|e| format!("credential: {e}"))?;
+        }
         for (field, list) in [("servers", &self.servers), ("pushed", &self.pushed)] {
             if list.len() > rules::MAX_SERVERS {
                 return Err(format!(
@@ -120,6 +154,16 @@ pub fn load(path: &Path) -> Result<Option<Meta>, MetaError> {
         path: path.to_path_buf(),
         source,
     })?;
+    // Written by a version that did not hold a credential in it, or by hand.
+    match fsx::make_private(path) {
+        Ok(true) => {
+            tracing::info!(metafile = %path.display(), "metafile was readable by others; made mode 0600")
+        }
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(metafile = %path.display(), error = %e, "cannot make the metafile mode 0600")
+        }
+    }
     parse(path, &text).map(Some)
 }
 
@@ -146,7 +190,7 @@ pub fn save(path: &Path, m: &Meta) -> Result<(), MetaError> {
     }
     let mut text = serde_json::to_vec_pretty(m).expect("the metafile serializes");
     text.push(b'\n');
-    fsx::write_atomic(path, &text).map_err(write)
+    fsx::write_atomic_private(path, &text).map_err(write)
 }
 
 /// Moves a corrupt metafile aside (`<name>.corrupt-<unix seconds>`) so that the next start
@@ -189,6 +233,29 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names, ["meta.json"]);
+    }
+
+    #[test]
+    fn the_metafile_is_private_and_keeps_its_credential() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("meta.json");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let mut m = Meta::first_start("web-01", vec![]);
+        m.credential = "ab".repeat(32);
+        save(&p, &m).unwrap();
+        assert_eq!(mode(&p), 0o600);
+        assert!(!format!("{m:?}").contains(&m.credential));
+        // One written more open (by an older version) is tightened when read.
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(load(&p).unwrap(), Some(m.clone()));
+        assert_eq!(mode(&p), 0o600);
+        std::fs::write(&p, br#"{"agentsn":"a","credential":"not hex"}"#).unwrap();
+        let e = load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("credential: is not 64") && !e.contains("not hex"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -518,9 +518,14 @@ impl Boot {
                     continue;
                 }
             };
+            let cred = self.meta.credential.as_str();
             let res = match &call {
-                Call::Register(r) => self.client.register(&base, r).await.map(Reply::Register),
-                Call::Status(r) => self.client.status(&base, r).await.map(Reply::Status),
+                Call::Register(r) => self
+                    .client
+                    .register(&base, r, cred)
+                    .await
+                    .map(Reply::Register),
+                Call::Status(r) => self.client.status(&base, r, cred).await.map(Reply::Status),
             };
             match res {
                 Ok(reply) => {
@@ -530,6 +535,15 @@ impl Boot {
                 }
                 Err(CallError::NotSupported { .. }) if auto => {
                     return Err(RoundError::Fallback(server));
+                }
+                Err(e @ CallError::Refused { .. }) => {
+                    // Not a reason to fall back, nor to forget anything: the metafile (serial,
+                    // credential) stays as it is, and the round is tried again with back-off.
+                    tracing::error!(server = %server, error = %e, metafile = %self.meta_path.display(),
+                        "the server refuses this host; keeping the metafile as it is (a host that lost its credential is re-admitted by an operator: POST /api/hosts/<hostname>/readmit)");
+                    self.backoff.failed(&server, self.step(), Instant::now());
+                    self.shared
+                        .daemon(|d| d.last_heartbeat_error = Some(e.to_string()));
                 }
                 Err(e) => {
                     tracing::warn!(server = %server, error = %e, "server failed; trying the next");
@@ -547,6 +561,7 @@ impl Boot {
         let req = RegisterRequest {
             hostname: self.cfg.hostname.clone(),
             agentsn: self.meta.agentsn.clone(),
+            enrollment_secret: self.cfg.config.enrollment_secret.expose().to_string(),
         };
         let Reply::Register(resp) = self.call(Call::Register(&req)).await? else {
             return Err(RoundError::Failed);
@@ -566,9 +581,24 @@ impl Boot {
             self.meta.agentsn = resp.agentsn.clone();
             self.meta.confirmed = false;
         }
+        if !resp.credential.is_empty() {
+            if let Err(e) = proto::bootagent::check_credential(&resp.credential) {
+                tracing::warn!(error = %e, "server answered the registration with an unusable credential");
+                return Err(RoundError::Failed);
+            }
+            if !self.meta.credential.is_empty() {
+                tracing::info!("server gave this host a new credential; replacing the old one");
+            }
+            self.meta.credential = resp.credential.clone();
+        } else if self.meta.credential.is_empty() {
+            // A server from before credentials: requests go out without one.
+            tracing::debug!("server gave no credential");
+        }
         self.meta.tags = resp.tags.chars().take(1024).collect();
         self.meta.hostname = self.cfg.hostname.clone();
         if !self.save_meta().await {
+            // The credential stays in memory: the next registration carries it, and is
+            // admitted, and the metafile is tried again.
             return Err(RoundError::Failed);
         }
         tracing::info!(agentsn = %self.meta.agentsn, tags = %self.meta.tags, "registered");
