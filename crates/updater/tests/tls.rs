@@ -388,3 +388,52 @@ fn a_missing_or_garbage_tls_ca_file_is_a_config_error_naming_the_file() {
         assert_eq!(out.status.code(), Some(78));
     }
 }
+
+#[test]
+fn a_server_certificate_that_stops_verifying_leaves_the_running_agents_alone() {
+    let ca = Ca::new("fleet CA");
+    let mut meta = TlsMeta::start(&ca);
+    let ca_dir = test_support::tempdir().unwrap();
+    let ca_file = ca.write(ca_dir.path(), "ca.pem");
+    let mut hosts: Vec<Updater> = ["legacy", "bootagent", "auto"]
+        .into_iter()
+        .map(|mode| {
+            Updater::start(
+                &meta.base(),
+                &format!("swap-{mode}-01"),
+                |c: &mut serde_json::Value| {
+                    tls_tweak(mode, Some(ca_file.clone()))(c);
+                    // Retry failed rounds at once (the test default waits a minute).
+                    c["retryBaseSecs"] = json!(1);
+                    c["retryMaxSecs"] = json!(1);
+                },
+            )
+        })
+        .collect();
+    for u in &hosts {
+        u.wait_running("falcon", "1.0.0");
+    }
+    // ops-meta comes back with a certificate of a CA the hosts do not trust, and wants
+    // 1.1.0. (A restart: connections opened before a reload keep the certificate they
+    // were made with, and the hosts' clients keep theirs open between rounds.)
+    Ca::new("impostor CA")
+        .localhost()
+        .write(meta.meta.dir.path(), "server");
+    publish(&meta.meta, "falcon", "1.1.0", Behaviour::Good);
+    meta.meta.agents = json!([agent_entry("falcon", "1.1.0", &meta.base(), "start")]);
+    meta.write_config();
+    meta.meta.child = None;
+    meta.meta.spawn();
+    wait_listening(meta.tls, CONVERGE);
+    for u in &mut hosts {
+        wait_for(
+            &format!("{} to refuse the server twice", u.hostname),
+            CONVERGE,
+            || u.log_text().matches("invalid peer certificate").count() >= 2,
+        );
+        assert_eq!(u.version_of("falcon").as_deref(), Some("1.0.0"));
+        assert_eq!(status_of(&u.work().join("falcon/1.0.0")), "started");
+        assert!(!u.work().join("falcon/1.1.0").exists(), "{}", u.hostname);
+        u.assert_alive();
+    }
+}
