@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::persist::StoreSpec;
 use proto::{rules, AgentName, Version};
@@ -85,6 +86,8 @@ pub struct Config {
     pub tarball_dir: PathBuf,
     /// `http`.
     pub http: HttpConfig,
+    /// `tls` (ours): an HTTPS listener beside (or instead of) the plain one.
+    pub tls: Option<TlsConfig>,
     /// `agents`.
     pub agents: Vec<AgentConfig>,
     /// `staleHostSecs` (ours): hosts not seen for this long are dropped.
@@ -225,6 +228,19 @@ pub struct HttpConfig {
     pub listen: String,
 }
 
+/// `tls` (ours): HTTPS on its own address, with the same routes as `http`. The files are
+/// read at start and at every reload (SIGHUP, `GET /config/reload`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// `tls.listen`: as `http.listen`. Read at start only.
+    pub listen: String,
+    /// `tls.certFile`: PEM, the server's certificate first, then any intermediates. A
+    /// relative path is relative to the working directory, like `tarballDir`.
+    pub cert_file: PathBuf,
+    /// `tls.keyFile`: PEM, the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
 /// One element of `agents`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentConfig {
@@ -295,6 +311,8 @@ impl fmt::Display for Problem {
 pub struct Loaded {
     pub config: Config,
     pub warnings: Vec<Problem>,
+    /// The certificate and key of `tls`, read and checked while validating.
+    pub tls_pair: Option<Arc<rustls::sign::CertifiedKey>>,
 }
 
 /// Why a config could not be used.
@@ -392,6 +410,7 @@ pub fn parse(text: &str) -> Result<Loaded, (Vec<Problem>, Vec<Problem>)> {
         Ok(Loaded {
             config,
             warnings: p.warnings,
+            tls_pair: p.tls_pair,
         })
     } else {
         Err((p.errors, p.warnings))
@@ -402,6 +421,7 @@ pub fn parse(text: &str) -> Result<Loaded, (Vec<Problem>, Vec<Problem>)> {
 struct Parser {
     errors: Vec<Problem>,
     warnings: Vec<Problem>,
+    tls_pair: Option<Arc<rustls::sign::CertifiedKey>>,
 }
 
 fn join(path: &str, key: &str) -> String {
@@ -566,6 +586,7 @@ impl Parser {
             "apiTokens",
             "enrollmentSecrets",
             "legacyHeartbeat",
+            "tls",
         ];
         let empty = Map::new();
         let m = self.object(root, "", KNOWN).unwrap_or(&empty);
@@ -577,13 +598,28 @@ impl Parser {
         if tarball_dir.contains('\0') {
             self.error("tarballDir", "holds a NUL byte");
         }
-        let http = self.http(m);
+        let tls = self.tls(m);
+        let http = self.http(m, tls.is_some());
+        if let (true, Some(t)) = (http.enabled, &tls) {
+            let (a, b) = (listen_addr(&http.listen), listen_addr(&t.listen));
+            if let (Ok(a), Ok(b)) = (a, b) {
+                if a.port() == b.port()
+                    && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+                {
+                    self.error(
+                        "tls.listen",
+                        format!("{} is also http.listen's address", t.listen),
+                    );
+                }
+            }
+        }
         let agents = self.agents(m);
         const DAY: u64 = 24 * 3600;
         Config {
             debug,
             tarball_dir: PathBuf::from(tarball_dir),
             http,
+            tls,
             agents,
             stale_host_secs: self.number(
                 m,
@@ -964,12 +1000,64 @@ impl Parser {
         out
     }
 
-    fn http(&mut self, m: &Map<String, Value>) -> HttpConfig {
+    /// `tls` (ours): every key required, unknown keys are errors; the files are read and
+    /// the pair checked here, so that `-T` and a reload see a bad certificate.
+    fn tls(&mut self, m: &Map<String, Value>) -> Option<TlsConfig> {
+        let v = lookup(m, "tls")?;
+        let Some(t) = v.as_object() else {
+            self.error("tls", format!("want an object, got {}", kind(v)));
+            return None;
+        };
+        const KNOWN: [&str; 3] = ["listen", "certFile", "keyFile"];
+        for k in t.keys() {
+            if !KNOWN.iter().any(|n| n.eq_ignore_ascii_case(k)) {
+                self.error(&join("tls", k), "unknown key (listen, certFile, keyFile)");
+            }
+        }
+        let required = |p: &mut Parser, key: &str| {
+            let s = p.string(t, "tls", key);
+            if s.is_empty() && !matches!(lookup(t, key), Some(v) if !v.is_string()) {
+                p.error(&join("tls", key), "is required");
+            }
+            s
+        };
+        let listen = required(self, "listen");
+        let cert = required(self, "certFile");
+        let key = required(self, "keyFile");
+        if !listen.is_empty() {
+            if let Err(e) = listen_addr(&listen) {
+                self.error("tls.listen", e);
+            }
+        }
+        let (cert_file, key_file) = (PathBuf::from(cert), PathBuf::from(key));
+        if !cert_file.as_os_str().is_empty() && !key_file.as_os_str().is_empty() {
+            match crate::tls::load_pair(&cert_file, &key_file) {
+                Ok(pair) => self.tls_pair = Some(pair),
+                Err(e) => {
+                    let field = if e.path() == key_file && e.path() != cert_file {
+                        "tls.keyFile"
+                    } else {
+                        "tls.certFile"
+                    };
+                    self.error(field, e.to_string());
+                }
+            }
+        }
+        Some(TlsConfig {
+            listen,
+            cert_file,
+            key_file,
+        })
+    }
+
+    fn http(&mut self, m: &Map<String, Value>, tls: bool) -> HttpConfig {
         let Some(v) = lookup(m, "http") else {
-            self.warn(
-                "http",
-                "absent; nothing will listen (http.enabled is false)",
-            );
+            if !tls {
+                self.warn(
+                    "http",
+                    "absent; nothing will listen (http.enabled is false)",
+                );
+            }
             return HttpConfig {
                 enabled: false,
                 listen: String::new(),
@@ -985,7 +1073,7 @@ impl Parser {
             if let Err(e) = listen_addr(&listen) {
                 self.error("http.listen", e);
             }
-        } else {
+        } else if !tls {
             self.warn("http.enabled", "is false; nothing will listen");
         }
         HttpConfig { enabled, listen }

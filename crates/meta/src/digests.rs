@@ -83,6 +83,8 @@ pub enum Place {
 #[derive(Debug, Clone)]
 pub struct Locator {
     listen: Option<SocketAddr>,
+    /// `tls.listen`: `https://` URLs to it are ours too.
+    tls_listen: Option<SocketAddr>,
     bases: Vec<url::Url>,
 }
 
@@ -93,12 +95,20 @@ impl Locator {
             .enabled
             .then(|| crate::config::listen_addr(&cfg.http.listen).ok())
             .flatten();
+        let tls_listen = cfg
+            .tls
+            .as_ref()
+            .and_then(|t| crate::config::listen_addr(&t.listen).ok());
         let bases = cfg
             .tarball_urls
             .iter()
             .filter_map(|b| url::Url::parse(b).ok())
             .collect();
-        Locator { listen, bases }
+        Locator {
+            listen,
+            tls_listen,
+            bases,
+        }
     }
 
     /// Where `raw` is. Blocking: a host name in the URL is resolved to tell whether it is
@@ -124,8 +134,10 @@ impl Locator {
                 }
             }
         }
-        if let Some(listen) = self.listen {
-            if u.scheme() == "http" && port == listen.port() {
+        let listeners = [("http", self.listen), ("https", self.tls_listen)];
+        for (scheme, listen) in listeners {
+            let Some(listen) = listen else { continue };
+            if u.scheme() == scheme && port == listen.port() {
                 let key = host.to_ascii_lowercase();
                 let local = *names
                     .entry(key)
@@ -798,6 +810,36 @@ mod tests {
             let got = locator(listen, &bases).place(url, &mut names);
             names.clear();
             assert_eq!(got, want, "listen {listen}, bases {bases:?}, url {url}");
+        }
+    }
+
+    #[test]
+    fn https_urls_to_the_tls_listener_are_ours_too() {
+        let mut names = HashMap::new();
+        let l = Locator {
+            tls_listen: Some("0.0.0.0:6443".parse().unwrap()),
+            ..locator("0.0.0.0:2000", &[])
+        };
+        let table = [
+            (
+                "https://127.0.0.1:6443/a/a-1.tar.gz",
+                Place::Local("/a/a-1.tar.gz".into()),
+            ),
+            (
+                "https://localhost:6443/a-1.tar.gz",
+                Place::Local("/a-1.tar.gz".into()),
+            ),
+            (
+                "http://127.0.0.1:2000/a-1.tar.gz",
+                Place::Local("/a-1.tar.gz".into()),
+            ),
+            // The TLS port over plain HTTP, the plain port over TLS: not what we serve.
+            ("http://127.0.0.1:6443/a-1.tar.gz", Place::Remote),
+            ("https://127.0.0.1:2000/a-1.tar.gz", Place::Remote),
+            ("https://192.0.2.7:6443/a-1.tar.gz", Place::Remote),
+        ];
+        for (url, want) in table {
+            assert_eq!(l.place(url, &mut names), want, "{url}");
         }
     }
 

@@ -17,6 +17,7 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod tarfs;
+pub mod tls;
 pub mod wire;
 
 pub use http::{app, AppError};

@@ -1,5 +1,6 @@
-//! Running the server: the accept loop (hyper over [`crate::wire`], with a header-read
-//! timeout, a write timeout and graceful shutdown), the background tasks (stale-host sweep, tarball checksums), and the signal
+//! Running the server: the accept loops of the plain and the `tls` listener (hyper over
+//! [`crate::wire`], with a header-read timeout, a write timeout and graceful shutdown; the
+//! TLS handshake bounded by the header-read timeout too), the background tasks (stale-host sweep, tarball checksums), and the signal
 //! loop of the binary (SIGHUP reloads, SIGTERM/SIGINT shut down).
 
 use std::convert::Infallible;
@@ -29,7 +30,7 @@ use crate::wire::{self, Wire};
 pub enum RunError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("config: http.listen: {0}")]
+    #[error("config: {0}")]
     Listen(String),
     #[error("listen on {addr}: {source}")]
     Bind {
@@ -53,6 +54,7 @@ impl RunError {
 /// does not stop it; call [`Server::stop`].
 pub struct Server {
     addr: Option<SocketAddr>,
+    tls_addr: Option<SocketAddr>,
     state: AppState,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -121,6 +123,19 @@ impl Server {
     /// [`Server::start`] for a state loaded from a shared store up to `cursor`: other
     /// replicas' changes after it are polled.
     pub fn start_at(state: AppState, listener: Option<TcpListener>, cursor: Cursor) -> Server {
+        Server::start_with(
+            state,
+            Listeners {
+                plain: listener,
+                tls: None,
+            },
+            cursor,
+        )
+    }
+
+    /// [`Server::start_at`] with a `tls` listener too: its handshakes get the pair in
+    /// `state.reloader.certs`.
+    pub fn start_with(state: AppState, listeners: Listeners, cursor: Cursor) -> Server {
         let (shutdown, rx) = watch::channel(false);
         let cfg = state.current.load().config.clone();
         let mut tasks = vec![
@@ -147,17 +162,33 @@ impl Server {
             )));
         }
         let writer = (!writers.is_empty()).then_some((stop, writers));
-        let addr = listener.as_ref().and_then(|l| l.local_addr().ok());
-        if let Some(l) = listener {
+        let addr = listeners.plain.as_ref().and_then(|l| l.local_addr().ok());
+        let tls_addr = listeners.tls.as_ref().and_then(|l| l.local_addr().ok());
+        let header_timeout = Duration::from_secs(cfg.header_read_timeout_secs);
+        if let Some(l) = listeners.plain {
             tasks.push(tokio::spawn(accept_loop(
                 l,
+                None,
+                state.clone(),
+                rx.clone(),
+                header_timeout,
+            )));
+        }
+        if let Some(l) = listeners.tls {
+            let tls = tokio_rustls::TlsAcceptor::from(crate::tls::server_config(
+                state.reloader.certs.clone(),
+            ));
+            tasks.push(tokio::spawn(accept_loop(
+                l,
+                Some(tls),
                 state.clone(),
                 rx,
-                Duration::from_secs(cfg.header_read_timeout_secs),
+                header_timeout,
             )));
         }
         Server {
             addr,
+            tls_addr,
             state,
             shutdown,
             tasks,
@@ -179,6 +210,11 @@ impl Server {
     /// The address it listens on.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.addr
+    }
+
+    /// The address of its `tls` listener.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     /// The shared state (store, current config, reloader).
@@ -203,10 +239,19 @@ impl Server {
     }
 }
 
+/// The sockets a [`Server`] serves: the plain one (`http.listen`) and the `tls` one.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    pub plain: Option<TcpListener>,
+    pub tls: Option<TcpListener>,
+}
+
 /// Accepts connections until shutdown, then waits for open connections to finish their
-/// current request (bounded by `shutdownGraceSecs`).
+/// current request (bounded by `shutdownGraceSecs`). With `tls`, each connection first
+/// completes a TLS handshake within `header_timeout`, or is closed.
 async fn accept_loop(
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     state: AppState,
     mut shutdown: watch::Receiver<bool>,
     header_timeout: Duration,
@@ -229,11 +274,25 @@ async fn accept_loop(
                     let state = state.clone();
                     let shutdown = shutdown.clone();
                     let alive = alive.clone();
-                    tokio::spawn(async move {
-                        serve_connection(stream, peer, router, state, shutdown, header_timeout).await;
-                        drop(permit);
-                        drop(alive);
-                    });
+                    match &tls {
+                        None => {
+                            tokio::spawn(async move {
+                                serve_connection(stream, peer, router, state, shutdown, header_timeout).await;
+                                drop(permit);
+                                drop(alive);
+                            });
+                        }
+                        Some(acceptor) => {
+                            let handshake = acceptor.accept(stream);
+                            tokio::spawn(async move {
+                                if let Some(stream) = handshake_within(handshake, peer, header_timeout, shutdown.clone()).await {
+                                    serve_connection(stream, peer, router, state, shutdown, header_timeout).await;
+                                }
+                                drop(permit);
+                                drop(alive);
+                            });
+                        }
+                    }
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -255,14 +314,43 @@ async fn accept_loop(
     }
 }
 
-async fn serve_connection(
-    stream: tokio::net::TcpStream,
+/// Completes a TLS handshake, or gives up after `timeout` (a client that connects and
+/// sends nothing), on a failed handshake, or at shutdown.
+async fn handshake_within<S>(
+    handshake: tokio_rustls::Accept<S>,
+    peer: SocketAddr,
+    timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> Option<tokio_rustls::server::TlsStream<S>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tokio::select! {
+        r = tokio::time::timeout(timeout, handshake) => match r {
+            Ok(Ok(s)) => Some(s),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "tls handshake failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(%peer, ?timeout, "no tls handshake within headerReadTimeoutSecs; closed");
+                None
+            }
+        },
+        _ = stopped(&mut shutdown) => None,
+    }
+}
+
+async fn serve_connection<S>(
+    stream: S,
     peer: SocketAddr,
     router: axum::Router,
     state: AppState,
     mut shutdown: watch::Receiver<bool>,
     header_timeout: Duration,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let write_timeout = Duration::from_secs(state.current.load().config.write_timeout_secs);
     let heartbeats = HeartbeatConn::new(state.clone());
     // One protection stack for both: the heartbeat (nearly all of the traffic) is answered
@@ -444,6 +532,7 @@ pub async fn run(path: &Path) -> Result<(), RunError> {
         tracing::warn!(config = %path.display(), problem = %w, "config warning");
     }
     let spec = loaded.config.store.clone();
+    let loaded_pair = loaded.tls_pair.clone();
     let durable = persist::open(&spec).await?;
     let state = AppState::with_durable(
         path,
@@ -467,20 +556,42 @@ pub async fn run(path: &Path) -> Result<(), RunError> {
     let mut hup = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
-    let listener = if cfg.http.enabled {
-        let addr = config::listen_addr(&cfg.http.listen).map_err(RunError::Listen)?;
+    let plain = if cfg.http.enabled {
+        let addr = config::listen_addr(&cfg.http.listen)
+            .map_err(|e| RunError::Listen(format!("http.listen: {e}")))?;
         Some(
             TcpListener::bind(addr)
                 .await
                 .map_err(|source| RunError::Bind { addr, source })?,
         )
     } else {
-        tracing::warn!("http.enabled is false: not listening");
+        if cfg.tls.is_none() {
+            tracing::warn!("http.enabled is false and there is no tls: not listening");
+        }
         None
     };
-    let server = Server::start_at(state.clone(), listener, l.cursor);
+    let tls = match (&cfg.tls, loaded_pair) {
+        (Some(t), Some(pair)) => {
+            let addr = config::listen_addr(&t.listen)
+                .map_err(|e| RunError::Listen(format!("tls.listen: {e}")))?;
+            tracing::info!(
+                cert = %t.cert_file.display(),
+                sha256 = %crate::tls::fingerprint(&pair),
+                "tls certificate loaded"
+            );
+            state.reloader.certs.set(pair);
+            Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| RunError::Bind { addr, source })?,
+            )
+        }
+        _ => None,
+    };
+    let server = Server::start_with(state.clone(), Listeners { plain, tls }, l.cursor);
     tracing::info!(
         addr = ?server.local_addr(),
+        tls_addr = ?server.tls_addr(),
         version = crate::VERSION,
         config = %path.display(),
         agents = cfg.agents.len(),

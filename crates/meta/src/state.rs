@@ -63,6 +63,8 @@ pub struct Reloader {
     lock: tokio::sync::Mutex<()>,
     /// Wakes the digest task after a reload.
     pub sha_wanted: tokio::sync::Notify,
+    /// The `tls` listener's certificate and key, read again at every reload.
+    pub certs: Arc<crate::tls::Certs>,
 }
 
 impl Reloader {
@@ -92,6 +94,22 @@ impl Reloader {
             tracing::warn!(config = %self.path.display(), problem = %w, "config warning");
         }
         let old = self.current.load();
+        if let (Some(pair), Some(tls)) = (&loaded.tls_pair, &loaded.config.tls) {
+            let before = self.certs.current().map(|p| crate::tls::fingerprint(&p));
+            let now = crate::tls::fingerprint(pair);
+            self.certs.set(pair.clone());
+            tracing::info!(
+                cert = %tls.cert_file.display(),
+                sha256 = %now,
+                changed = before.as_deref() != Some(now.as_str()),
+                "tls certificate loaded; new connections get it"
+            );
+        }
+        if old.config.tls.as_ref().map(|t| &t.listen)
+            != loaded.config.tls.as_ref().map(|t| &t.listen)
+        {
+            tracing::warn!("tls.listen changed: it takes effect at the next restart");
+        }
         if old.config.http != loaded.config.http
             || old.config.header_read_timeout_secs != loaded.config.header_read_timeout_secs
         {
@@ -228,6 +246,7 @@ impl AppState {
             digests: Arc::new(DigestCache::new()),
             lock: tokio::sync::Mutex::new(()),
             sha_wanted: tokio::sync::Notify::new(),
+            certs: Arc::new(crate::tls::Certs::default()),
         });
         let (behind, writer) = if durable.kind() == "memory" {
             (WriteBehind::disabled(), None)

@@ -11,6 +11,10 @@
 //! connection future returns the parse error; bytes are sent only after each poll of that
 //! future, so when the error comes the head is still here, unsent, at the end of the
 //! buffer, and [`Wire`] replaces it with the same status carrying a text body.
+//!
+//! The socket is a type parameter: a `TcpStream` for the plain listener, a rustls stream
+//! over one for the `tls` listener. A TLS stream keeps records it could not send yet in
+//! its own buffer, so sending also flushes it (a no-op on a `TcpStream`).
 
 use std::future::Future;
 use std::io;
@@ -21,7 +25,6 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::http::AppError;
@@ -42,8 +45,8 @@ pub const MAX_URI_BYTES: usize = u16::MAX as usize - 1;
 
 /// The sending half: owned by the connection task, which polls the hyper connection
 /// through [`Wire::poll_drive`].
-pub struct Wire {
-    inner: Arc<Mutex<Inner>>,
+pub struct Wire<S> {
+    inner: Arc<Mutex<Inner<S>>>,
     write_timeout: Duration,
     /// Runs while bytes wait for a client that does not read; reset on progress.
     stall: Option<Pin<Box<Sleep>>>,
@@ -52,12 +55,12 @@ pub struct Wire {
 }
 
 /// The half hyper reads from and writes into.
-pub struct Io {
-    inner: Arc<Mutex<Inner>>,
+pub struct Io<S> {
+    inner: Arc<Mutex<Inner<S>>>,
 }
 
-struct Inner {
-    stream: TcpStream,
+struct Inner<S> {
+    stream: S,
     out: Vec<u8>,
     /// Bytes of `out` already sent.
     sent: usize,
@@ -77,9 +80,9 @@ pub enum End {
     WriteTimeout(Duration),
 }
 
-impl Wire {
+impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
     /// Splits `stream` into the half for hyper and the half the task sends with.
-    pub fn new(stream: TcpStream, write_timeout: Duration) -> (Wire, Io) {
+    pub fn new(stream: S, write_timeout: Duration) -> (Wire<S>, Io<S>) {
         let inner = Arc::new(Mutex::new(Inner {
             stream,
             out: Vec::new(),
@@ -160,7 +163,7 @@ impl Wire {
     }
 }
 
-impl Inner {
+impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     fn pending(&self) -> usize {
         self.out.len() - self.sent
     }
@@ -172,20 +175,22 @@ impl Inner {
                 Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
                 Poll::Ready(Ok(n)) => self.sent += n,
                 Poll::Ready(Err(e)) => return Err(e),
-                Poll::Pending => break,
+                Poll::Pending => return Ok(false),
             }
         }
-        if self.sent == self.out.len() {
-            self.out.clear();
-            self.sent = 0;
-            // A long page grew the buffer past its usual size: give the memory back.
-            if self.out.capacity() > 4 * BUFFER {
-                self.out = Vec::new();
-            }
-            Ok(true)
-        } else {
-            Ok(false)
+        // What a TLS stream still holds counts as unsent.
+        match Pin::new(&mut self.stream).poll_flush(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => return Ok(false),
         }
+        self.out.clear();
+        self.sent = 0;
+        // A long page grew the buffer past its usual size: give the memory back.
+        if self.out.capacity() > 4 * BUFFER {
+            self.out = Vec::new();
+        }
+        Ok(true)
     }
 
     /// Takes `bufs` whole when there is room, else refuses them all (hyper retries).
@@ -211,7 +216,7 @@ impl Inner {
     }
 }
 
-impl AsyncRead for Io {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Io<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -221,7 +226,7 @@ impl AsyncRead for Io {
     }
 }
 
-impl AsyncWrite for Io {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Io<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         _cx: &mut Context<'_>,

@@ -2,6 +2,7 @@
 //! fake agents with real `control` scripts, and free ports on 127.0.0.1.
 
 pub mod agent;
+pub mod certs;
 pub mod cgroups;
 pub mod fileserver;
 pub mod minisign;

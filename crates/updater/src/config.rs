@@ -169,6 +169,12 @@ pub struct Config {
     /// `tlsInsecure` (ours): accept any certificate from an `https://` server, as the fork
     /// with a self-signed certificate needs. Off by default.
     pub tls_insecure: bool,
+    /// `tlsCaFile` (ours): a PEM file of one or more CA certificates, the only trust roots
+    /// of every HTTPS connection (see [`crate::tls`]); absent means the system's roots. A
+    /// relative path is relative to the working directory.
+    pub tls_ca_file: Option<PathBuf>,
+    /// The DER of `tlsCaFile`'s certificates, read and checked with the config.
+    pub tls_ca: Vec<Vec<u8>>,
     /// `protocol` (ours): `legacy`, `bootagent` or `auto` (the default).
     pub protocol: Protocol,
     /// `metafile` (ours): the BootAgent metafile; default `<workdir>/.ops-updater/meta.json`.
@@ -255,6 +261,8 @@ impl Default for Config {
             self_upgrade_commit_rounds: default_self_upgrade_commit_rounds() as u32,
             self_upgrade_watch_secs: default_self_upgrade_watch_secs(),
             tls_insecure: false,
+            tls_ca_file: None,
+            tls_ca: Vec::new(),
             protocol: Protocol::default(),
             metafile: None,
             supervise: crate::engine::supervise::Policy::default(),
@@ -588,6 +596,15 @@ impl Config {
         c.failed_start_retry_secs =
             f.u64("failedStartRetrySecs", default_failed_start_retry_secs());
         c.tls_insecure = f.bool("tlsInsecure", false);
+        let ca_file = f.string("tlsCaFile");
+        if !ca_file.is_empty() {
+            let path = PathBuf::from(&ca_file);
+            match crate::tls::read_ca_file(&path) {
+                Ok(certs) => c.tls_ca = certs,
+                Err(m) => f.error("tlsCaFile", m),
+            }
+            c.tls_ca_file = Some(path);
+        }
         match f.string("protocol").as_str() {
             "" | "auto" => c.protocol = Protocol::Auto,
             "legacy" => c.protocol = Protocol::Legacy,
@@ -669,6 +686,13 @@ impl Config {
             }),
         }
 
+        if c.tls_insecure && c.tls_ca_file.is_some() {
+            problems.push(Problem {
+                severity: Severity::Warning,
+                field: "tlsInsecure".into(),
+                message: "is true: tlsCaFile is ignored and no certificate is checked".into(),
+            });
+        }
         c.validate(&mut problems);
         if problems.iter().any(|p| p.severity == Severity::Error) {
             return Err(ConfigError {

@@ -180,7 +180,7 @@ impl Daemon {
             &cfg.heartbeat_url,
             Duration::from_secs(c.heartbeat_timeout_secs),
             c.max_response_bytes,
-            c.tls_insecure,
+            heartbeat::Tls::of(c),
         )?;
         Ok(Daemon {
             cfg,
@@ -278,6 +278,7 @@ impl Daemon {
     /// One round; false when the heartbeat failed. Its lines about the server's answer go
     /// through the rate limiter, summarised at the end.
     async fn round(&mut self) -> bool {
+        crate::tls::warn_insecure(self.cfg.config.tls_insecure);
         let ok = self.round_inner().await;
         self.log.finish_round();
         ok

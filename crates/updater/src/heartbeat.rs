@@ -100,9 +100,9 @@ impl Client {
         url: &str,
         timeout: Duration,
         max_response_bytes: u64,
-        tls_insecure: bool,
+        tls: Tls<'_>,
     ) -> Result<Client, HeartbeatError> {
-        let http = http_client(timeout, tls_insecure).map_err(HeartbeatError::Client)?;
+        let http = http_client(timeout, tls).map_err(HeartbeatError::Client)?;
         Ok(Client {
             http,
             url: url.to_string(),
@@ -216,16 +216,31 @@ pub(crate) async fn read_capped(resp: reqwest::Response, limit: u64) -> Result<V
     Ok(body)
 }
 
+/// How an HTTPS client checks servers: `tlsCaFile`'s certificates (DER; empty for the
+/// system's roots) and `tlsInsecure` (see [`crate::tls`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Tls<'a> {
+    pub ca: &'a [Vec<u8>],
+    pub insecure: bool,
+}
+
+impl<'a> Tls<'a> {
+    /// The settings of `c`.
+    pub fn of(c: &'a crate::config::Config) -> Tls<'a> {
+        Tls {
+            ca: &c.tls_ca,
+            insecure: c.tls_insecure,
+        }
+    }
+}
+
 /// The HTTP client for every call to a server, legacy heartbeat and BootAgent alike:
 /// `timeout` bounds a whole exchange.
-pub(crate) fn http_client(
-    timeout: Duration,
-    tls_insecure: bool,
-) -> reqwest::Result<reqwest::Client> {
-    reqwest::Client::builder()
+pub(crate) fn http_client(timeout: Duration, tls: Tls<'_>) -> reqwest::Result<reqwest::Client> {
+    let b = reqwest::Client::builder()
         .timeout(timeout)
-        .connect_timeout(timeout.min(Duration::from_secs(10)))
-        .danger_accept_invalid_certs(tls_insecure)
+        .connect_timeout(timeout.min(Duration::from_secs(10)));
+    crate::tls::configure(b, tls.ca, tls.insecure)
         .user_agent(format!("ops-updater/{}", crate::selfup::VERSION))
         // Servers are named by the operator; following redirects elsewhere is never wanted.
         .redirect(reqwest::redirect::Policy::none())
@@ -299,7 +314,16 @@ mod tests {
             );
         }
         let (url, bodies) = server(vec![500]).await;
-        let c = Client::new(&url, Duration::from_secs(5), 1 << 20, false).unwrap();
+        let c = Client::new(
+            &url,
+            Duration::from_secs(5),
+            1 << 20,
+            Tls {
+                ca: &[],
+                insecure: false,
+            },
+        )
+        .unwrap();
         let req = HeartbeatRequest {
             hostname: "h1".into(),
             real_agents: vec![],

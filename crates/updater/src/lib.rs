@@ -18,6 +18,7 @@ pub mod heartbeat;
 pub mod http;
 pub mod logcap;
 pub mod state;
+pub mod tls;
 
 // BootAgent mode (register, status reports, jobs) and the protocol choice.
 pub mod boot;

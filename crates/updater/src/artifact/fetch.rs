@@ -138,16 +138,24 @@ impl Fetcher {
     /// A fetcher over a rustls HTTP client with `limits.connect_timeout`. Proxies set in
     /// the environment (`http_proxy`, `no_proxy`) are honoured, as wget did for the original.
     pub fn new(limits: Limits) -> Result<Fetcher, ArtifactError> {
-        Fetcher::with_tls(limits, false)
+        Fetcher::with_tls(
+            limits,
+            crate::heartbeat::Tls {
+                ca: &[],
+                insecure: false,
+            },
+        )
     }
 
-    /// As [`Fetcher::new`]; with `accept_invalid_certs` (the updater's `tlsInsecure`) any
-    /// certificate of an `https://` tarball server is accepted, as for the heartbeat: a
-    /// server with a self-signed certificate serves its tarballs with the same one.
-    pub fn with_tls(limits: Limits, accept_invalid_certs: bool) -> Result<Fetcher, ArtifactError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(limits.connect_timeout)
-            .danger_accept_invalid_certs(accept_invalid_certs)
+    /// As [`Fetcher::new`], checking `https://` tarball servers as the heartbeat checks its
+    /// server (`tlsCaFile`, `tlsInsecure`): the server that hands out tarball URLs of its
+    /// own serves them with the same certificate.
+    pub fn with_tls(
+        limits: Limits,
+        tls: crate::heartbeat::Tls<'_>,
+    ) -> Result<Fetcher, ArtifactError> {
+        let b = reqwest::Client::builder().connect_timeout(limits.connect_timeout);
+        let client = crate::tls::configure(b, tls.ca, tls.insecure)
             .user_agent(format!("ops-updater/{}", crate::selfup::VERSION))
             .build()
             .map_err(|e| ArtifactError::Client(crate::error_chain(&e)))?;

@@ -129,10 +129,9 @@ impl Client {
     pub fn new(
         timeout: Duration,
         max_response_bytes: u64,
-        tls_insecure: bool,
+        tls: crate::heartbeat::Tls<'_>,
     ) -> Result<Client, CallError> {
-        let http =
-            crate::heartbeat::http_client(timeout, tls_insecure).map_err(CallError::Client)?;
+        let http = crate::heartbeat::http_client(timeout, tls).map_err(CallError::Client)?;
         Ok(Client {
             http,
             max_response_bytes,

@@ -357,7 +357,7 @@ impl Boot {
         let client = Client::new(
             Duration::from_secs(c.heartbeat_timeout_secs),
             c.max_response_bytes,
-            c.tls_insecure,
+            crate::heartbeat::Tls::of(c),
         )?;
         crate::engine::clean_uninstall_leftovers(&cfg.workdir);
         let (done_tx, done_rx) = mpsc::unbounded_channel();
@@ -609,6 +609,7 @@ impl Boot {
 
     /// One round: register when needed, report, take the answer's jobs.
     async fn round(&mut self) -> Result<(), RoundError> {
+        crate::tls::warn_insecure(self.cfg.config.tls_insecure);
         let registering = self.needs_register || (!self.meta.confirmed && !self.registered);
         if registering {
             self.register().await?;

@@ -312,7 +312,7 @@ impl Ctx {
                 max_unpacked_bytes: c.max_unpacked_bytes,
                 ..artifact::Limits::default()
             },
-            c.tls_insecure,
+            crate::heartbeat::Tls::of(c),
         )?
         .with_trust(artifact::Trust::new(
             c.trusted_keys.clone(),
