@@ -16,7 +16,7 @@
 //! scrape. Adding a family (rollouts by state, say) is one more `encode_*` call in
 //! [`Scrape::encode`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use axum::http::StatusCode;
@@ -212,31 +212,75 @@ pub fn label_value(s: &str) -> String {
         .collect()
 }
 
-/// Hosts by (protocol, agent, version, state), counted from the live state.
+/// The states `ops_meta_agent_hosts` shows ([`state_of`]).
+const STATES: [&str; 6] = ["started", "running", "stoped", "fatal", "killed", "other"];
+/// The protocols of `ops_meta_agent_hosts`.
+const PROTOCOLS: [&str; 2] = ["legacy", "bootagent"];
+/// Most distinct (agent, version) texts one scrape counts apart; hosts reporting further
+/// ones are counted under `other`, so that counting stays bounded in memory too.
+pub const MAX_COUNTED_PAIRS: usize = 65_536;
+
+/// A protocol of [`HostCounts::add`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Legacy,
+    BootAgent,
+}
+
+/// Hosts by (protocol, agent, version, state), counted from the live state: the texts as
+/// reported (looked up without allocating; a new pair is copied once), cleaned into label
+/// values only when the series are written.
 #[derive(Debug, Default)]
 pub struct HostCounts {
-    counts: HashMap<(&'static str, String, String, &'static str), u64>,
+    raw: [HashMap<String, HashMap<String, [u64; STATES.len()]>>; PROTOCOLS.len()],
+    pairs: usize,
 }
 
 impl HostCounts {
     /// Counts one host's report of one agent.
-    pub fn add(&mut self, protocol: &'static str, agent: &str, version: &str, status: &str) {
-        let key = (
-            protocol,
-            label_value(agent),
-            label_value(version),
-            state_of(status),
-        );
-        *self.counts.entry(key).or_default() += 1;
+    pub fn add(&mut self, protocol: Protocol, agent: &str, version: &str, status: &str) {
+        let state = STATES
+            .iter()
+            .position(|s| *s == state_of(status))
+            .unwrap_or(STATES.len() - 1);
+        let (agent, version) = if self.pairs < MAX_COUNTED_PAIRS
+            || self.raw[protocol as usize]
+                .get(agent)
+                .is_some_and(|v| v.contains_key(version))
+        {
+            (agent, version)
+        } else {
+            ("other", "other")
+        };
+        let agents = &mut self.raw[protocol as usize];
+        if !agents.contains_key(agent) {
+            agents.insert(agent.to_string(), HashMap::new());
+        }
+        let versions = agents.get_mut(agent).expect("inserted above");
+        if !versions.contains_key(version) {
+            versions.insert(version.to_string(), [0; STATES.len()]);
+            self.pairs += 1;
+        }
+        versions.get_mut(version).expect("inserted above")[state] += 1;
     }
 
-    /// The series to write: the [`MAX_HOST_SERIES`]` - 1` largest, then one `other` series
-    /// with the rest (when there is a rest), in a stable order.
+    /// The series to write: the [`MAX_HOST_SERIES`]` - 1` largest, then one series whose
+    /// labels are all `other` with the rest (when there is a rest), in a stable order.
     pub fn series(self) -> Vec<([(&'static str, String); 4], u64)> {
-        let mut all: Vec<_> = self.counts.into_iter().collect();
+        let mut cleaned: HashMap<(usize, String, String, usize), u64> = HashMap::new();
+        for (p, agents) in self.raw.into_iter().enumerate() {
+            for (agent, versions) in agents {
+                for (version, counts) in versions {
+                    for (state, n) in counts.into_iter().enumerate().filter(|(_, n)| *n > 0) {
+                        let key = (p, label_value(&agent), label_value(&version), state);
+                        *cleaned.entry(key).or_default() += n;
+                    }
+                }
+            }
+        }
+        let mut all: Vec<_> = cleaned.into_iter().collect();
         all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         let rest: u64 = all.iter().skip(MAX_HOST_SERIES - 1).map(|(_, n)| n).sum();
-        let rest_protocols = all.len() >= MAX_HOST_SERIES;
         all.truncate(MAX_HOST_SERIES - 1);
         all.sort_by(|a, b| a.0.cmp(&b.0));
         let mut out: Vec<_> = all
@@ -244,16 +288,16 @@ impl HostCounts {
             .map(|((p, a, v, s), n)| {
                 (
                     [
-                        ("protocol", p.to_string()),
+                        ("protocol", PROTOCOLS[p].to_string()),
                         ("agent", a),
                         ("version", v),
-                        ("state", s.to_string()),
+                        ("state", STATES[s].to_string()),
                     ],
                     n,
                 )
             })
             .collect();
-        if rest_protocols && rest > 0 {
+        if rest > 0 {
             out.push((
                 [
                     ("protocol", "other".into()),
@@ -301,7 +345,7 @@ impl Scrape {
         for h in &boot_hosts {
             st.boot.registry.read(h.as_str(), |rec| {
                 for a in rec.report.iter().flat_map(|r| &r.agents) {
-                    counts.add("bootagent", &a.name, &a.version, &a.status);
+                    counts.add(Protocol::BootAgent, &a.name, &a.version, &a.status);
                 }
                 for p in rec.jobs.pending() {
                     jobs_pending[action_index(p.job.action)] += 1;
@@ -310,12 +354,12 @@ impl Scrape {
         }
         // BootAgent hosts are in the fleet store too (their reports in legacy terms, for
         // the status pages): counted once, above, with their own states.
-        let boot: std::collections::HashSet<&str> = boot_hosts.iter().map(|h| h.as_str()).collect();
-        for h in st.store.hostnames(&|h| !boot.contains(h)) {
-            for a in st.store.host(&h).unwrap_or_default() {
-                counts.add("legacy", &a.name, &a.version, &a.status);
+        let boot: HashSet<&str> = boot_hosts.iter().map(|h| h.as_str()).collect();
+        st.store.for_each_agent(&mut |host, name, version, status| {
+            if boot.is_empty() || !boot.contains(host) {
+                counts.add(Protocol::Legacy, name, version, status);
             }
-        }
+        });
         Scrape {
             backend: st.durable.kind(),
             queued_hosts: lag.queued.load(Relaxed).max(0),
@@ -549,9 +593,9 @@ mod tests {
     fn host_series_are_capped_with_an_other_bucket() {
         let mut c = HostCounts::default();
         for i in 0..5_000 {
-            c.add("legacy", "a", &format!("1.{i}"), "started");
+            c.add(Protocol::Legacy, "a", &format!("1.{i}"), "started");
         }
-        c.add("legacy", "a", "1.0", "started");
+        c.add(Protocol::Legacy, "a", "1.0", "started");
         let s = c.series();
         assert_eq!(s.len(), MAX_HOST_SERIES);
         assert_eq!(s.iter().map(|(_, n)| n).sum::<u64>(), 5_001);
@@ -559,5 +603,33 @@ mod tests {
         assert_eq!(other.0[1].1, "other");
         assert_eq!(other.1, 5_001 - 2 - (MAX_HOST_SERIES as u64 - 2));
         assert!(s.iter().any(|(l, n)| l[2].1 == "1.0" && *n == 2));
+    }
+
+    #[test]
+    fn texts_that_clean_alike_are_one_series_and_counting_is_bounded() {
+        let mut c = HostCounts::default();
+        c.add(Protocol::BootAgent, "a", "1 0", "running");
+        c.add(Protocol::BootAgent, "a", "1/0", "running");
+        c.add(Protocol::BootAgent, "a", "1/0", "disk full");
+        let s = c.series();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].0[2].1, "1_0");
+        assert_eq!((s[0].0[3].1.as_str(), s[0].1), ("running", 2));
+        assert_eq!((s[1].0[3].1.as_str(), s[1].1), ("other", 1));
+
+        let mut c = HostCounts::default();
+        for i in 0..MAX_COUNTED_PAIRS + 10 {
+            c.add(Protocol::Legacy, &format!("x{i}"), "1", "started");
+        }
+        // Known pairs are still counted apart past the bound.
+        c.add(Protocol::Legacy, "x0", "1", "started");
+        assert_eq!(c.pairs, MAX_COUNTED_PAIRS + 1);
+        let s = c.series();
+        assert_eq!(s.len(), MAX_HOST_SERIES);
+        assert_eq!(
+            s.iter().map(|(_, n)| n).sum::<u64>(),
+            MAX_COUNTED_PAIRS as u64 + 11
+        );
+        assert!(s.iter().any(|(l, n)| l[1].1 == "x0" && *n == 2));
     }
 }
