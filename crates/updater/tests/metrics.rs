@@ -1,7 +1,7 @@
 //! `GET /metrics` of the real ops-updater's local endpoint, read with an independent
 //! parser of the Prometheus text format (`prometheus-parse`), in each protocol mode: the
-//! rounds by protocol, the agent's install; and, with the legacy heartbeat, a download
-//! that fails (404) counted as a failed install and a `download` failure.
+//! rounds by protocol, the agent's install, and a download that fails (404) counted as a
+//! failed install and a `download` failure.
 
 mod common;
 
@@ -93,16 +93,11 @@ fn install_then_count(mode: &str) {
         0.0
     );
 
-    if mode != "legacy" {
-        return;
-    }
-    // A version that is not published: its download answers 404.
-    meta.set_agents(json!([agent_entry(
-        "falcon",
-        "2.0.0",
-        &meta.base(),
-        "start"
-    )]));
+    // A version that is not published, with its SHA-256 in the config (so a BootAgent
+    // job is handed out without ops-meta having the file): its download answers 404.
+    let mut entry = agent_entry("falcon", "2.0.0", &meta.base(), "start");
+    entry["default"]["sha256"] = json!("ab".repeat(32));
+    meta.set_agents(json!([entry]));
     wait_for("the failed download counted", CONVERGE, || {
         metric(&u, "ops_updater_failures_total", &[("kind", "download")]) >= 1.0
     });
@@ -116,6 +111,10 @@ fn install_then_count(mode: &str) {
         counter(&s, "ops_updater_failures_total", &[("kind", "checksum")]),
         0.0
     );
+    assert_eq!(
+        counter(&s, "ops_updater_failures_total", &[("kind", "unpack")]),
+        0.0
+    );
     // The old version kept running.
     u.wait_running("falcon", "1.0.0");
 }
@@ -126,11 +125,11 @@ fn metrics_count_rounds_installs_and_a_failed_download_legacy() {
 }
 
 #[test]
-fn metrics_count_rounds_and_installs_bootagent() {
+fn metrics_count_rounds_installs_and_a_failed_download_bootagent() {
     install_then_count("bootagent");
 }
 
 #[test]
-fn metrics_count_rounds_and_installs_auto() {
+fn metrics_count_rounds_installs_and_a_failed_download_auto() {
     install_then_count("auto");
 }
