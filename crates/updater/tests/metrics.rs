@@ -6,37 +6,9 @@
 mod common;
 
 use common::*;
-use prometheus_parse::{Scrape, Value as Sample};
 use serde_json::json;
 use test_support::agent::Behaviour;
 use test_support::wait_for;
-
-/// `/metrics`, parsed: every sample line is taken by the parser, every sample a counter.
-fn scrape(u: &Updater) -> Scrape {
-    let (code, text) = http_get(u.http, "/metrics").expect("local /metrics answers");
-    assert_eq!(code, 200, "{text}");
-    let samples = text.lines().filter(|l| !l.starts_with('#')).count();
-    let s = Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
-    assert_eq!(s.samples.len(), samples, "{text}");
-    assert!(samples > 0);
-    s
-}
-
-fn counter(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let x = s
-        .samples
-        .iter()
-        .find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
-        .unwrap_or_else(|| panic!("no {name} {labels:?}"));
-    match x.value {
-        Sample::Counter(v) => v,
-        ref v => panic!("{name} is not a counter: {v:?}"),
-    }
-}
-
-fn metric(u: &Updater, name: &str, labels: &[(&str, &str)]) -> f64 {
-    counter(&scrape(u), name, labels)
-}
 
 fn install_then_count(mode: &str) {
     let mut meta = Meta::start(json!([]));
