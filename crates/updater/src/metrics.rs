@@ -80,8 +80,9 @@ const INSTALLS: [&str; 3] = ["ok", "failed", "rolled_back"];
 pub enum SelfUpgrade {
     /// Prepared: this worker stops for the new binary.
     Started,
-    /// Refused or failed before anything changed (or rolled back, as the old worker
-    /// reports it again).
+    /// Failed before anything changed (the download, its checks, the new binary's `-T`,
+    /// staging). A roll-back is the supervisor's doing and not counted here: `/status`
+    /// (`selfUpgrade`) and the `self_upgrade_failed` event tell it.
     Failed,
     /// The new binary (this worker) had its good rounds and was committed.
     Committed,

@@ -314,13 +314,13 @@ impl SelfUpgrade {
     }
 
     fn refused(&self, version: &Version, why: &str) {
+        self.shared
+            .metrics()
+            .self_upgrade(crate::metrics::SelfUpgrade::Failed);
         let mut last = self.last_refusal.lock().unwrap_or_else(|e| e.into_inner());
         let key = format!("{version}: {why}");
         if last.as_deref() != Some(key.as_str()) {
             tracing::warn!(version = %version, "self-upgrade not done: {why}");
-            self.shared
-                .metrics()
-                .self_upgrade(crate::metrics::SelfUpgrade::Failed);
             self.event(
                 proto::events::KIND_SELF_UPGRADE_FAILED,
                 version.as_str(),
