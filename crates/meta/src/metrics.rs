@@ -391,7 +391,8 @@ impl Scrape {
     }
 }
 
-fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> std::fmt::Result {
+/// A gauge of a count (written as an integer, as before the move to this crate).
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
     let m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
     ConstGauge::new(v).encode(m)
 }
@@ -414,14 +415,15 @@ impl Collector for Scrape {
             &mut e,
             "ops_meta_store_queue_hosts",
             "Hosts whose changed legacy report waits in the write-behind queue.",
-            self.queued_hosts as f64,
+            self.queued_hosts,
         )?;
-        gauge(
-            &mut e,
+        let m = e.encode_descriptor(
             "ops_meta_store_write_lag_seconds",
             "Age of the oldest report in the last write-behind batch when it was written.",
-            self.write_lag_secs,
+            None,
+            MetricType::Gauge,
         )?;
+        ConstGauge::new(self.write_lag_secs).encode(m)?;
         counter(
             &mut e,
             "ops_meta_store_rows_written",
@@ -438,7 +440,7 @@ impl Collector for Scrape {
             &mut e,
             "ops_meta_store_seen_queue_hosts",
             "BootAgent hosts whose last-seen time waits to be written.",
-            self.seen_queued_hosts as f64,
+            self.seen_queued_hosts,
         )?;
         counter(
             &mut e,
@@ -462,13 +464,13 @@ impl Collector for Scrape {
             &mut e,
             "ops_meta_hosts",
             "Legacy hosts known.",
-            self.hosts as f64,
+            self.hosts as i64,
         )?;
         gauge(
             &mut e,
             "ops_meta_bootagent_hosts",
             "BootAgent hosts registered.",
-            self.boot_hosts as f64,
+            self.boot_hosts as i64,
         )?;
         let mut m = e.encode_descriptor(
             "ops_meta_agent_hosts",
@@ -546,13 +548,13 @@ impl Collector for Scrape {
             &mut e,
             "ops_meta_connections_open",
             "Connections open now.",
-            self.connections_open as f64,
+            self.connections_open as i64,
         )?;
         gauge(
             &mut e,
             "ops_meta_connections_max",
             "The most connections open at once (maxConnections).",
-            self.connections_max as f64,
+            self.connections_max as i64,
         )?;
         counter(
             &mut e,

@@ -286,6 +286,21 @@ async fn metrics_count_hosts_requests_errors_and_jobs() {
     // Every host in the fleet store: BootAgent hosts are there too.
     assert_eq!(value(&s, "ops_meta_hosts", &[]), Some(5.0));
     assert_eq!(value(&s, "ops_meta_bootagent_hosts", &[]), Some(1.0));
+    // Counts are written as integers (scripts such as bench/store read them with awk).
+    let text = m
+        .http
+        .get(format!("{}/metrics", m.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.lines().any(|l| l == "ops_meta_hosts 5"), "{text}");
+    assert!(
+        text.lines().any(|l| l == "ops_meta_bootagent_hosts 1"),
+        "{text}"
+    );
 
     let req = |endpoint: &str, code: &str| {
         counter(
