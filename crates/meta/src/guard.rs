@@ -3,7 +3,8 @@
 //! per request admission ([`crate::http::auth::admit`]: operator tokens and roles, or
 //! the loopback rules without tokens, and the audit log of every mutation), then the
 //! `requestTimeoutSecs` deadline, then the handler ([`Guard::route`],
-//! [`Guard::deadline`]). The router's in-process form ([`crate::app`]) runs the same steps
+//! [`Guard::deadline`]); its answer is counted by endpoint kind and status
+//! ([`crate::metrics::count_request`], one relaxed atomic add). The router's in-process form ([`crate::app`]) runs the same steps
 //! as a middleware, so tests that drive the router see the same checks and limits.
 //!
 //! Why not a `tower::ServiceBuilder` of boxed layers: the heartbeat is nearly all of the
@@ -31,6 +32,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
 
 use crate::http::{auth, AppError, AppState};
+use crate::metrics::{self, Endpoint};
 
 /// One connection's guard: the state, the peer, and the limits of the config snapshot it
 /// last read (re-read when a reload bumps the generation).
@@ -82,7 +84,7 @@ impl Guard {
     where
         Fut: Future<Output = Response>,
     {
-        deadline(self.timeout_secs(), fut)
+        counted(Endpoint::Heartbeat, deadline(self.timeout_secs(), fut))
     }
 
     /// `req` through the whole stack into `router`: admission (operator tokens or the
@@ -94,6 +96,7 @@ impl Guard {
     {
         let secs = self.timeout_secs();
         let state = self.state.clone();
+        let endpoint = Endpoint::of(req.uri().path());
         let mut req = req.map(Body::new);
         if let Some(peer) = self.peer {
             req.extensions_mut().insert(ConnectInfo(peer));
@@ -104,8 +107,19 @@ impl Guard {
                 router.oneshot(r).map(|r| r.unwrap_or_else(|e| match e {})),
             )
         };
-        async move { auth::admit(&state, req, answer).await }
+        counted(
+            endpoint,
+            async move { auth::admit(&state, req, answer).await },
+        )
     }
+}
+
+/// `fut`'s answer, counted in [`crate::metrics`] by endpoint kind and status: one relaxed
+/// add once it is ready.
+async fn counted(endpoint: Endpoint, fut: impl Future<Output = Response>) -> Response {
+    let r = fut.await;
+    metrics::count_request(endpoint, r.status());
+    r
 }
 
 /// Waits for `fut`, at most `secs` seconds. Almost always the answer is ready at the
@@ -130,7 +144,12 @@ pub(crate) async fn middleware(State(st): State<AppState>, req: Request, next: N
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
     let secs = Guard::new(st.clone(), peer).timeout_secs();
-    auth::admit(&st, req, |r| deadline(secs, next.run(r))).await
+    let endpoint = Endpoint::of(req.uri().path());
+    counted(
+        endpoint,
+        auth::admit(&st, req, |r| deadline(secs, next.run(r))),
+    )
+    .await
 }
 
 /// The cap on open connections (`maxConnections`): the accept loop takes a permit before

@@ -12,6 +12,7 @@ pub mod digests;
 pub mod events;
 pub mod guard;
 pub mod http;
+pub mod metrics;
 pub mod persist;
 pub mod server;
 pub mod state;

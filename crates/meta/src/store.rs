@@ -61,6 +61,15 @@ pub trait FleetStore: Send + Sync + 'static {
     }
     /// Number of known hosts.
     fn host_count(&self) -> usize;
+    /// Calls `f(hostname, agent, version, status)` for every agent of every known host, in
+    /// no particular order: for counting (`/metrics`) without copying the fleet.
+    fn for_each_agent(&self, f: &mut dyn FnMut(&str, &str, &str, &str)) {
+        for h in self.hostnames(&|_| true) {
+            for a in self.host(&h).unwrap_or_default() {
+                f(&h, &a.name, &a.version, &a.status);
+            }
+        }
+    }
     /// The known hostnames that `keep` accepts, sorted.
     fn hostnames(&self, keep: &dyn Fn(&str) -> bool) -> Vec<String>;
     /// Drops every host last seen before `older_than`; returns how many were dropped.
@@ -656,6 +665,24 @@ impl FleetStore for MemStore {
         )
     }
 
+    fn for_each_agent(&self, f: &mut dyn FnMut(&str, &str, &str, &str)) {
+        // One shard's read lock at a time, held while its hosts are counted.
+        for shard in self.shards.iter() {
+            let m = shard.read();
+            for e in m.iter() {
+                let rec = &e.rec;
+                for a in rec.agents.iter() {
+                    f(
+                        &e.host,
+                        self.resolve(a.name, &self.names, rec),
+                        self.resolve(a.version, &self.names, rec),
+                        self.resolve(a.status, &self.statuses, rec),
+                    );
+                }
+            }
+        }
+    }
+
     fn hostnames(&self, keep: &dyn Fn(&str) -> bool) -> Vec<String> {
         let mut out = Vec::new();
         for shard in self.shards.iter() {
@@ -867,6 +894,24 @@ mod tests {
         assert_eq!(got.name(), "a");
         assert_eq!(got.to_host_agents(), want);
         assert!(s.agent_status("nope").iter().all(|e| e.agent.is_none()));
+    }
+
+    #[test]
+    fn for_each_agent_visits_every_agent_of_every_host() {
+        let s = MemStore::with_caps(2, 1);
+        put(&s, "h1", &[agent("a", "1", "started", 1)], 100);
+        put(
+            &s,
+            "h2",
+            &[agent("a", "2", "boom", 1), agent("b", "7", "stoped", 1)],
+            100,
+        );
+        put(&s, "h3", &[], 100);
+        let mut got = Vec::new();
+        s.for_each_agent(&mut |h, n, v, st| got.push(format!("{h} {n} {v} {st}")));
+        got.sort();
+        // Past the interners' caps too (host-local strings).
+        assert_eq!(got, ["h1 a 1 started", "h2 a 2 boom", "h2 b 7 stoped"]);
     }
 
     #[test]

@@ -315,6 +315,9 @@ impl Daemon {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "heartbeat failed");
+                self.shared
+                    .metrics()
+                    .round(crate::metrics::Protocol::Legacy, false);
                 self.shared.daemon(|d| {
                     d.heartbeats_failed += 1;
                     d.last_heartbeat_error = Some(e.to_string());
@@ -328,6 +331,9 @@ impl Daemon {
             tracing::debug!(response = %crate::logcap::cut_line(&crate::redact(&text)), "heartbeat response");
         }
         let plan = dispatch(&resp, &self.cfg.config.desired_agent);
+        self.shared
+            .metrics()
+            .round(crate::metrics::Protocol::Legacy, true);
         self.shared.daemon(|d| {
             d.heartbeats_ok += 1;
             d.last_heartbeat_at = Some(now_unix());

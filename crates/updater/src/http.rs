@@ -1,6 +1,7 @@
 //! The local endpoint: `GET /health`, `GET /version`, a JSON `GET /status` describing the
 //! daemon and each agent, and `GET /events[?n=N]`, the newest events of the journal
-//! (newest last). Read-only; nothing here changes what the daemon does.
+//! (newest last), and `GET /metrics`, the counters of [`crate::metrics`] in the Prometheus
+//! text format. Read-only; nothing here changes what the daemon does.
 //!
 //! Plain hyper rather than a router framework: four fixed paths do not need one, and every
 //! page of code the daemon links is resident on every host of the fleet.
@@ -244,7 +245,7 @@ fn answer<B>(state: &AppState, req: &Request<B>) -> Response<Full<Bytes>> {
     }
     let known = matches!(
         req.uri().path(),
-        "/health" | "/version" | "/status" | "/events"
+        "/health" | "/version" | "/status" | "/events" | "/metrics"
     );
     if known && req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
@@ -256,6 +257,14 @@ fn answer<B>(state: &AppState, req: &Request<B>) -> Response<Full<Bytes>> {
         "/health" => plain(StatusCode::OK, "ok"),
         "/version" => plain(StatusCode::OK, crate::selfup::VERSION),
         "/status" => json(&state.shared.snapshot()),
+        "/metrics" => {
+            let mut r = plain(StatusCode::OK, &state.shared.metrics().render());
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            );
+            r
+        }
         "/events" => {
             let journal = state.shared.events();
             match events_wanted(req.uri().query(), journal.cap()) {

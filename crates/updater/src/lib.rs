@@ -17,6 +17,7 @@ pub mod events;
 pub mod heartbeat;
 pub mod http;
 pub mod logcap;
+pub mod metrics;
 pub mod state;
 pub mod tls;
 

@@ -130,6 +130,8 @@ pub struct Shared {
     /// The agent events of this host; in memory only unless [`Shared::with_journal`] set
     /// the one on disk.
     journal: Journal,
+    /// The counters of `GET /metrics`.
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Shared {
@@ -155,6 +157,11 @@ impl Shared {
     /// and `GET /events`.
     pub fn events(&self) -> &Journal {
         &self.journal
+    }
+
+    /// The counters of `GET /metrics`, bumped where things happen.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

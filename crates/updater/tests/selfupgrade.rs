@@ -235,6 +235,16 @@ fn upgrades_canary_first_then_the_rest(protocol: &'static str) {
             || std::fs::read_to_string(canary.work().join(".ops-updater.upgrade.json"))
                 .is_ok_and(|m| !m.contains("\"upgrade\""))
     });
+    // The new worker counted its commit before it wrote it (it serves the endpoint).
+    assert_eq!(
+        metric(
+            &canary,
+            "ops_updater_self_upgrades_total",
+            &[("result", "committed")]
+        ),
+        1.0,
+        "{protocol}"
+    );
     let exe = canary.exe.clone().unwrap();
     wait_for("the executable replaced", CONVERGE, || {
         test_support::command(&exe)
@@ -578,6 +588,22 @@ fn a_read_only_executable_folder_is_refused_with_the_reason() {
         get_json(meta.addr, "/api/hosts/web-1").is_some_and(|v| v.to_string().contains("read-only"))
     });
     assert_eq!(local_version(&u).as_deref(), Some(OLD));
+    let s = scrape(&u);
+    assert!(
+        counter(
+            &s,
+            "ops_updater_self_upgrades_total",
+            &[("result", "failed")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        counter(
+            &s,
+            "ops_updater_self_upgrades_total",
+            &[("result", "started")]
+        ),
+        0.0
+    );
     let names: Vec<String> = std::fs::read_dir(&bin)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -68,6 +68,7 @@ fn crash_loop_ends_fatal_and_a_new_version_clears_it(mode: &str) {
     });
     let s = u.agent_status("crashy").unwrap();
     assert_eq!(s["restarts"], 2, "{s}");
+    assert_eq!(metric(&u, "ops_updater_restarts_total", &[]), 2.0, "{mode}");
     assert!(
         s["lastExit"].as_str().unwrap_or("").contains("exited"),
         "{s}"
@@ -323,6 +324,10 @@ fn memory_limit_kills_the_agent_and_it_is_reported_killed_in_every_mode() {
         assert!(
             exit.contains("OOM") && exit.contains("20 MiB"),
             "{mode}: {s}"
+        );
+        assert!(
+            metric(&u, "ops_updater_oom_kills_total", &[]) >= 1.0,
+            "{mode}"
         );
         assert!(
             s["cgroup"].as_str().is_some_and(|c| c.contains("hog")),

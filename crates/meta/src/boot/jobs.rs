@@ -187,6 +187,12 @@ impl HostJobs {
                     self.remember(agent, *fingerprint, MemoKind::Failed, why);
                 }
             }
+            let end = if r.errcode == 0 {
+                crate::metrics::JobEnd::Ok
+            } else {
+                crate::metrics::JobEnd::Failed
+            };
+            crate::metrics::job_finished(p.job.action, end);
             self.push_outcome(Outcome {
                 id: p.job.id,
                 action: p.job.action,
@@ -305,6 +311,7 @@ impl HostJobs {
                 job.envs = w.envs.clone();
                 job.limits = w.limits.clone();
             }
+            crate::metrics::job_queued(job.action, false);
             self.pending.push(Pending {
                 job,
                 agent: Some(w.name.clone()),
@@ -342,6 +349,7 @@ impl HostJobs {
             };
             if stale {
                 let p = self.pending.remove(i);
+                crate::metrics::job_finished(p.job.action, crate::metrics::JobEnd::Superseded);
                 self.push_outcome(Outcome {
                     id: p.job.id,
                     action: p.job.action,
@@ -385,6 +393,7 @@ impl HostJobs {
             );
             self.remember(agent, fp, MemoKind::Held, why);
         }
+        crate::metrics::job_queued(job.action, true);
         self.pending.push(Pending {
             job,
             agent,

@@ -554,6 +554,9 @@ impl Boot {
             }
         }
         self.shared.daemon(|d| d.heartbeats_failed += 1);
+        self.shared
+            .metrics()
+            .round(crate::metrics::Protocol::BootAgent, false);
         Err(RoundError::Failed)
     }
 
@@ -670,6 +673,9 @@ impl Boot {
         if let Some(seq) = events_upto {
             self.shared.events().acked(seq).await;
         }
+        self.shared
+            .metrics()
+            .round(crate::metrics::Protocol::BootAgent, true);
         self.shared.daemon(|d| {
             d.heartbeats_ok += 1;
             d.last_heartbeat_at = Some(now_unix());

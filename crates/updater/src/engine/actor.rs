@@ -22,6 +22,7 @@ use crate::artifact::{self, Want};
 use crate::cgroup::AgentCgroup;
 use crate::control::{self, AgentStatus};
 use crate::fsx;
+use crate::metrics::{Failure, Install};
 use crate::process;
 use crate::state::{now_unix, BackoffView, Outcome};
 
@@ -741,6 +742,9 @@ impl Actor {
 
     /// The agent exited abnormally: the policy decides when it comes back.
     fn exited(&mut self, version: &Version, cause: &str, killed: bool) {
+        if killed {
+            self.ctx.shared.metrics().oom_kill();
+        }
         self.populated_seen = false;
         let p = self.ctx.policy;
         let verdict =
@@ -816,6 +820,7 @@ impl Actor {
         match self.start_and_check(vdir, version).await {
             Ok(()) => {
                 if restart {
+                    self.ctx.shared.metrics().restart();
                     self.sup(|s| s.restarts = s.restarts.saturating_add(1));
                     self.event("restarted", Some(version), "restarted by the supervisor");
                 }
@@ -825,6 +830,7 @@ impl Actor {
             }
             Err(e) => {
                 tracing::warn!(agent = %self.name, version = %version, error = %e, "start failed");
+                self.ctx.shared.metrics().failure(Failure::ControlStart);
                 self.record(format!("start {version}"), Outcome::Failed, Some(e.clone()));
                 let p = self.ctx.policy;
                 let v = self.sup(|s| s.start_failed(Instant::now(), now_unix(), version, &e, &p));
@@ -1009,10 +1015,12 @@ impl Actor {
                 Done::Ok(format!("{name} {version} stopped"))
             }
             (Err(e), _) => {
+                self.ctx.shared.metrics().failure(Failure::ControlStop);
                 self.record(action, Outcome::Failed, Some(e.clone()));
                 Done::Failed(e)
             }
             (Ok(_), st) => {
+                self.ctx.shared.metrics().failure(Failure::ControlStop);
                 let e = format!("control stop succeeded but status is {:?}", st.wire());
                 self.record(action, Outcome::Failed, Some(e.clone()));
                 Done::Failed(e)
@@ -1044,6 +1052,19 @@ impl Actor {
         let res = self.switch(d, from, &to).await;
         self.busy(false);
         let action = format!("upgrade {} -> {to}", from.map_or("none", Version::as_str));
+        let metrics = self.ctx.shared.metrics();
+        match &res {
+            Ok(()) => metrics.install(Install::Ok),
+            Err(SwitchFailure::Install(_)) => metrics.install(Install::Failed),
+            Err(SwitchFailure::Start(_)) => {
+                metrics.failure(Failure::ControlStart);
+                metrics.install(Install::RolledBack);
+            }
+            Err(SwitchFailure::Stop(_)) => {
+                metrics.failure(Failure::ControlStop);
+                metrics.install(Install::Failed);
+            }
+        }
         match &res {
             Ok(()) => {
                 self.backoff = None;
@@ -1107,7 +1128,10 @@ impl Actor {
             want,
         )
         .await
-        .map_err(|e| SwitchFailure::Install(e.to_string()))?;
+        .map_err(|e| {
+            self.ctx.shared.metrics().failure(e.failure());
+            SwitchFailure::Install(e.to_string())
+        })?;
 
         let lock = self.lock.clone();
         let _g = lock.lock().await;

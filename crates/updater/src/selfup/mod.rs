@@ -241,6 +241,9 @@ impl SelfUpgrade {
         let done = u.rounds >= self.commit_rounds;
         if done {
             u.stage = Stage::Committed;
+            self.shared
+                .metrics()
+                .self_upgrade(crate::metrics::SelfUpgrade::Committed);
             tracing::info!(to = %u.to, rounds = u.rounds, "self-upgrade: enough good rounds; committing");
             self.event(
                 proto::events::KIND_SELF_UPGRADED,
@@ -311,6 +314,9 @@ impl SelfUpgrade {
     }
 
     fn refused(&self, version: &Version, why: &str) {
+        self.shared
+            .metrics()
+            .self_upgrade(crate::metrics::SelfUpgrade::Failed);
         let mut last = self.last_refusal.lock().unwrap_or_else(|e| e.into_inner());
         let key = format!("{version}: {why}");
         if last.as_deref() != Some(key.as_str()) {
@@ -406,6 +412,9 @@ impl SelfUpgrade {
             .await
             .map_err(|e| format!("cannot write the self-upgrade marker: {e}"))?;
         tracing::info!(from = VERSION, to = %d.version, "self-upgrade: new binary checked and staged; stopping for the switch");
+        self.shared
+            .metrics()
+            .self_upgrade(crate::metrics::SelfUpgrade::Started);
         self.stop.send_replace(true);
         Ok(())
     }
@@ -435,7 +444,10 @@ impl SelfUpgrade {
             },
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| {
+            self.shared.metrics().failure(e.failure());
+            e.to_string()
+        })?;
         let bin = vdir.join(BINARY);
         if !crate::control::is_executable(&bin) {
             return Err(format!(

@@ -701,3 +701,33 @@ pub fn tree_without_scratch(work: &Path) -> Vec<String> {
         .filter(|p| !p.contains("/.download/") && !p.ends_with("/.download/"))
         .collect()
 }
+
+/// The local `/metrics` of `u`, parsed with an independent parser of the Prometheus text
+/// format: every sample line must be one the parser takes.
+pub fn scrape(u: &Updater) -> prometheus_parse::Scrape {
+    let (code, text) = http_get(u.http, "/metrics").expect("local /metrics answers");
+    assert_eq!(code, 200, "{text}");
+    let samples = text.lines().filter(|l| !l.starts_with('#')).count();
+    let s = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    assert_eq!(s.samples.len(), samples, "{text}");
+    assert!(samples > 0);
+    s
+}
+
+/// The counter `name` whose labels include `labels`, in a scrape.
+pub fn counter(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let x = s
+        .samples
+        .iter()
+        .find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .unwrap_or_else(|| panic!("no {name} {labels:?}"));
+    match x.value {
+        prometheus_parse::Value::Counter(v) => v,
+        ref v => panic!("{name} is not a counter: {v:?}"),
+    }
+}
+
+/// The counter `name` with `labels` on `u`'s `/metrics` now.
+pub fn metric(u: &Updater, name: &str, labels: &[(&str, &str)]) -> f64 {
+    counter(&scrape(u), name, labels)
+}
