@@ -3,7 +3,7 @@
 //! per request admission ([`crate::http::auth::admit`]: operator tokens and roles, or
 //! the loopback rules without tokens, and the audit log of every mutation), then the
 //! `requestTimeoutSecs` deadline, then the handler ([`Guard::route`],
-//! [`Guard::deadline`]); its answer is counted by endpoint kind and status
+//! [`Guard::heartbeat`]); its answer is counted by endpoint kind and status
 //! ([`crate::metrics::count_request`], one relaxed atomic add). The router's in-process form ([`crate::app`]) runs the same steps
 //! as a middleware, so tests that drive the router see the same checks and limits.
 //!
@@ -31,7 +31,7 @@ use futures_util::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
 
-use crate::http::{auth, AppError, AppState};
+use crate::http::{auth, AppError, AppState, HeartbeatConn};
 use crate::metrics::{self, Endpoint};
 
 /// One connection's guard: the state, the peer, and the limits of the config snapshot it
@@ -76,15 +76,24 @@ impl Guard {
         self.peer
     }
 
-    /// `fut`, the handler's answer, bounded by `requestTimeoutSecs` (reading the body
-    /// included; streaming a body after the answer's head is not counted): 408 past it.
-    /// What the heartbeat fast path runs: it is a host endpoint, which admission lets
-    /// through untouched ([`crate::http::auth::is_host_endpoint`]), so it is not asked.
-    pub fn deadline<Fut>(&self, fut: Fut) -> impl Future<Output = Response>
+    /// The heartbeat answered from the connection (`hb`), bounded by `requestTimeoutSecs`
+    /// (reading the body included): 408 past it. It is a host endpoint, which admission
+    /// lets through untouched ([`crate::http::auth::is_host_endpoint`]), so it is not
+    /// asked. The handler's future is made inside the guard's own (every layer of `async`
+    /// around a finished future is one more copy of it per request).
+    pub fn heartbeat<B>(
+        &self,
+        req: hyper::Request<B>,
+        hb: &HeartbeatConn,
+    ) -> impl Future<Output = Response> + Send
     where
-        Fut: Future<Output = Response>,
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        counted(Endpoint::Heartbeat, deadline(self.timeout_secs(), fut))
+        let ctx = hb.prepare();
+        bounded(Some(Endpoint::Heartbeat), self.timeout_secs(), move || {
+            ctx.serve(req)
+        })
     }
 
     /// `req` through the whole stack into `router`: admission (operator tokens or the
@@ -126,14 +135,28 @@ async fn counted(endpoint: Endpoint, fut: impl Future<Output = Response>) -> Res
 /// first poll (the body came with the head): then no timer is set up at all; otherwise
 /// the limit counts from then, a few microseconds after the request arrived.
 async fn deadline<Fut: Future<Output = Response>>(secs: u64, fut: Fut) -> Response {
-    let mut fut = pin!(fut);
-    match poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+    bounded(None, secs, || fut).await
+}
+
+/// [`deadline`] of the future `make` makes, and its answer counted under `endpoint` when
+/// given.
+async fn bounded<F, Fut>(endpoint: Option<Endpoint>, secs: u64, make: F) -> Response
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Response>,
+{
+    let mut fut = pin!(make());
+    let r = match poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
         Poll::Ready(r) => r,
         Poll::Pending => match tokio::time::timeout(Duration::from_secs(secs), fut).await {
             Ok(r) => r,
             Err(_) => AppError::Timeout { secs }.into_response(),
         },
+    };
+    if let Some(e) = endpoint {
+        metrics::count_request(e, r.status());
     }
+    r
 }
 
 /// The guard as the router's middleware (for [`crate::app`] driven in-process): the same

@@ -358,13 +358,11 @@ async fn serve_connection<S>(
     let guard = Guard::new(state, Some(peer));
     let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         if req.method() == Method::POST && req.uri().path() == HEARTBEAT_PATH {
-            Either::Left(
-                guard
-                    .deadline(heartbeats.serve(req))
-                    .map(Ok::<_, Infallible>),
-            )
+            Either::Left(guard.heartbeat(req, &heartbeats).map(Ok::<_, Infallible>))
         } else {
-            Either::Right(guard.route(req, router.clone()).map(Ok::<_, Infallible>))
+            // Boxed: the service's future is as large as its largest branch, and the
+            // heartbeat's, the common one, is the small one.
+            Either::Right(Box::pin(guard.route(req, router.clone())).map(Ok::<_, Infallible>))
         }
     });
     let (mut wire, io) = Wire::new(stream, write_timeout);

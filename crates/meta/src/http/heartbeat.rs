@@ -85,14 +85,31 @@ impl HeartbeatConn {
         B: hyper::body::Body<Data = Bytes> + Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let ctx = {
-            let mut c = self.ctx.borrow_mut();
-            if self.state.current.generation() != c.generation {
-                *c = Arc::new(ConnCtx::load(&self.state));
-            }
-            c.clone()
-        };
-        serve(ctx, req)
+        self.prepare().serve(req)
+    }
+
+    /// What one heartbeat of this connection needs, taken before its future is made (so
+    /// that the guard can make the future inside its own, without copying it).
+    pub fn prepare(&self) -> Prepared {
+        let mut c = self.ctx.borrow_mut();
+        if self.state.current.generation() != c.generation {
+            *c = Arc::new(ConnCtx::load(&self.state));
+        }
+        Prepared(c.clone())
+    }
+}
+
+/// One heartbeat's context ([`HeartbeatConn::prepare`]).
+pub struct Prepared(Arc<ConnCtx>);
+
+impl Prepared {
+    /// The answer to `req`.
+    pub fn serve<B>(self, req: hyper::Request<B>) -> impl Future<Output = Response> + Send
+    where
+        B: hyper::body::Body<Data = Bytes> + Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        serve(self.0, req)
     }
 }
 
