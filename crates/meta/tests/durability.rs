@@ -148,10 +148,15 @@ fn credential_of(host: &str, serial: &str) -> String {
 }
 
 async fn register(c: &reqwest::Client, m: &Meta, host: &str) -> String {
+    register_as(c, m, host, "").await
+}
+
+/// [`register`] proposing `serial`, as ops-updater does (it makes its serial first).
+async fn register_as(c: &reqwest::Client, m: &Meta, host: &str, serial: &str) -> String {
     let r = post(
         c,
         m.url("/agent/register"),
-        &json!({"hostname": host, "agentsn": ""}),
+        &json!({"hostname": host, "agentsn": serial}),
     )
     .await;
     assert_eq!(r["status"], 0, "{r}");
@@ -467,8 +472,8 @@ async fn two_replicas_run_every_operator_job_exactly_once() {
     }
 }
 
-/// Two replicas take the registration of one hostname at the same instant: one serial,
-/// which both accept.
+/// Two replicas take the registration of one hostname at the same instant (the host's
+/// retry of a lost answer, with the serial it proposed): one serial, which both accept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_registering_one_hostname_at_once_give_one_serial() {
     let Some(pg) = test_support::postgres::Cluster::start() else {
@@ -483,7 +488,11 @@ async fn two_replicas_registering_one_hostname_at_once_give_one_serial() {
     let c = http();
     for i in 0..20 {
         let h = format!("db-{i}");
-        let (sa, sb) = tokio::join!(register(&c, &a, &h), register(&c, &b, &h));
+        let proposed = format!("sn-{i}");
+        let (sa, sb) = tokio::join!(
+            register_as(&c, &a, &h, &proposed),
+            register_as(&c, &b, &h, &proposed)
+        );
         assert_eq!(sa, sb, "{h}: two serials");
         for m in [&a, &b] {
             let r = status(&c, m, &h, &sa, &[], &[]).await;

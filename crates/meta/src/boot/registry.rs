@@ -260,8 +260,10 @@ impl Registry {
     ///
     /// A hostname that holds a credential is registered again only with that credential,
     /// or, before its first report and within [`REGISTER_REPEAT_SECS`] of its registration,
-    /// under the same serial (or none): the answer that carried its credential was lost,
-    /// and it gets another one beside it. A host without a credential gets
+    /// under the same serial it proposed (ops-updater makes its serial before it first
+    /// registers, so a retry sends it again): the answer that carried its credential was
+    /// lost, and it gets another one beside it. Without a serial, never: anyone can send
+    /// none. A host without a credential gets
     /// [`Presented::fresh`] when [`Presented::may_enroll`].
     pub fn register(
         &self,
@@ -288,7 +290,7 @@ impl Registry {
                 }
                 Some(rec)
                     if fresh.is_some()
-                        && serial.is_none_or(|s| *s == rec.serial)
+                        && serial.is_some_and(|s| *s == rec.serial)
                         && rec.credentials.len() < MAX_CREDENTIALS =>
                 {
                     true
