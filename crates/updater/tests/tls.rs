@@ -278,6 +278,40 @@ fn the_fleet_talks_to_ops_meta_over_tls_in_every_protocol_mode() {
     assert_eq!(d["lastHeartbeatError"], serde_json::Value::Null);
 }
 
+/// Seed 001's layout over TLS: the tarball in a subfolder of `tarballDir`, named by an
+/// `https://` URL of ops-meta's own tls listener, which ops-meta maps to `tarballDir` to
+/// know its digest (BootAgent jobs need it), in every protocol mode.
+#[test]
+fn a_subfolder_of_tarball_dir_over_https_installs_in_every_protocol_mode() {
+    let ca = Ca::new("fleet CA");
+    let mut meta = TlsMeta::start(&ca);
+    let ca_dir = test_support::tempdir().unwrap();
+    let ca_file = ca.write(ca_dir.path(), "ca.pem");
+    let tb = test_support::agent::agent_tarball("falcon", "1.1.0", Behaviour::Good);
+    test_support::tarball::publish(
+        &meta.meta.tarball_dir().join("falcon"),
+        "falcon",
+        "1.1.0",
+        &tb,
+    );
+    let base = format!("{}/falcon", meta.base());
+    meta.set_agents(json!([agent_entry("falcon", "1.1.0", &base, "start")]));
+    let hosts: Vec<Updater> = ["legacy", "bootagent", "auto"]
+        .iter()
+        .map(|mode| {
+            Updater::start(
+                &meta.base(),
+                &format!("sub-{mode}-01"),
+                tls_tweak(mode, Some(ca_file.clone())),
+            )
+        })
+        .collect();
+    for u in &hosts {
+        u.wait_running("falcon", "1.1.0");
+        assert!(u.work().join("falcon/1.1.0/falcon-1.1.0.tar.gz").is_file());
+    }
+}
+
 /// An updater in `mode` that must refuse the server: the round fails naming the
 /// certificate, nothing is installed, the server hears nothing.
 fn refuses(mode: &'static str, ca_file: Option<std::path::PathBuf>, host: &str) {
