@@ -46,12 +46,24 @@ pub fn wait_for_some<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Op
 
 /// A port on 127.0.0.1 that was free a moment ago. Prefer binding `127.0.0.1:0` in-process;
 /// this is for handing an address to a child binary's config file.
+///
+/// A port is never handed out twice in one test process. Two tests running side by side
+/// could otherwise both be given the port the kernel just freed: the second child fails to
+/// bind, and its test talks to the first test's server until that one stops.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("bind 127.0.0.1:0")
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Waits until something accepts TCP connections on `addr`.
