@@ -32,6 +32,23 @@ pub const KIND_SELF_UPGRADED: &str = "self_upgraded";
 /// ops-updater put its previous binary back after a failed self-upgrade (the failed
 /// version; the cause says why), or refused one before trying it.
 pub const KIND_SELF_UPGRADE_FAILED: &str = "self_upgrade_failed";
+/// An install of a new version failed before it ran: `state` says what failed, one of
+/// the `INSTALL_FAILED_*` below; `version` is the version that was tried.
+pub const KIND_INSTALL_FAILED: &str = "install_failed";
+/// A switch to a new version failed (it did not start, or did not reach `started`) and
+/// the previous version was put back; `version` is the new version that failed.
+pub const KIND_ROLLED_BACK: &str = "rolled_back";
+
+/// `state` of an `install_failed` event: the download failed (network, server, timeout).
+pub const INSTALL_FAILED_DOWNLOAD: &str = "download";
+/// The downloaded bytes did not match their MD5 or SHA-256.
+pub const INSTALL_FAILED_CHECKSUM: &str = "checksum";
+/// The signature was missing, bad or made by an unknown key.
+pub const INSTALL_FAILED_SIGNATURE: &str = "signature";
+/// The disk was full or the files could not be written.
+pub const INSTALL_FAILED_DISK: &str = "disk";
+/// The archive was refused (hostile or broken members): the release's own fault.
+pub const INSTALL_FAILED_ARCHIVE: &str = "archive";
 
 /// Every kind this version knows. Others are kept as they come (cut to
 /// [`MAX_EVENT_KIND_LEN`]), so a newer host's kinds still show on an older server.
@@ -45,6 +62,8 @@ pub const KINDS: &[&str] = &[
     KIND_RESET,
     KIND_SELF_UPGRADED,
     KIND_SELF_UPGRADE_FAILED,
+    KIND_INSTALL_FAILED,
+    KIND_ROLLED_BACK,
 ];
 
 /// Most events one report (status report or heartbeat) may carry; a server refuses a

@@ -11,6 +11,7 @@ pub mod legacy;
 pub mod limits;
 pub mod names;
 pub mod ops;
+pub mod rollout;
 pub mod rules;
 pub mod validate;
 
