@@ -51,6 +51,11 @@ pub const fn default_max_status_streams() -> u64 {
     64
 }
 /// Default most connections open at once.
+/// Default of `rolloutPassMillis`.
+pub const fn default_rollout_pass_millis() -> u64 {
+    1000
+}
+
 pub const fn default_max_connections() -> u64 {
     10_000
 }
@@ -112,6 +117,8 @@ pub struct Config {
     /// `maxConnections` (ours): connections open at once, over all listeners; past it,
     /// new connections wait in the listen backlog until one closes. Read at start only.
     pub max_connections: u64,
+    /// `rolloutPassMillis` (ours): how often the rollout controller looks at its hosts.
+    pub rollout_pass_millis: u64,
     /// `shaRecheckSecs` (ours): how often local tarballs are checked for change to
     /// recompute their SHA-256; 0 turns computing SHA-256 off.
     pub sha_recheck_secs: u64,
@@ -574,6 +581,7 @@ impl Parser {
             "writeTimeoutSecs",
             "maxStatusStreams",
             "maxConnections",
+            "rolloutPassMillis",
             "shaRecheckSecs",
             "shutdownGraceSecs",
             "tagRules",
@@ -677,6 +685,13 @@ impl Parser {
                 default_max_connections(),
                 1,
                 1_000_000,
+            ),
+            rollout_pass_millis: self.number(
+                m,
+                "rolloutPassMillis",
+                default_rollout_pass_millis(),
+                50,
+                60_000,
             ),
             sha_recheck_secs: self.number(m, "shaRecheckSecs", default_sha_recheck_secs(), 0, DAY),
             shutdown_grace_secs: self.number(

@@ -5,7 +5,7 @@
 //! compile time, through `proto::legacy::DesiredAgent`; hosts that match an override (a
 //! canary, a small share of the fleet) get their entry merged and serialized per request.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -16,10 +16,37 @@ use proto::AgentName;
 use crate::config::{AgentDefault, AgentOverride, Config};
 use crate::digests::{Artifact, Digests, Known};
 
+/// The hosts a rollout moved to its version of one agent: they get that version (and
+/// its tarball and digest) instead of what `cfg.json` says, until the rollout lets go.
+#[derive(Debug)]
+pub struct Pin {
+    pub rollout: String,
+    pub agent: AgentName,
+    pub version: String,
+    /// Tarball base URL; the config's for the host when empty.
+    pub tarball: String,
+    /// The SHA-256 the rollout was given; else the learned one is handed out.
+    pub sha256: Option<String>,
+    pub hosts: HashSet<Box<str>, foldhash::fast::FixedState>,
+}
+
+impl Pin {
+    pub fn holds(&self, hostname: &str) -> bool {
+        !self.hosts.is_empty() && self.hosts.contains(hostname)
+    }
+}
+
+/// Every rollout's pins, the newest rollout first: a host takes the first pin of its
+/// agent that holds it.
+#[derive(Debug, Default)]
+pub struct Pins(pub Vec<Arc<Pin>>);
+
 /// A config ready to answer heartbeats.
 #[derive(Debug)]
 pub struct Desired {
     pub config: Arc<Config>,
+    /// The rollouts' pins this snapshot answers with.
+    pub pins: Arc<Pins>,
     agents: Vec<CompiledAgent>,
     /// What ops-meta learned of each tarball's digests (by tarball URL) when this snapshot
     /// was compiled; configured `sha256` values win over these.
@@ -33,6 +60,8 @@ pub struct Desired {
 struct CompiledAgent {
     default: AgentDefault,
     others: Vec<AgentOverride>,
+    /// The pins of this agent, newest rollout first.
+    pins: Vec<Arc<Pin>>,
     /// JSON of the answer for hosts that match no override.
     default_json: Box<[u8]>,
 }
@@ -42,8 +71,13 @@ const HEAD: &[u8] = br#"{"errorMessage":"","desiredAgents":["#;
 const TAIL: &[u8] = b"]}";
 
 impl Desired {
-    /// Compiles `config` with the digests ops-meta learned so far.
+    /// Compiles `config` with the digests ops-meta learned so far, without rollouts.
     pub fn compile(config: Arc<Config>, digests: Arc<Digests>) -> Desired {
+        Desired::compile_with(config, digests, Arc::default())
+    }
+
+    /// Compiles `config` with the digests ops-meta learned so far and the rollouts' pins.
+    pub fn compile_with(config: Arc<Config>, digests: Arc<Digests>, pins: Arc<Pins>) -> Desired {
         let mut agents = Vec::new();
         for a in &config.agents {
             // An entry without default is skipped, as in the original.
@@ -51,6 +85,12 @@ impl Desired {
             let mut c = CompiledAgent {
                 default: d.clone(),
                 others: a.others.clone(),
+                pins: pins
+                    .0
+                    .iter()
+                    .filter(|p| p.agent == d.name)
+                    .cloned()
+                    .collect(),
                 default_json: Box::new([]),
             };
             let da = c.merge("", &digests, false);
@@ -61,6 +101,7 @@ impl Desired {
         }
         let mut d = Desired {
             config,
+            pins,
             agents,
             digests,
             default_response: Bytes::new(),
@@ -90,6 +131,15 @@ impl Desired {
                 if d.tarball.is_empty() {
                     continue;
                 }
+                out.insert(Artifact {
+                    file: d.tarball_file(),
+                    tarball_url: d.tarball_url(),
+                    md5_url: d.md5_url(),
+                    sha256_configured: d.sha256.is_some(),
+                });
+            }
+            for p in &a.pins {
+                let d = a.pinned(a.merge("", &none, false), p, &none);
                 out.insert(Artifact {
                     file: d.tarball_file(),
                     tarball_url: d.tarball_url(),
@@ -150,6 +200,34 @@ impl Desired {
         out.extend_from_slice(TAIL);
     }
 
+    /// The version `cfg.json` alone (no rollout) gives `hostname` of `agent`, and the
+    /// tarball base; `None` when the config has no such agent.
+    pub fn baseline(&self, agent: &str, hostname: &str) -> Option<(String, String)> {
+        let a = self
+            .agents
+            .iter()
+            .find(|a| a.default.name.as_str() == agent)?;
+        let d = a.merge(hostname, &Digests::new(), true);
+        let pinned = a.pins.iter().any(|p| p.holds(hostname));
+        let version = if pinned {
+            a.configured_version(hostname).to_string()
+        } else {
+            d.version
+        };
+        let tarball = if pinned {
+            let mut t = a.default.tarball.as_str();
+            for o in a.others.iter().filter(|o| hostname.starts_with(&o.prefix)) {
+                if !o.tarball.is_empty() {
+                    t = &o.tarball;
+                }
+            }
+            t.to_string()
+        } else {
+            d.tarball
+        };
+        Some((version, tarball))
+    }
+
     /// The name of each agent, checked, in the order of [`Desired::for_host`].
     pub fn agent_names(&self) -> impl Iterator<Item = &AgentName> {
         self.agents.iter().map(|a| &a.default.name)
@@ -189,9 +267,25 @@ impl Desired {
 }
 
 impl CompiledAgent {
-    /// True when an override of this agent applies to `hostname`.
+    /// True when an override or a rollout's pin of this agent applies to `hostname`.
     fn matches(&self, hostname: &str) -> bool {
         self.others.iter().any(|o| hostname.starts_with(&o.prefix))
+            || self.pins.iter().any(|p| p.holds(hostname))
+    }
+
+    /// `d` (this agent merged for a host) as the rollout of `pin` changes it: its version,
+    /// its tarball when it names one (the `.md5` then beside it), its digest.
+    fn pinned(&self, mut d: DesiredAgent, pin: &Pin, digests: &Digests) -> DesiredAgent {
+        d.version = pin.version.clone();
+        if !pin.tarball.is_empty() {
+            d.tarball = pin.tarball.clone();
+            d.md5 = String::new();
+        }
+        d.sha256 = pin
+            .sha256
+            .clone()
+            .or_else(|| digests.get(&d.tarball_url()).and_then(|k| k.sha256.clone()));
+        d
     }
 
     /// Default, then every override whose prefix starts `hostname`, in order; each
@@ -238,7 +332,7 @@ impl CompiledAgent {
             );
             digests.get(&url).and_then(|k| k.sha256.clone())
         });
-        DesiredAgent {
+        let out = DesiredAgent {
             name: d.name.to_string(),
             version: version.to_string(),
             tarball: tarball.to_string(),
@@ -249,7 +343,29 @@ impl CompiledAgent {
             // the config sets none, so the original shape is kept.
             envs: (!envs.is_empty()).then(|| envs.clone()),
             limits: (!limits.is_empty()).then(|| limits.clone()),
+        };
+        match overrides
+            .then(|| self.pins.iter().find(|p| p.holds(hostname)))
+            .flatten()
+        {
+            Some(pin) => self.pinned(out, pin, digests),
+            None => out,
         }
+    }
+
+    /// The version the config (defaults and overrides, without rollouts) gives `hostname`.
+    fn configured_version(&self, hostname: &str) -> &str {
+        let mut version = self.default.version.as_str();
+        for o in self
+            .others
+            .iter()
+            .filter(|o| hostname.starts_with(&o.prefix))
+        {
+            if !o.version.is_empty() {
+                version = &o.version;
+            }
+        }
+        version
     }
 }
 

@@ -162,6 +162,14 @@ impl EventStore {
         }
     }
 
+    /// Calls `f` with every kept event of `host` whose seq is above `seq`, oldest first.
+    pub fn scan(&self, host: &str, seq: u64, f: &mut dyn FnMut(&Event)) {
+        let g = self.inner.lock();
+        if let Some(he) = g.hosts.get(host) {
+            he.events.iter().filter(|e| e.seq > seq).for_each(f);
+        }
+    }
+
     /// Every kept event of `host`, newest last.
     pub fn events(&self, host: &str) -> Vec<Event> {
         let g = self.inner.lock();

@@ -14,6 +14,7 @@ pub mod guard;
 pub mod http;
 pub mod metrics;
 pub mod persist;
+pub mod rollout;
 pub mod server;
 pub mod state;
 pub mod store;

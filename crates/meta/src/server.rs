@@ -98,6 +98,11 @@ pub async fn load(state: &AppState) -> Result<Loaded, StoreError> {
         .await?;
     let legacy_hosts = snap.legacy;
     let boot_hosts = state.boot.load(&snap.boot, &snap.batches);
+    let rollouts = state.rollouts.load().await?;
+    if rollouts > 0 {
+        let pins = std::sync::Arc::new(state.rollouts.pins());
+        state.reloader.set_pins(pins).await;
+    }
     for e in &snap.events {
         state
             .events
@@ -141,6 +146,7 @@ impl Server {
         let mut tasks = vec![
             tokio::spawn(sweeper(state.clone(), rx.clone())),
             tokio::spawn(checksums(state.clone(), rx.clone())),
+            tokio::spawn(rollouts(state.clone(), rx.clone())),
         ];
         if state.durable.shared() {
             tasks.push(tokio::spawn(follow(state.clone(), rx.clone(), cursor)));
@@ -393,6 +399,15 @@ async fn serve_connection<S>(
 
 /// Drops hosts not seen for `staleHostSecs`, every `sweepIntervalSecs` (both read from
 /// the current config each round, so a reload changes them).
+/// The rollout controller ([`crate::rollout::engine::run`]) until shutdown.
+async fn rollouts(state: AppState, mut shutdown: watch::Receiver<bool>) {
+    let every = Duration::from_millis(state.current.load().config.rollout_pass_millis);
+    tokio::select! {
+        _ = crate::rollout::engine::run(state.clone(), every) => {}
+        _ = stopped(&mut shutdown) => {}
+    }
+}
+
 async fn sweeper(state: AppState, mut shutdown: watch::Receiver<bool>) {
     loop {
         let cfg = state.current.load().config.clone();

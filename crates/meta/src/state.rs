@@ -138,9 +138,10 @@ impl Reloader {
             .filter(|a| a.default.is_some())
             .count();
         // Keep the digests known so far; the digest task fills in new tarballs.
-        self.current.store(Desired::compile(
+        self.current.store(Desired::compile_with(
             Arc::new(loaded.config),
             old.digests.clone(),
+            old.pins.clone(),
         ));
         self.sha_wanted.notify_one();
         tracing::info!(config = %self.path.display(), agents, "config reloaded");
@@ -160,9 +161,25 @@ impl Reloader {
         let now = self.current.load();
         // A reload in the meantime already asked for another round.
         if Arc::ptr_eq(&now.config, &d.config) && *now.digests != found {
-            self.current
-                .store(Desired::compile(now.config.clone(), Arc::new(found)));
+            self.current.store(Desired::compile_with(
+                now.config.clone(),
+                Arc::new(found),
+                now.pins.clone(),
+            ));
         }
+    }
+
+    /// Swaps in a snapshot that answers with the rollouts' `pins` (config and digests as
+    /// they are), and asks for the digests of the tarballs they name.
+    pub async fn set_pins(&self, pins: Arc<crate::desired::Pins>) {
+        let _g = self.lock.lock().await;
+        let now = self.current.load();
+        self.current.store(Desired::compile_with(
+            now.config.clone(),
+            now.digests.clone(),
+            pins,
+        ));
+        self.sha_wanted.notify_one();
     }
 }
 
@@ -198,6 +215,8 @@ pub struct Shared {
     /// The cap on open connections (`maxConnections`, read at start), shared by every
     /// listener of the server.
     pub connections: crate::guard::ConnectionCap,
+    /// Staged rollouts ([`crate::rollout`]).
+    pub rollouts: Arc<crate::rollout::Rollouts>,
 }
 
 impl std::ops::Deref for AppState {
@@ -259,6 +278,7 @@ impl AppState {
             store,
             reloader,
             boot: Arc::new(crate::boot::Boot::with_store(durable.clone())),
+            rollouts: Arc::new(crate::rollout::Rollouts::new(durable.clone())),
             events: Arc::new(crate::events::EventStore::new()),
             durable,
             behind,

@@ -588,6 +588,22 @@ mod audit_fails {
         fn sweep(&self, older_than: i64) -> StoreFuture<'_, u64> {
             self.inner.sweep(older_than)
         }
+        fn put_rollout(
+            &self,
+            row: meta::persist::RolloutRow,
+            hosts: Vec<meta::persist::RolloutHostRow>,
+        ) -> StoreFuture<'_, bool> {
+            self.inner.put_rollout(row, hosts)
+        }
+        fn rollout_revs(&self) -> StoreFuture<'_, Vec<(String, i64)>> {
+            self.inner.rollout_revs()
+        }
+        fn rollouts(
+            &self,
+            ids: Option<Vec<String>>,
+        ) -> StoreFuture<'_, Vec<meta::persist::RolloutRecord>> {
+            self.inner.rollouts(ids)
+        }
     }
 }
 

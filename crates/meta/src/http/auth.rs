@@ -413,6 +413,11 @@ impl AuditNote {
             .collect();
     }
 
+    /// What the action was on, in words (a rollout, an agent).
+    pub(crate) fn target(&self, text: impl Into<String>) {
+        self.0.lock().target = text.into();
+    }
+
     /// What was done, shown as the outcome of a success.
     pub(crate) fn detail(&self, text: impl Into<String>) {
         self.0.lock().detail = text.into();

@@ -7,6 +7,7 @@ pub(crate) mod auth;
 mod files;
 mod heartbeat;
 mod ops;
+mod rollouts;
 mod status;
 
 use axum::extract::Request;
@@ -50,6 +51,7 @@ pub fn routes(state: AppState) -> Router {
         .merge(admin::router())
         .merge(agent::router())
         .merge(ops::router())
+        .merge(rollouts::router())
         .fallback(files::serve)
         .layer(middleware::from_fn(text_errors))
         .with_state(state)
@@ -119,6 +121,10 @@ pub enum AppError {
     /// A request the operator API or BootAgent endpoints refuse; the text names the field.
     #[error("{0}")]
     BadRequest(String),
+    /// The action does not fit the state of what it is on (a rollout's state, another
+    /// rollout of the agent); 409.
+    #[error("{0}")]
+    Conflict(String),
     /// Nothing matched what was asked for; the text says what.
     #[error("{0}")]
     NothingFound(String),
@@ -171,6 +177,7 @@ impl AppError {
             AppError::NotFound => StatusCode::NOT_FOUND,
             AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AppError::NothingFound(_) => StatusCode::NOT_FOUND,
+            AppError::Conflict(_) => StatusCode::CONFLICT,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             AppError::ReloadRefused(_) => StatusCode::BAD_REQUEST,

@@ -36,7 +36,7 @@ use proto::legacy::RealAgent;
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// The schema version this binary writes; a database at a higher version is refused.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Where the fleet state is kept: the `store` key of `cfg.json`.
 #[derive(Clone, PartialEq, Eq)]
@@ -218,6 +218,35 @@ pub struct AuditRow {
     pub body: String,
 }
 
+/// A rollout as kept: its columns, and the rollout without its hosts as JSON in `body`
+/// (what [`crate::rollout`] encodes). `rev` counts its writes: a write names the next one
+/// and is taken only when the store holds the one before, so replicas and operator actions
+/// racing on one rollout never overwrite each other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutRow {
+    pub id: String,
+    pub agent: String,
+    pub rev: i64,
+    /// Unix seconds (server clock).
+    pub updated: i64,
+    pub body: String,
+}
+
+/// One host of a rollout (one that was admitted: hosts still pending are computed, not
+/// kept), as JSON in `body`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutHostRow {
+    pub hostname: String,
+    pub body: String,
+}
+
+/// A rollout and its hosts, as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutRecord {
+    pub row: RolloutRow,
+    pub hosts: Vec<RolloutHostRow>,
+}
+
 /// Where [`Durable::load`] hands legacy rows, one at a time as they are read, so that a
 /// million hosts are never held twice.
 pub type LegacySink = Box<dyn FnMut(LegacyRow) + Send>;
@@ -315,6 +344,14 @@ pub trait Durable: Send + Sync + std::fmt::Debug + 'static {
     fn audit(&self, before: Option<i64>, limit: usize) -> StoreFuture<'_, Vec<AuditRow>>;
     /// What changed after `since` (legacy and BootAgent rows, events), for replicas.
     fn changes(&self, since: Cursor) -> StoreFuture<'_, Changes>;
+    /// Writes `row` and these of its hosts (inserted or replaced) in one transaction, when
+    /// the store holds revision `row.rev - 1` of the rollout (none at all for
+    /// `row.rev == 1`); returns false, writing nothing, when it holds another.
+    fn put_rollout(&self, row: RolloutRow, hosts: Vec<RolloutHostRow>) -> StoreFuture<'_, bool>;
+    /// Every rollout's id and revision.
+    fn rollout_revs(&self) -> StoreFuture<'_, Vec<(String, i64)>>;
+    /// The rollouts with these ids (every rollout when `None`), with their hosts.
+    fn rollouts(&self, ids: Option<Vec<String>>) -> StoreFuture<'_, Vec<RolloutRecord>>;
     /// Forgets hosts last seen before `older_than`, and the events of hosts it no longer
     /// knows; returns how many hosts went.
     fn sweep(&self, older_than: i64) -> StoreFuture<'_, u64>;

@@ -18,8 +18,9 @@ use tokio_postgres::{NoTls, Row};
 
 use super::{
     decode_agents, encode_agents, encode_event, event_rows, AuditRow, BatchRow, BootRow,
-    BootUpdate, Changes, Cursor, DbRow, Durable, EventRow, LegacyRow, LegacySink, Snapshot,
-    StoreError, StoreFuture, AUDIT_KEPT, BATCHES_KEPT, EVENTS_KEPT, SCHEMA_VERSION,
+    BootUpdate, Changes, Cursor, DbRow, Durable, EventRow, LegacyRow, LegacySink, RolloutHostRow,
+    RolloutRecord, RolloutRow, Snapshot, StoreError, StoreFuture, AUDIT_KEPT, BATCHES_KEPT,
+    EVENTS_KEPT, SCHEMA_VERSION,
 };
 use proto::events::Event;
 
@@ -66,6 +67,21 @@ const MIGRATIONS: &[&str] = &[
         actor TEXT NOT NULL,
         status BIGINT NOT NULL,
         body TEXT NOT NULL
+    );
+",
+    "
+    CREATE TABLE rollouts (
+        id TEXT PRIMARY KEY,
+        agent TEXT NOT NULL,
+        rev BIGINT NOT NULL,
+        updated BIGINT NOT NULL,
+        body TEXT NOT NULL
+    );
+    CREATE TABLE rollout_hosts (
+        rollout TEXT NOT NULL,
+        hostname TEXT NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (rollout, hostname)
     );
 ",
 ];
@@ -500,6 +516,103 @@ impl Durable for Postgres {
             .await
             .map_err(err(&self.name, "write an audit entry"))?;
             Ok(())
+        })
+    }
+
+    fn put_rollout(&self, row: RolloutRow, hosts: Vec<RolloutHostRow>) -> StoreFuture<'_, bool> {
+        Box::pin(async move {
+            let name = &self.name;
+            let what = "write a rollout";
+            let mut c = self.client().await?;
+            let tx = c.transaction().await.map_err(err(name, what))?;
+            // Writers of one rollout queue on its row lock (or on the id, for a new one).
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended('rollout:' || $1, 0))",
+                &[&row.id],
+            )
+            .await
+            .map_err(err(name, what))?;
+            let held: Option<i64> = tx
+                .query_opt("SELECT rev FROM rollouts WHERE id = $1", &[&row.id])
+                .await
+                .map_err(err(name, what))?
+                .map(|r| r.get(0));
+            if held.unwrap_or(0) != row.rev - 1 {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO rollouts (id, agent, rev, updated, body) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (id) DO UPDATE SET rev = excluded.rev, updated = excluded.updated,
+                   body = excluded.body",
+                &[&row.id, &row.agent, &row.rev, &row.updated, &row.body],
+            )
+            .await
+            .map_err(err(name, what))?;
+            if !hosts.is_empty() {
+                let (names, bodies): (Vec<String>, Vec<String>) =
+                    hosts.into_iter().map(|h| (h.hostname, h.body)).unzip();
+                tx.execute(
+                    "INSERT INTO rollout_hosts (rollout, hostname, body)
+                     SELECT $1, h, b FROM unnest($2::text[], $3::text[]) AS t(h, b)
+                     ON CONFLICT (rollout, hostname) DO UPDATE SET body = excluded.body",
+                    &[&row.id, &names, &bodies],
+                )
+                .await
+                .map_err(err(name, what))?;
+            }
+            tx.commit().await.map_err(err(name, what))?;
+            Ok(true)
+        })
+    }
+
+    fn rollout_revs(&self) -> StoreFuture<'_, Vec<(String, i64)>> {
+        Box::pin(async move {
+            let c = self.client().await?;
+            let rows = c
+                .query("SELECT id, rev FROM rollouts", &[])
+                .await
+                .map_err(err(&self.name, "read the rollouts"))?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+    }
+
+    fn rollouts(&self, ids: Option<Vec<String>>) -> StoreFuture<'_, Vec<RolloutRecord>> {
+        Box::pin(async move {
+            let name = &self.name;
+            let what = "read the rollouts";
+            let c = self.client().await?;
+            let rows = c
+                .query("SELECT id, agent, rev, updated, body FROM rollouts", &[])
+                .await
+                .map_err(err(name, what))?;
+            let mut out = Vec::new();
+            for r in rows {
+                let row = RolloutRow {
+                    id: r.get(0),
+                    agent: r.get(1),
+                    rev: r.get(2),
+                    updated: r.get(3),
+                    body: r.get(4),
+                };
+                if ids.as_ref().is_some_and(|ids| !ids.contains(&row.id)) {
+                    continue;
+                }
+                let hosts = c
+                    .query(
+                        "SELECT hostname, body FROM rollout_hosts WHERE rollout = $1",
+                        &[&row.id],
+                    )
+                    .await
+                    .map_err(err(name, what))?
+                    .iter()
+                    .map(|h| RolloutHostRow {
+                        hostname: h.get(0),
+                        body: h.get(1),
+                    })
+                    .collect();
+                out.push(RolloutRecord { row, hosts });
+            }
+            Ok(out)
         })
     }
 

@@ -20,8 +20,9 @@ use tokio::sync::oneshot;
 
 use super::{
     decode_agents, encode_agents, encode_event, event_rows, AuditRow, BatchRow, BootRow,
-    BootUpdate, Changes, Cursor, DbRow, Durable, EventRow, LegacyRow, LegacySink, Snapshot,
-    StoreError, StoreFuture, AUDIT_KEPT, BATCHES_KEPT, EVENTS_KEPT, SCHEMA_VERSION,
+    BootUpdate, Changes, Cursor, DbRow, Durable, EventRow, LegacyRow, LegacySink, RolloutHostRow,
+    RolloutRecord, RolloutRow, Snapshot, StoreError, StoreFuture, AUDIT_KEPT, BATCHES_KEPT,
+    EVENTS_KEPT, SCHEMA_VERSION,
 };
 use proto::events::Event;
 
@@ -63,6 +64,21 @@ const MIGRATIONS: &[&str] = &[
         status INTEGER NOT NULL,
         body TEXT NOT NULL
     );
+",
+    "
+    CREATE TABLE rollouts (
+        id TEXT PRIMARY KEY,
+        agent TEXT NOT NULL,
+        rev INTEGER NOT NULL,
+        updated INTEGER NOT NULL,
+        body TEXT NOT NULL
+    );
+    CREATE TABLE rollout_hosts (
+        rollout TEXT NOT NULL,
+        hostname TEXT NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (rollout, hostname)
+    ) WITHOUT ROWID;
 ",
 ];
 
@@ -606,6 +622,99 @@ impl Durable for Sqlite {
                 .map_err(err(name, "read the audit log"))?;
             rows.map(|r| r.map_err(err(name, "read the audit log")))
                 .collect()
+        })
+    }
+
+    fn put_rollout(&self, row: RolloutRow, hosts: Vec<RolloutHostRow>) -> StoreFuture<'_, bool> {
+        self.run(move |conn, name| {
+            let what = "write a rollout";
+            let tx = conn.savepoint().map_err(err(name, what))?;
+            let held: Option<i64> = tx
+                .query_row("SELECT rev FROM rollouts WHERE id = ?1", [&row.id], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(err(name, what))?;
+            if held.unwrap_or(0) != row.rev - 1 {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO rollouts (id, agent, rev, updated, body) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (id) DO UPDATE SET rev = excluded.rev, updated = excluded.updated,
+                   body = excluded.body",
+                params![row.id, row.agent, row.rev, row.updated, row.body],
+            )
+            .map_err(err(name, what))?;
+            {
+                let mut st = tx
+                    .prepare_cached(
+                        "INSERT INTO rollout_hosts (rollout, hostname, body) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (rollout, hostname) DO UPDATE SET body = excluded.body",
+                    )
+                    .map_err(err(name, what))?;
+                for h in &hosts {
+                    st.execute(params![row.id, h.hostname, h.body])
+                        .map_err(err(name, what))?;
+                }
+            }
+            tx.commit().map_err(err(name, what))?;
+            Ok(true)
+        })
+    }
+
+    fn rollout_revs(&self) -> StoreFuture<'_, Vec<(String, i64)>> {
+        self.run(move |conn, name| {
+            let what = "read the rollouts";
+            let mut st = conn
+                .prepare_cached("SELECT id, rev FROM rollouts")
+                .map_err(err(name, what))?;
+            let rows = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(err(name, what))?;
+            rows.map(|r| r.map_err(err(name, what))).collect()
+        })
+    }
+
+    fn rollouts(&self, ids: Option<Vec<String>>) -> StoreFuture<'_, Vec<RolloutRecord>> {
+        self.run(move |conn, name| {
+            let what = "read the rollouts";
+            let mut st = conn
+                .prepare_cached("SELECT id, agent, rev, updated, body FROM rollouts")
+                .map_err(err(name, what))?;
+            let rows: Vec<RolloutRow> = st
+                .query_map([], |r| {
+                    Ok(RolloutRow {
+                        id: r.get(0)?,
+                        agent: r.get(1)?,
+                        rev: r.get(2)?,
+                        updated: r.get(3)?,
+                        body: r.get(4)?,
+                    })
+                })
+                .map_err(err(name, what))?
+                .collect::<Result<_, _>>()
+                .map_err(err(name, what))?;
+            let mut hs = conn
+                .prepare_cached("SELECT hostname, body FROM rollout_hosts WHERE rollout = ?1")
+                .map_err(err(name, what))?;
+            let mut out = Vec::new();
+            for row in rows {
+                if ids.as_ref().is_some_and(|ids| !ids.contains(&row.id)) {
+                    continue;
+                }
+                let hosts = hs
+                    .query_map([&row.id], |r| {
+                        Ok(RolloutHostRow {
+                            hostname: r.get(0)?,
+                            body: r.get(1)?,
+                        })
+                    })
+                    .map_err(err(name, what))?
+                    .collect::<Result<_, _>>()
+                    .map_err(err(name, what))?;
+                out.push(RolloutRecord { row, hosts });
+            }
+            Ok(out)
         })
     }
 

@@ -1,0 +1,551 @@
+//! Staged rollouts, end to end against the real `ops-meta` binary: hosts simulated over
+//! HTTP (legacy heartbeats and BootAgent reports, with the events a real ops-updater
+//! sends), the operator API driven as `opsctl` does, the SQLite store in a temporary
+//! folder (kept across a restart).
+
+use std::path::Path;
+use std::time::Duration;
+
+use proto::rollout::*;
+use serde_json::{json, Value};
+use test_support::{command, KillOnDrop, TempDir};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Meta {
+    child: Option<KillOnDrop>,
+    dir: TempDir,
+    port: u16,
+    http: reqwest::Client,
+    /// Per host: the next event seq.
+    seqs: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+impl Meta {
+    fn start(version: &str) -> Meta {
+        let dir = test_support::tempdir().unwrap();
+        let files = dir.path().join("files");
+        std::fs::create_dir_all(&files).unwrap();
+        for v in ["1.0", "2.0", "3.0"] {
+            std::fs::write(
+                files.join(format!("demo-{v}.tar.gz")),
+                format!("release {v}"),
+            )
+            .unwrap();
+        }
+        let mut m = Meta {
+            child: None,
+            dir,
+            port: test_support::free_port(),
+            http: reqwest::Client::new(),
+            seqs: Default::default(),
+        };
+        m.write_cfg(version);
+        m.spawn();
+        m
+    }
+
+    fn write_cfg(&self, version: &str) {
+        let cfg = json!({
+            "tarballDir": "files",
+            "http": {"enabled": true, "listen": format!("127.0.0.1:{}", self.port)},
+            "rolloutPassMillis": 100,
+            "tagRules": [{"prefix": "db-", "tags": "role=db"}],
+            "agents": [{"default": {
+                "name": "demo", "version": version,
+                "tarball": format!("http://127.0.0.1:{}/", self.port),
+                "md5": "", "cmd": "start"}}]
+        });
+        let tmp = self.dir.path().join("cfg.json.tmp");
+        std::fs::write(&tmp, cfg.to_string()).unwrap();
+        std::fs::rename(&tmp, self.dir.path().join("cfg.json")).unwrap();
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = command(Path::new(env!("CARGO_BIN_EXE_ops-meta")));
+        cmd.arg("-c")
+            .arg("cfg.json")
+            .current_dir(self.dir.path())
+            .env("RUST_LOG", "warn");
+        self.child = Some(KillOnDrop(cmd.spawn().expect("start ops-meta")));
+        self.http = reqwest::Client::new();
+        test_support::wait_listening(format!("127.0.0.1:{}", self.port).parse().unwrap(), WAIT);
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// A legacy heartbeat reporting `demo` at `version` with `status`, and `events`
+    /// (kind, version, state); returns the version the answer wants.
+    async fn beat(
+        &self,
+        host: &str,
+        version: &str,
+        status: &str,
+        events: &[(&str, &str, &str)],
+    ) -> String {
+        let events: Vec<Value> = {
+            let mut seqs = self.seqs.lock().unwrap();
+            let seq = seqs.entry(host.to_string()).or_insert(0);
+            events
+                .iter()
+                .map(|(kind, v, state)| {
+                    *seq += 1;
+                    json!({"seq": *seq, "time": 1, "agent": "demo", "version": v,
+                           "kind": kind, "cause": format!("test {kind}"), "state": state})
+                })
+                .collect()
+        };
+        let mut body = json!({"hostname": host, "realAgents": [
+            {"name": "demo", "version": version, "status": status, "timestamp": 1}]});
+        if !events.is_empty() {
+            body["events"] = Value::Array(events);
+        }
+        let r = self
+            .http
+            .post(self.url("/heartbeat"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        v["desiredAgents"][0]["version"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, String) {
+        let r = self
+            .http
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    async fn create(&self, spec: Value) -> RolloutView {
+        let (code, text) = self.post("/api/rollouts", spec).await;
+        assert_eq!(code, 200, "{text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    async fn act(&self, id: &str, action: &str) -> (u16, String) {
+        self.post(&format!("/api/rollouts/{id}/{action}"), json!({}))
+            .await
+    }
+
+    async fn view(&self, id: &str) -> RolloutView {
+        let r = self
+            .http
+            .get(self.url(&format!("/api/rollouts/{id}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json().await.unwrap()
+    }
+
+    /// Waits until the rollout's view satisfies `cond`.
+    async fn wait_view(&self, id: &str, cond: impl Fn(&RolloutView) -> bool) -> RolloutView {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let v = self.view(id).await;
+            if cond(&v) {
+                return v;
+            }
+            assert!(std::time::Instant::now() < deadline, "timed out: {v:#?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every host heartbeats, installing at once whatever it is told (as a real,
+    /// healthy updater would), until `done` holds for the rollout; returns its view.
+    async fn run_fleet(
+        &self,
+        hosts: &[String],
+        id: &str,
+        mut behave: impl FnMut(&str, &str) -> (String, String, Vec<(&'static str, String, String)>),
+        mut done: impl FnMut(&RolloutView) -> bool,
+    ) -> RolloutView {
+        let mut running: std::collections::HashMap<String, String> = hosts
+            .iter()
+            .map(|h| (h.clone(), "1.0".to_string()))
+            .collect();
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            for h in hosts {
+                let want = running[h].clone();
+                let (version, status, events) = behave(h, &want);
+                let ev: Vec<(&str, &str, &str)> = events
+                    .iter()
+                    .map(|(k, v, s)| (*k, v.as_str(), s.as_str()))
+                    .collect();
+                let told = self.beat(h, &version, &status, &ev).await;
+                running.insert(h.clone(), told);
+            }
+            let v = self.view(id).await;
+            if done(&v) {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "rollout never got there: {v:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn hosts(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i:02}")).collect()
+}
+
+fn two_waves(extra: Value) -> Value {
+    let mut spec = json!({
+        "agent": "demo", "version": "2.0",
+        "waves": [{"name": "canary", "prefixes": ["canary-"]}, {"name": "rest", "percent": 100}],
+        "maxInFlight": 3, "minHealthySecs": 1, "healthyDeadlineSecs": 20,
+        "maxFailures": 2, "start": true
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        spec[k] = v.clone();
+    }
+    spec
+}
+
+/// Honest hosts: they run what they are told, and say so.
+fn healthy(_: &str, want: &str) -> (String, String, Vec<(&'static str, String, String)>) {
+    (want.to_string(), "started".to_string(), vec![])
+}
+
+#[tokio::test]
+async fn a_rollout_goes_wave_by_wave_counts_healthy_time_and_completes() {
+    let m = Meta::start("1.0");
+    let mut fleet = hosts("canary-", 2);
+    fleet.extend(hosts("web-", 8));
+    for h in &fleet {
+        assert_eq!(m.beat(h, "1.0", "started", &[]).await, "1.0");
+    }
+    // The plan: sizes, samples, nothing stored.
+    let (code, text) = m.post("/api/rollouts/plan", two_waves(json!({}))).await;
+    assert_eq!(code, 200, "{text}");
+    let plan: RolloutPlan = serde_json::from_str(&text).unwrap();
+    assert_eq!(plan.from_version, "1.0");
+    assert_eq!(
+        plan.waves.iter().map(|w| w.hosts).collect::<Vec<_>>(),
+        vec![2, 8]
+    );
+    assert_eq!(plan.waves[0].sample, vec!["canary-00", "canary-01"]);
+    let list: RolloutList = m
+        .http
+        .get(m.url("/api/rollouts"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(list.rollouts.is_empty());
+
+    let r = m.create(two_waves(json!({}))).await;
+    assert_eq!(r.state, STATE_RUNNING);
+    // Only the canaries are admitted first; the rest still get 1.0.
+    let v = m
+        .run_fleet(&fleet, &r.id, healthy, |v| {
+            v.counts.in_flight + v.counts.healthy >= 2
+        })
+        .await;
+    assert_eq!(
+        v.waves[1].counts.in_flight + v.waves[1].counts.healthy,
+        0,
+        "{v:#?}"
+    );
+    assert_eq!(m.beat("web-00", "1.0", "started", &[]).await, "1.0");
+    assert_eq!(m.beat("canary-00", "2.0", "started", &[]).await, "2.0");
+    // A host is not healthy at its first report: it must run 1 s without a restart.
+    let v = m.view(&r.id).await;
+    assert!(
+        v.holds
+            .iter()
+            .any(|h| h.kind == "healthy_time" || h.kind == "in_flight"),
+        "{v:#?}"
+    );
+    // Then the rest, never more than maxInFlight at once.
+    let mut most = 0;
+    let v = m
+        .run_fleet(&fleet, &r.id, healthy, |v| {
+            most = most.max(v.counts.in_flight);
+            v.state == STATE_COMPLETED
+        })
+        .await;
+    assert!(most <= 3, "in flight at once: {most}");
+    assert_eq!(v.counts.healthy, 10, "{v:#?}");
+    assert!(v.permanent.contains("\"2.0\""), "{}", v.permanent);
+    for h in &fleet {
+        assert_eq!(m.beat(h, "2.0", "started", &[]).await, "2.0", "{h}");
+    }
+    // Made permanent in cfg.json, the rollout lets go: a later cfg.json change applies.
+    m.write_cfg("2.0");
+    assert_eq!(
+        m.http
+            .get(m.url("/config/reload"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    m.wait_view(&r.id, |v| v.permanent.is_empty()).await;
+    m.write_cfg("3.0");
+    assert_eq!(
+        m.http
+            .get(m.url("/config/reload"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(m.beat("web-03", "2.0", "started", &[]).await, "3.0");
+}
+
+#[tokio::test]
+async fn release_failures_pause_at_the_threshold_infra_failures_do_not_and_resume_completes() {
+    let m = Meta::start("1.0");
+    let fleet = hosts("web-", 8);
+    for h in &fleet {
+        m.beat(h, "1.0", "started", &[]).await;
+    }
+    let r = m
+        .create(json!({
+            "agent": "demo", "version": "2.0",
+            "waves": [{"name": "all", "percent": 100}],
+            "maxInFlight": 8, "minHealthySecs": 1, "healthyDeadlineSecs": 20,
+            "maxFailures": 2, "start": true
+        }))
+        .await;
+    // web-00 and web-01 crash-loop to fatal; web-02 cannot download (infra).
+    let mut told: std::collections::HashSet<String> = Default::default();
+    let mut behave = |h: &str, want: &str| {
+        let first = told.insert(format!("{h}{want}"));
+        match (h, want) {
+            ("web-00" | "web-01", "2.0") => (
+                "2.0".to_string(),
+                "fatal".to_string(),
+                if first {
+                    vec![("fatal", "2.0".to_string(), String::new())]
+                } else {
+                    vec![]
+                },
+            ),
+            ("web-02", "2.0") => (
+                "1.0".to_string(),
+                "started".to_string(),
+                if first {
+                    vec![("install_failed", "2.0".to_string(), "download".to_string())]
+                } else {
+                    vec![]
+                },
+            ),
+            _ => healthy(h, want),
+        }
+    };
+    let v = m
+        .run_fleet(&fleet, &r.id, &mut behave, |v| v.state == STATE_PAUSED)
+        .await;
+    assert!(v.paused_reason.contains("error threshold"), "{v:#?}");
+    assert!(v.paused_reason.contains("2 of 8"), "{}", v.paused_reason);
+    assert!(v.holds.iter().any(|h| h.kind == "threshold"), "{v:#?}");
+    let failed: Vec<&str> = v
+        .failures
+        .iter()
+        .filter(|f| f.phase == PHASE_FAILED)
+        .map(|f| f.host.as_str())
+        .collect();
+    assert_eq!(failed, vec!["web-00", "web-01"], "{v:#?}");
+    assert!(
+        v.failures.iter().any(|f| f.host == "web-02"
+            && f.phase == PHASE_INFRA_FAILED
+            && f.reason.contains("download")),
+        "{v:#?}"
+    );
+    // Resume: the failures seen are accepted; web-02's download now works.
+    let (code, text) = m.act(&r.id, "resume").await;
+    assert_eq!(code, 200, "{text}");
+    let v = m
+        .run_fleet(
+            &fleet,
+            &r.id,
+            |h, want| match (h, want) {
+                ("web-00" | "web-01", "2.0") => ("2.0".into(), "fatal".into(), vec![]),
+                _ => healthy(h, want),
+            },
+            |v| v.state == STATE_COMPLETED,
+        )
+        .await;
+    assert_eq!((v.counts.healthy, v.counts.failed), (6, 2), "{v:#?}");
+    // A completed rollout cannot be resumed, and rollback takes the hosts back.
+    assert_eq!(m.act(&r.id, "resume").await.0, 409);
+    let (code, text) = m.act(&r.id, "rollback").await;
+    assert_eq!(code, 200, "{text}");
+    let back: RolloutView = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (back.version.as_str(), back.rollback_of.as_str()),
+        ("1.0", r.id.as_str())
+    );
+    let v = m
+        .run_fleet(&fleet, &back.id, healthy, |v| v.state == STATE_COMPLETED)
+        .await;
+    assert_eq!(v.counts.healthy, 8, "{v:#?}");
+    assert_eq!(m.view(&r.id).await.state, STATE_ROLLED_BACK);
+    for h in &fleet {
+        assert_eq!(m.beat(h, "1.0", "started", &[]).await, "1.0");
+    }
+}
+
+#[tokio::test]
+async fn hosts_that_stop_reporting_go_missing_and_count_and_pins_survive_a_restart() {
+    let mut m = Meta::start("1.0");
+    let fleet = hosts("web-", 4);
+    for h in &fleet {
+        m.beat(h, "1.0", "started", &[]).await;
+    }
+    let r = m
+        .create(json!({
+            "agent": "demo", "version": "2.0",
+            "waves": [{"name": "first", "prefixes": ["web-00", "web-01"]}, {"name": "second", "prefixes": ["web-"]}],
+            "maxInFlight": 2, "minHealthySecs": 1, "healthyDeadlineSecs": 30,
+            "missingAfterSecs": 2, "maxFailures": 1, "approval": true
+        }))
+        .await;
+    assert_eq!(r.state, STATE_PLANNED);
+    assert_eq!(m.view(&r.id).await.holds[0].kind, "not_started");
+    assert_eq!(m.act(&r.id, "start").await.0, 200);
+    // The first wave completes, then approval holds the second.
+    let v = m
+        .run_fleet(&fleet, &r.id, healthy, |v| {
+            v.holds.iter().any(|h| h.kind == "approval")
+        })
+        .await;
+    assert_eq!(v.waves[0].state, "done", "{v:#?}");
+    // The store keeps the pins: after a restart web-00 still gets 2.0, web-02 1.0.
+    m.stop();
+    m.spawn();
+    assert_eq!(m.beat("web-00", "2.0", "started", &[]).await, "2.0");
+    assert_eq!(m.beat("web-02", "1.0", "started", &[]).await, "1.0");
+    assert_eq!(m.act(&r.id, "approve").await.0, 200);
+    // web-03 stops reporting: missing after 2 s, which reaches the threshold (1).
+    let alive: Vec<String> = fleet.iter().filter(|h| *h != "web-03").cloned().collect();
+    let v = m
+        .run_fleet(&alive, &r.id, healthy, |v| v.state == STATE_PAUSED)
+        .await;
+    assert!(
+        v.failures
+            .iter()
+            .any(|f| f.host == "web-03" && f.phase == PHASE_MISSING),
+        "{v:#?}"
+    );
+    assert!(v.holds.iter().any(|h| h.kind == "missing"), "{v:#?}");
+    // Abort stops it where it is: hosts that moved keep 2.0.
+    assert_eq!(m.act(&r.id, "abort").await.0, 200);
+    assert_eq!(m.beat("web-00", "2.0", "started", &[]).await, "2.0");
+    // Another rollout of the agent can start now; a second active one cannot.
+    let next = m
+        .create(two_waves(json!({"version": "3.0", "start": false})))
+        .await;
+    let (code, text) = m
+        .post("/api/rollouts", two_waves(json!({"version": "3.0"})))
+        .await;
+    assert_eq!(code, 409, "{text}");
+    assert!(text.contains(&next.id), "{text}");
+}
+
+#[tokio::test]
+async fn bad_specs_are_refused_with_every_problem_named() {
+    let m = Meta::start("1.0");
+    let (code, text) = m
+        .post(
+            "/api/rollouts",
+            json!({"agent": "nope", "version": "../x", "waves": [{"prefixes": ["a"], "percent": 5}],
+                   "maxInFlight": 0, "window": {"start": "25:00", "end": "02:00"}}),
+        )
+        .await;
+    assert_eq!(code, 400);
+    for want in ["agent", "version", "waves[0]", "maxInFlight", "window"] {
+        assert!(text.contains(want), "{want} not in {text}");
+    }
+    let (code, text) = m.post("/api/rollouts", json!([1, 2])).await;
+    assert_eq!(code, 400, "{text}");
+    assert_eq!(m.act("r-nothing", "pause").await.0, 404);
+    let r = m.create(two_waves(json!({"start": false}))).await;
+    let (code, text) = m.act(&r.id, "explode").await;
+    assert_eq!(code, 400, "{text}");
+    assert_eq!(m.act(&r.id, "resume").await.0, 409);
+}
+
+#[tokio::test]
+async fn bootagent_hosts_get_install_jobs_from_the_rollout() {
+    let m = Meta::start("1.0");
+    let reg = |host: &str| {
+        let body = json!({"hostname": host, "agentsn": ""});
+        let r = m.http.post(m.url("/agent/register")).json(&body).send();
+        async move {
+            let v: Value = r.await.unwrap().json().await.unwrap();
+            (
+                v["agentsn"].as_str().unwrap().to_string(),
+                v["credential"].as_str().unwrap_or("").to_string(),
+            )
+        }
+    };
+    let (sn_a, cred_a) = reg("canary-00").await;
+    let (sn_b, cred_b) = reg("web-00").await;
+    let report = |host: &str, sn: &str, cred: &str, version: &str, uptime: u64| {
+        let body = json!({"hostname": host, "agentsn": sn, "version": "t", "step": 60,
+            "agents": [{"name": "demo", "version": version, "status": "running", "uptime": uptime}]});
+        let r = m
+            .http
+            .post(m.url("/agent/status"))
+            .bearer_auth(cred)
+            .json(&body)
+            .send();
+        async move { r.await.unwrap().json::<Value>().await.unwrap() }
+    };
+    report("canary-00", &sn_a, &cred_a, "1.0", 100).await;
+    report("web-00", &sn_b, &cred_b, "1.0", 100).await;
+    let r = m.create(two_waves(json!({"minHealthySecs": 5}))).await;
+    let jobs_for = |v: &Value| -> Vec<String> {
+        v["jobs"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|j| j["version"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        got = jobs_for(&report("canary-00", &sn_a, &cred_a, "1.0", 100).await);
+        if !got.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(got.iter().any(|v| v == "2.0"), "no install of 2.0: {got:?}");
+    assert!(jobs_for(&report("web-00", &sn_b, &cred_b, "1.0", 100).await).is_empty());
+    // The agent's uptime counts: 2.0 up for 10 s is healthy at once (minHealthySecs 5).
+    report("canary-00", &sn_a, &cred_a, "2.0", 10).await;
+    m.wait_view(&r.id, |v| v.waves[0].counts.healthy == 1).await;
+}
