@@ -322,11 +322,79 @@ async fn audit_suite(spec: StoreSpec) {
     assert!(next > ids[2], "ids go on rising after a reopen");
 }
 
+fn rollout_row(id: &str, rev: i64, body: &str) -> persist::RolloutRow {
+    persist::RolloutRow {
+        id: id.into(),
+        agent: "falcon".into(),
+        rev,
+        updated: rev * 10,
+        body: body.into(),
+    }
+}
+
+fn rollout_host(h: &str, body: &str) -> persist::RolloutHostRow {
+    persist::RolloutHostRow {
+        hostname: h.into(),
+        body: body.into(),
+    }
+}
+
+/// Rollouts: a write is taken only over the revision before it, hosts are replaced by
+/// name, and everything is read back after a reopen.
+async fn rollout_suite(spec: StoreSpec) {
+    let store = persist::open(&spec).await.unwrap();
+    let hosts = vec![rollout_host("web-1", "a"), rollout_host("web-2", "b")];
+    assert!(store
+        .put_rollout(rollout_row("r-1", 1, "one"), hosts)
+        .await
+        .unwrap());
+    // A second writer of revision 1 (another replica) loses and writes nothing.
+    let lost = vec![rollout_host("web-3", "x")];
+    assert!(!store
+        .put_rollout(rollout_row("r-1", 1, "other"), lost)
+        .await
+        .unwrap());
+    // Skipping a revision is refused too.
+    assert!(!store
+        .put_rollout(rollout_row("r-1", 3, "skip"), vec![])
+        .await
+        .unwrap());
+    let next = vec![rollout_host("web-2", "b2")];
+    assert!(store
+        .put_rollout(rollout_row("r-1", 2, "two"), next)
+        .await
+        .unwrap());
+    assert!(store
+        .put_rollout(rollout_row("r-2", 1, "new"), vec![])
+        .await
+        .unwrap());
+    drop(store);
+    let store = persist::open(&spec).await.unwrap();
+    let mut revs = store.rollout_revs().await.unwrap();
+    revs.sort();
+    assert_eq!(revs, vec![("r-1".to_string(), 2), ("r-2".to_string(), 1)]);
+    let got = store.rollouts(Some(vec!["r-1".into()])).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!((got[0].row.body.as_str(), got[0].row.rev), ("two", 2));
+    let mut hosts: Vec<(String, String)> = got[0]
+        .hosts
+        .iter()
+        .map(|h| (h.hostname.clone(), h.body.clone()))
+        .collect();
+    hosts.sort();
+    assert_eq!(
+        hosts,
+        vec![("web-1".into(), "a".into()), ("web-2".into(), "b2".into())]
+    );
+    assert_eq!(store.rollouts(None).await.unwrap().len(), 2);
+}
+
 #[tokio::test]
 async fn sqlite_keeps_what_it_was_given() {
     let dir = test_support::tempdir().unwrap();
     suite(StoreSpec::Sqlite(dir.path().join("fleet.db"))).await;
     audit_suite(StoreSpec::Sqlite(dir.path().join("audit.db"))).await;
+    rollout_suite(StoreSpec::Sqlite(dir.path().join("rollouts.db"))).await;
 }
 
 #[tokio::test]
@@ -351,6 +419,8 @@ async fn postgres_keeps_what_it_was_given() {
     suite(StoreSpec::parse(&url).unwrap()).await;
     let url = pg.create_db("audit");
     audit_suite(StoreSpec::parse(&url).unwrap()).await;
+    let url = pg.create_db("rollouts");
+    rollout_suite(StoreSpec::parse(&url).unwrap()).await;
 }
 
 fn too_new(e: StoreError) -> String {
