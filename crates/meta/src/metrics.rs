@@ -331,6 +331,8 @@ pub struct Scrape {
     connections_saturated: u64,
     agent_hosts: Vec<([(&'static str, String); 4], u64)>,
     jobs_pending: [u64; ACTIONS.len()],
+    rollout_states: std::collections::HashMap<String, u64>,
+    rollout_waves: Vec<crate::rollout::view::WaveMetric>,
 }
 
 impl Scrape {
@@ -360,7 +362,10 @@ impl Scrape {
                 counts.add(Protocol::Legacy, name, version, status);
             }
         });
+        let (rollout_states, rollout_waves) = st.rollouts.metrics();
         Scrape {
+            rollout_states,
+            rollout_waves,
             backend: st.durable.kind(),
             queued_hosts: lag.queued.load(Relaxed).max(0),
             write_lag_secs: lag.last_lag_ms.load(Relaxed) as f64 / 1000.0,
@@ -562,6 +567,40 @@ impl Collector for Scrape {
             "Times the accept loop found maxConnections connections open.",
             self.connections_saturated,
         )?;
+        let mut m = e.encode_descriptor(
+            "ops_meta_rollouts",
+            "Rollouts by state.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for state in [
+            proto::rollout::STATE_PLANNED,
+            proto::rollout::STATE_RUNNING,
+            proto::rollout::STATE_PAUSED,
+            proto::rollout::STATE_COMPLETED,
+            proto::rollout::STATE_ABORTED,
+            proto::rollout::STATE_ROLLED_BACK,
+            proto::rollout::STATE_SUPERSEDED,
+        ] {
+            let n = self.rollout_states.get(state).copied().unwrap_or(0);
+            ConstGauge::new(n as i64).encode(m.encode_family(&[("state", state)])?)?;
+        }
+        let mut m = e.encode_descriptor(
+            "ops_meta_rollout_hosts",
+            "Hosts of each wave of the newest rollouts in effect, by phase.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for w in &self.rollout_waves {
+            let labels = [
+                ("rollout", w.rollout.as_str()),
+                ("agent", w.agent.as_str()),
+                ("version", w.version.as_str()),
+                ("wave", w.wave.as_str()),
+                ("phase", w.phase),
+            ];
+            ConstGauge::new(w.hosts as i64).encode(m.encode_family(&labels)?)?;
+        }
         Ok(())
     }
 }

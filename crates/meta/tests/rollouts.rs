@@ -296,6 +296,48 @@ async fn a_rollout_goes_wave_by_wave_counts_healthy_time_and_completes() {
     for h in &fleet {
         assert_eq!(m.beat(h, "2.0", "started", &[]).await, "2.0", "{h}");
     }
+    // /metrics shows the rollout by state and its waves by phase, in the text format.
+    let text = m
+        .http
+        .get(m.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Gauge(v) => v,
+                _ => panic!("{name} is not a gauge"),
+            })
+    };
+    assert_eq!(
+        value("ops_meta_rollouts", &[("state", "completed")]),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            "ops_meta_rollout_hosts",
+            &[("rollout", &r.id), ("wave", "canary"), ("phase", "healthy")]
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            "ops_meta_rollout_hosts",
+            &[("wave", "rest"), ("phase", "healthy")]
+        ),
+        Some(8.0),
+        "{text}"
+    );
     // Made permanent in cfg.json, the rollout lets go: a later cfg.json change applies.
     m.write_cfg("2.0");
     assert_eq!(

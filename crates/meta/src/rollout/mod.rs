@@ -16,7 +16,7 @@
 
 pub mod engine;
 mod model;
-mod view;
+pub mod view;
 
 pub use model::{Phase, Rollout};
 
