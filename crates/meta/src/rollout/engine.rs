@@ -202,28 +202,37 @@ pub fn wave_of(spec: &RolloutSpec, desired: &Desired, host: &str) -> u16 {
     OUTSIDE
 }
 
+/// Seconds between looks for new hosts when the fleet's host count did not move.
+const REDISCOVER_SECS: i64 = 10;
+
 /// Puts every known host that has no wave yet into its wave (or outside). A rollback
-/// (`scope`) takes only the hosts its rollout admitted.
+/// (`scope`: the hosts its rollout admitted) takes only those.
 pub fn discover(
     r: &mut Rollout,
     desired: &Desired,
     fleet: &dyn Fleet,
-    scope: Option<&HashMap<Box<str>, HostRec>>,
+    scope: Option<&std::collections::HashSet<Box<str>>>,
 ) {
     for h in fleet.hostnames() {
         if r.assign.contains_key(h.as_str()) {
             continue;
         }
-        let in_scope = match scope {
-            Some(s) => s.get(h.as_str()).is_some_and(|rec| rec.admitted > 0),
-            None => true,
-        };
+        let in_scope = scope.is_none_or(|s| s.contains(h.as_str()));
         let w = if in_scope {
             wave_of(&r.body.spec, desired, &h)
         } else {
             OUTSIDE
         };
         r.assign.insert(h.into_boxed_str(), w);
+    }
+}
+
+/// True when it is time to look for new hosts: never looked, the host count moved, or
+/// [`REDISCOVER_SECS`] passed (a host that left and another that came keep the count).
+fn discovery_due(r: &Rollout, fleet: &dyn Fleet, now: i64) -> bool {
+    match r.discovered {
+        None => true,
+        Some((count, at)) => count != fleet.host_count() || now - at >= REDISCOVER_SECS,
     }
 }
 
@@ -457,7 +466,9 @@ fn step(r: &Rollout, desired: &Desired, fleet: &dyn Fleet, now: i64) -> Step {
     let cur = current_wave(r);
     let mut changed: HashMap<Box<str>, HostRec> = HashMap::new();
     for (h, &w) in &r.assign {
-        if w == OUTSIDE || (w as usize) > cur {
+        // Hosts of the waves started so far, and every admitted one (a new host of an
+        // earlier wave can make an earlier wave current again).
+        if w == OUTSIDE || ((w as usize) > cur && !r.hosts.contains_key(h)) {
             continue;
         }
         let rec = r.hosts.get(h).cloned().unwrap_or(HostRec {
@@ -609,24 +620,64 @@ impl Rollouts {
         for id in ids {
             let decided = {
                 let mut g = self.inner.lock();
-                let scope_id = g
-                    .list
-                    .iter()
-                    .find(|r| r.body.id == id)
-                    .and_then(|r| r.body.scope.clone());
-                let scope = scope_id.and_then(|s| {
-                    g.list
-                        .iter()
-                        .find(|r| r.body.id == s)
-                        .map(|r| r.hosts.clone())
-                });
-                let Some(r) = g.list.iter_mut().find(|r| r.body.id == id) else {
+                let Some(i) = g.list.iter().position(|r| r.body.id == id) else {
                     continue;
                 };
-                if r.body.state == STATE_RUNNING || r.body.state == STATE_PAUSED {
+                let r = &g.list[i];
+                let looking = (r.body.state == STATE_RUNNING || r.body.state == STATE_PAUSED)
+                    && discovery_due(r, fleet, now);
+                if looking {
+                    let scope = r.body.scope.clone().map(|s| {
+                        g.list
+                            .iter()
+                            .find(|o| o.body.id == s)
+                            .map(|o| {
+                                o.hosts
+                                    .iter()
+                                    .filter(|(_, h)| h.admitted > 0)
+                                    .map(|(name, _)| name.clone())
+                                    .collect()
+                            })
+                            .unwrap_or_default()
+                    });
+                    let r = &mut g.list[i];
                     discover(r, desired, fleet, scope.as_ref());
+                    r.discovered = Some((fleet.host_count(), now));
                 }
-                let s = step(r, desired, fleet, now);
+                let r = &g.list[i];
+                let mut s = step(r, desired, fleet, now);
+                if s.body.as_ref().is_some_and(|b| {
+                    b.state == STATE_COMPLETED
+                        && r.body.state != STATE_COMPLETED
+                        && b.rollback_of.is_empty()
+                }) {
+                    // A rollout that completed over every host of an older one of the
+                    // agent takes over from it.
+                    let mine: std::collections::HashSet<&str> = r
+                        .hosts
+                        .iter()
+                        .filter(|(_, h)| h.admitted > 0)
+                        .map(|(n, _)| &**n)
+                        .chain(
+                            s.hosts
+                                .iter()
+                                .filter(|(_, h)| h.admitted > 0)
+                                .map(|(n, _)| &**n),
+                        )
+                        .collect();
+                    for o in g.list.iter().filter(|o| {
+                        o.body.id != id && o.body.agent == r.body.agent && o.in_effect()
+                    }) {
+                        let covered = o
+                            .hosts
+                            .iter()
+                            .filter(|(_, h)| h.admitted > 0)
+                            .all(|(n, _)| mine.contains(&**n));
+                        if covered && !o.active() {
+                            s.retire.push((o.body.id.clone(), STATE_SUPERSEDED));
+                        }
+                    }
+                }
                 s.body.map(|b| (b, s.hosts, s.retire, r.rev))
             };
             let Some((body, hosts, retire, rev)) = decided else {
@@ -638,22 +689,31 @@ impl Rollouts {
                 rev: rev + 1,
                 hosts: hosts.iter().cloned().collect(),
                 assign: HashMap::new(),
+                discovered: None,
             };
             head.body.accepted.resize(head.body.spec.waves.len(), 0);
             let (row, rows) = head.encode(&names);
             match self.durable.put_rollout(row, rows).await {
                 Ok(true) => {
                     let mut g = self.inner.lock();
+                    let mut pins_moved = false;
                     if let Some(r) = g.list.iter_mut().find(|r| r.body.id == id) {
+                        let was = r.in_effect();
                         r.body = head.body;
                         r.rev = head.rev;
+                        pins_moved = was != r.in_effect();
                         for (h, rec) in hosts {
+                            let before = r.hosts.get(&h).map_or(0, |o| o.admitted);
+                            pins_moved |= (before > 0) != (rec.admitted > 0);
                             r.assign.insert(h.clone(), rec.wave);
                             r.hosts.insert(h, rec);
                         }
                     }
-                    g.pins_gen += 1;
-                    moved = true;
+                    // Health moves every pass; only admissions and states move the pins.
+                    if pins_moved {
+                        g.pins_gen += 1;
+                        moved = true;
+                    }
                 }
                 Ok(false) => {
                     // Another replica decided first; the next pass starts from its rows.
@@ -714,5 +774,110 @@ pub async fn run(state: crate::state::AppState, every: std::time::Duration) {
             let pins = Arc::new(rollouts.pins());
             state.reloader.set_pins(pins).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desired() -> Desired {
+        let cfg = crate::config::parse(
+            r#"{"tagRules": [{"prefix": "db-", "tags": "role=db"}],
+                "agents": [{"default": {"name": "a", "version": "1", "tarball": "http://x/", "cmd": "start"}}]}"#,
+        )
+        .unwrap()
+        .config;
+        Desired::compile(std::sync::Arc::new(cfg), Default::default())
+    }
+
+    #[test]
+    fn hosts_take_their_first_wave_and_percentages_are_cumulative() {
+        let d = desired();
+        let spec = RolloutSpec {
+            waves: vec![
+                WaveSpec {
+                    prefixes: vec!["canary-".into()],
+                    ..WaveSpec::default()
+                },
+                WaveSpec {
+                    tags: vec!["role=db".into()],
+                    ..WaveSpec::default()
+                },
+                WaveSpec {
+                    percent: Some(10.0),
+                    ..WaveSpec::default()
+                },
+                WaveSpec {
+                    percent: Some(100.0),
+                    ..WaveSpec::default()
+                },
+            ],
+            ..RolloutSpec::default()
+        };
+        assert_eq!(wave_of(&spec, &d, "canary-1"), 0);
+        assert_eq!(wave_of(&spec, &d, "db-7"), 1);
+        let mut per = [0u32; 4];
+        for i in 0..10_000 {
+            let w = wave_of(&spec, &d, &format!("web-{i}"));
+            per[w as usize] += 1;
+        }
+        assert_eq!(per[0] + per[1], 0);
+        assert!((850..1150).contains(&per[2]), "{per:?}");
+        assert_eq!(per[2] + per[3], 10_000);
+        // Stable: the same host, the same wave, whatever else is in the fleet.
+        assert_eq!(wave_of(&spec, &d, "web-42"), wave_of(&spec, &d, "web-42"));
+        let only = RolloutSpec {
+            waves: vec![WaveSpec {
+                prefixes: vec!["x".into()],
+                ..WaveSpec::default()
+            }],
+            ..RolloutSpec::default()
+        };
+        assert_eq!(wave_of(&only, &d, "web-1"), OUTSIDE);
+    }
+
+    #[test]
+    fn thresholds_by_count_share_or_both() {
+        let mut spec = RolloutSpec::default();
+        assert_eq!(failure_limit(&spec, 100), 0);
+        spec.max_failures = Some(3);
+        assert_eq!(failure_limit(&spec, 100), 3);
+        spec.max_failure_percent = Some(1.0);
+        assert_eq!(failure_limit(&spec, 100), 1);
+        spec.max_failures = None;
+        spec.max_failure_percent = Some(25.0);
+        assert_eq!(failure_limit(&spec, 10), 3);
+        assert_eq!(failure_limit(&spec, 1), 1);
+    }
+
+    #[test]
+    fn windows_by_day_and_across_midnight() {
+        let w = |days: &[&str], start: &str, end: &str| {
+            Window::parse(&WindowSpec {
+                days: days.iter().map(|d| d.to_string()).collect(),
+                start: start.into(),
+                end: end.into(),
+            })
+        };
+        // 2026-12-04 is a Friday.
+        let at = |h: i64, m: i64| 1_796_342_400 + h * 3600 + m * 60;
+        let night = w(&["fri"], "22:00", "02:00").unwrap();
+        assert!(night.open(at(23, 0)));
+        assert!(!night.open(at(21, 59)));
+        assert!(
+            night.open(at(24 + 1, 59)),
+            "saturday 01:59 belongs to friday's window"
+        );
+        assert!(
+            !night.open(at(24 + 23, 0)),
+            "saturday night is not a window"
+        );
+        let day = w(&[], "09:00", "17:00").unwrap();
+        assert!(day.open(at(9, 0)) && !day.open(at(17, 0)));
+        assert!(w(&["someday"], "01:00", "02:00").is_err());
+        assert!(w(&[], "24:00", "02:00").is_err());
+        assert!(w(&[], "1:00", "1:00").is_err());
+        assert!(w(&[], "0100", "02:00").is_err());
     }
 }

@@ -99,6 +99,8 @@ pub struct Rollout {
     pub rev: i64,
     pub hosts: HashMap<Box<str>, HostRec>,
     pub assign: HashMap<Box<str>, u16>,
+    /// The fleet's host count and the time at the last look for new hosts.
+    pub discovered: Option<(usize, i64)>,
 }
 
 impl Rollout {
@@ -263,6 +265,7 @@ impl Rollout {
             rev: 0,
             hosts: HashMap::new(),
             assign: HashMap::new(),
+            discovered: None,
         })
     }
 
@@ -273,6 +276,7 @@ impl Rollout {
             rev: self.rev,
             hosts: HashMap::new(),
             assign: HashMap::new(),
+            discovered: None,
         }
     }
 
@@ -334,6 +338,7 @@ impl Rollout {
             rev: rec.row.rev,
             hosts,
             assign: HashMap::new(),
+            discovered: None,
         };
         r.refresh_assign();
         Ok(r)
