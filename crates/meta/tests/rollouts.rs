@@ -16,6 +16,10 @@ struct Meta {
     child: Option<KillOnDrop>,
     dir: TempDir,
     port: u16,
+    /// `store` of the config (empty: the default SQLite file) and the port of the
+    /// tarball base URL (its own when 0).
+    store: String,
+    files_port: u16,
     http: reqwest::Client,
     /// Per host: the next event seq.
     seqs: std::sync::Mutex<std::collections::HashMap<String, u64>>,
@@ -23,6 +27,10 @@ struct Meta {
 
 impl Meta {
     fn start(version: &str) -> Meta {
+        Meta::start_on(version, "", 0)
+    }
+
+    fn start_on(version: &str, store: &str, files_port: u16) -> Meta {
         let dir = test_support::tempdir().unwrap();
         let files = dir.path().join("files");
         std::fs::create_dir_all(&files).unwrap();
@@ -37,6 +45,8 @@ impl Meta {
             child: None,
             dir,
             port: test_support::free_port(),
+            store: store.to_string(),
+            files_port,
             http: reqwest::Client::new(),
             seqs: Default::default(),
         };
@@ -46,16 +56,24 @@ impl Meta {
     }
 
     fn write_cfg(&self, version: &str) {
-        let cfg = json!({
+        let files_port = if self.files_port == 0 {
+            self.port
+        } else {
+            self.files_port
+        };
+        let mut cfg = json!({
             "tarballDir": "files",
             "http": {"enabled": true, "listen": format!("127.0.0.1:{}", self.port)},
             "rolloutPassMillis": 100,
             "tagRules": [{"prefix": "db-", "tags": "role=db"}],
             "agents": [{"default": {
                 "name": "demo", "version": version,
-                "tarball": format!("http://127.0.0.1:{}/", self.port),
+                "tarball": format!("http://127.0.0.1:{files_port}/"),
                 "md5": "", "cmd": "start"}}]
         });
+        if !self.store.is_empty() {
+            cfg["store"] = json!(self.store);
+        }
         let tmp = self.dir.path().join("cfg.json.tmp");
         std::fs::write(&tmp, cfg.to_string()).unwrap();
         std::fs::rename(&tmp, self.dir.path().join("cfg.json")).unwrap();
@@ -590,4 +608,75 @@ async fn bootagent_hosts_get_install_jobs_from_the_rollout() {
     // The agent's uptime counts: 2.0 up for 10 s is healthy at once (minHealthySecs 5).
     report("canary-00", &sn_a, &cred_a, "2.0", 10).await;
     m.wait_view(&r.id, |v| v.waves[0].counts.healthy == 1).await;
+}
+
+/// Two replicas on one PostgreSQL: a rollout created on one is run by both controllers
+/// (each decision taken over the revision before it), hosts reporting to either replica
+/// get the same answer, and an operator's pause through one holds both.
+#[tokio::test]
+async fn two_replicas_run_one_rollout() {
+    let Some(pg) = test_support::postgres::Cluster::start() else {
+        return;
+    };
+    let url = pg.create_db("rollouts");
+    let a = Meta::start_on("1.0", &url, 0);
+    let b = Meta::start_on("1.0", &url, a.port);
+    let fleet = hosts("web-", 12);
+    for (i, h) in fleet.iter().enumerate() {
+        let m = if i % 2 == 0 { &a } else { &b };
+        m.beat(h, "1.0", "started", &[]).await;
+    }
+    let r = a
+        .create(json!({
+            "agent": "demo", "version": "2.0",
+            "waves": [{"name": "half", "percent": 50}, {"name": "rest", "percent": 100}],
+            "maxInFlight": 4, "minHealthySecs": 1, "healthyDeadlineSecs": 30, "start": true
+        }))
+        .await;
+    // b knows the rollout from the store.
+    b.wait_view(&r.id, |v| v.state == STATE_RUNNING).await;
+    let mut running: std::collections::HashMap<String, String> =
+        fleet.iter().map(|h| (h.clone(), "1.0".into())).collect();
+    let mut most = 0;
+    let mut round = 0usize;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        round += 1;
+        for (i, h) in fleet.iter().enumerate() {
+            // Each host alternates between the replicas from round to round.
+            let m = if (i + round) % 2 == 0 { &a } else { &b };
+            let want = running[h].clone();
+            let told = m.beat(h, &want, "started", &[]).await;
+            running.insert(h.clone(), told);
+        }
+        let (va, vb) = (a.view(&r.id).await, b.view(&r.id).await);
+        most = most.max(va.counts.in_flight).max(vb.counts.in_flight);
+        if va.state == STATE_COMPLETED && vb.state == STATE_COMPLETED {
+            assert_eq!(va.counts.healthy, 12, "{va:#?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{va:#?}\n{vb:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(most <= 4, "in flight at once: {most}");
+    for h in &fleet {
+        assert_eq!(a.beat(h, "2.0", "started", &[]).await, "2.0");
+        assert_eq!(b.beat(h, "2.0", "started", &[]).await, "2.0");
+    }
+    // A second rollout, paused through b, holds on a too.
+    let next = b
+        .create(json!({
+            "agent": "demo", "version": "3.0", "waves": [{"percent": 100}],
+            "minHealthySecs": 1, "start": true
+        }))
+        .await;
+    let (code, text) = b.act(&next.id, "pause").await;
+    assert_eq!(code, 200, "{text}");
+    let v = a.wait_view(&next.id, |v| v.state == STATE_PAUSED).await;
+    assert!(v.paused_reason.contains("operator"), "{v:#?}");
+    // Both replicas acting on one old revision: one wins, the other is told to retry.
+    let (x, y) = tokio::join!(a.act(&next.id, "resume"), b.act(&next.id, "resume"));
+    let codes = [x.0, y.0];
+    assert!(codes.contains(&200), "{x:?} {y:?}");
+    assert!(codes.iter().all(|c| *c == 200 || *c == 409), "{x:?} {y:?}");
 }

@@ -86,7 +86,7 @@ async fn one(
     Path(id): Path<String>,
 ) -> Result<Json<RolloutView>, AppError> {
     let desired = st.current.load();
-    Ok(Json(st.rollouts.get(&id, &desired, unix_now())?))
+    Ok(Json(st.rollouts.get(&id, &desired, unix_now()).await?))
 }
 
 async fn act(

@@ -168,7 +168,17 @@ impl Rollouts {
         }
     }
 
-    pub fn get(&self, id: &str, desired: &Desired, now: i64) -> Result<RolloutView, RolloutError> {
+    /// One rollout; one another replica just created is read from the store.
+    pub async fn get(
+        &self,
+        id: &str,
+        desired: &Desired,
+        now: i64,
+    ) -> Result<RolloutView, RolloutError> {
+        let known = self.inner.lock().list.iter().any(|r| r.body.id == id);
+        if !known && self.durable.shared() {
+            self.follow().await?;
+        }
         let g = self.inner.lock();
         g.list
             .iter()
@@ -250,6 +260,10 @@ impl Rollouts {
     ) -> Result<RolloutView, RolloutError> {
         use proto::rollout::*;
         let _w = self.write.lock().await;
+        // Act on what the store holds: another replica's controller may have moved it.
+        if self.durable.shared() {
+            self.follow().await?;
+        }
         let mut r = {
             let g = self.inner.lock();
             g.list
