@@ -623,7 +623,7 @@ async fn two_replicas_run_one_rollout() {
     let b = Meta::start_on("1.0", &url, a.port);
     let fleet = hosts("web-", 12);
     for (i, h) in fleet.iter().enumerate() {
-        let m = if i % 2 == 0 { &a } else { &b };
+        let m = if i.is_multiple_of(2) { &a } else { &b };
         m.beat(h, "1.0", "started", &[]).await;
     }
     let r = a
@@ -644,7 +644,7 @@ async fn two_replicas_run_one_rollout() {
         round += 1;
         for (i, h) in fleet.iter().enumerate() {
             // Each host alternates between the replicas from round to round.
-            let m = if (i + round) % 2 == 0 { &a } else { &b };
+            let m = if (i + round).is_multiple_of(2) { &a } else { &b };
             let want = running[h].clone();
             let told = m.beat(h, &want, "started", &[]).await;
             running.insert(h.clone(), told);
