@@ -1,5 +1,5 @@
-//! Runs the demo fleet: writes the configs, starts the processes, drives the rollout through
-//! ops-meta's config file and `/config/reload`, and tears everything down.
+//! Runs the demo fleet: writes the configs, starts the processes, drives the rollout with
+//! `opsctl` (publish, plan, a canary wave, approval, the rest), and tears everything down.
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -22,9 +22,8 @@ pub struct Options {
     pub keep: bool,
 }
 
-/// The demo hosts; the canary prefix in the rollout matches only the last one.
+/// The demo hosts; the rollout's canary wave (prefix `canary`) is the last one.
 const HOSTS: [&str; 3] = ["web-01", "web-02", "canary-01"];
-const CANARY_PREFIX: &str = "canary";
 
 /// Everything started, so that `Drop` can stop it whatever happened.
 struct Fleet {
@@ -66,7 +65,7 @@ pub fn run(opts: &Options) -> Result<()> {
         ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
             .context("install Ctrl-C handler")?;
     }
-    let (meta_bin, updater_bin) = find_binaries()?;
+    let (meta_bin, updater_bin, opsctl_bin) = find_binaries()?;
 
     let root = tempfile::Builder::new()
         .prefix("ops-quickstart-")
@@ -86,18 +85,18 @@ pub fn run(opts: &Options) -> Result<()> {
     let tarballs = root.join("tarball");
     std::fs::create_dir_all(&tarballs)?;
     demo::publish(&tarballs, "1.0.0")?;
-    demo::publish(&tarballs, "1.1.0")?;
-    println!(
-        "== published {AGENT} 1.0.0 and 1.1.0 into {}",
-        tarballs.display()
-    );
+    println!("== published {AGENT} 1.0.0 into {}", tarballs.display());
+    // The next release is built aside, for opsctl to publish.
+    let release = root.join("release");
+    std::fs::create_dir_all(&release)?;
+    demo::publish(&release, "1.1.0")?;
 
     let port = free_port()?;
     let base = format!("http://127.0.0.1:{port}");
     let meta_dir = root.join("meta");
     std::fs::create_dir_all(&meta_dir)?;
     let meta_cfg = meta_dir.join("cfg.json");
-    write_meta_config(&meta_cfg, &tarballs, port, &base, "1.0.0", None)?;
+    write_meta_config(&meta_cfg, &tarballs, port, &base, "1.0.0")?;
     fleet.meta = Some(spawn(
         &meta_bin,
         &["-c", path_str(&meta_cfg)?],
@@ -138,33 +137,11 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     println!("== started ops-updater on {}", HOSTS.join(", "));
 
-    let steps: [(&str, &str, Option<&str>, [&str; 3]); 3] = [
-        (
-            "every host installs 1.0.0",
-            "1.0.0",
-            None,
-            ["1.0.0", "1.0.0", "1.0.0"],
-        ),
-        (
-            "canary: 1.1.0 on canary-01 only",
-            "1.0.0",
-            Some("1.1.0"),
-            ["1.0.0", "1.0.0", "1.1.0"],
-        ),
-        (
-            "rollout: 1.1.0 everywhere",
-            "1.1.0",
-            None,
-            ["1.1.0", "1.1.0", "1.1.0"],
-        ),
-    ];
-    for (i, (title, default, canary, want)) in steps.iter().enumerate() {
-        println!("\n== step {}: {title}", i + 1);
-        if i > 0 {
-            write_meta_config(&meta_cfg, &tarballs, port, &base, default, *canary)?;
-            get(&format!("{base}/config/reload")).context("reload ops-meta's config")?;
-            println!("   config changed and reloaded (GET /config/reload)");
-        }
+    let opsctl = Opsctl {
+        bin: opsctl_bin,
+        server: base.clone(),
+    };
+    let converged = |title: &str, want: [&str; 3]| -> Result<()> {
         let started = Instant::now();
         wait_until(title, opts.step_timeout, &interrupted, || {
             let status = fleet_status(&base)?;
@@ -181,7 +158,60 @@ pub fn run(opts: &Options) -> Result<()> {
         for line in get(&format!("{base}/status/text/{AGENT}"))?.lines() {
             println!("   {line}");
         }
-    }
+        Ok(())
+    };
+
+    println!("\n== step 1: every host installs 1.0.0 (cfg.json's default)");
+    converged("every host on 1.0.0", ["1.0.0", "1.0.0", "1.0.0"])?;
+
+    println!("\n== step 2: canary: opsctl publishes 1.1.0 and starts a rollout; its first wave is canary-01");
+    let file = release.join(proto::legacy::tarball_file(AGENT, "1.1.0"));
+    opsctl.show(&["publish", path_str(&file)?, "--dir", path_str(&tarballs)?])?;
+    let spec = [
+        "--agent",
+        AGENT,
+        "--version",
+        "1.1.0",
+        "--wave",
+        "canary:prefix=canary",
+        "--wave",
+        "rest:percent=100",
+        "--min-healthy",
+        "3",
+        "--healthy-deadline",
+        "120",
+        "--max-failures",
+        "1",
+        "--approval",
+    ];
+    opsctl.show(&[&["rollout", "plan"][..], &spec[..]].concat())?;
+    let created = opsctl.json(&[&["rollout", "create"][..], &spec[..], &["--start"][..]].concat())?;
+    let id = created["id"]
+        .as_str()
+        .ok_or_else(|| anyhow!("opsctl rollout create printed no id: {created}"))?
+        .to_string();
+    println!("   created and started rollout {id}");
+    converged("canary-01 on 1.1.0", ["1.0.0", "1.0.0", "1.1.0"])?;
+    // The canary counts once it ran 3 s without a restart; then the rollout waits for
+    // the operator.
+    wait_until(
+        "the canary wave to be healthy",
+        opts.step_timeout,
+        &interrupted,
+        || {
+            let v = opsctl.json(&["rollout", "status", &id])?;
+            Ok(v["holds"]
+                .as_array()
+                .is_some_and(|h| h.iter().any(|h| h["kind"] == "approval")))
+        },
+    )?;
+    opsctl.show(&["rollout", "status", &id])?;
+
+    println!("\n== step 3: rollout: the canary is healthy; opsctl approves the rest");
+    opsctl.show(&["rollout", "approve", &id])?;
+    opsctl.show(&["rollout", "watch", &id])?;
+    converged("every host on 1.1.0", ["1.1.0", "1.1.0", "1.1.0"])?;
+    opsctl.show(&["rollout", "status", &id])?;
     println!("\n== done: stopping the updaters, the agents and ops-meta");
     drop(fleet);
     Ok(())
@@ -213,22 +243,16 @@ fn write_meta_config(
     port: u16,
     base: &str,
     default_version: &str,
-    canary_version: Option<&str>,
 ) -> Result<()> {
-    let others: Vec<Value> = canary_version
-        .map(
-            |v| json!({"prefix": CANARY_PREFIX, "version": v, "tarball": "", "md5": "", "cmd": ""}),
-        )
-        .into_iter()
-        .collect();
     let cfg = json!({
         "debug": false,
         "tarballDir": path_str(tarballs)?,
         "http": {"enabled": true, "listen": format!("127.0.0.1:{port}")},
         "agents": [{
             "default": {"name": AGENT, "version": default_version, "tarball": base, "md5": "", "cmd": "start"},
-            "others": others,
         }],
+        // The demo's rollout looks at its hosts four times a second.
+        "rolloutPassMillis": 250,
     });
     // Written beside and renamed, so ops-meta never reads a half-written file.
     let tmp = path.with_extension("json.tmp");
@@ -237,15 +261,62 @@ fn write_meta_config(
     Ok(())
 }
 
-/// `ops-meta` and `ops-updater` sit beside this executable. Under `cargo run`, build them
-/// first so that the demo never runs stale binaries.
-fn find_binaries() -> Result<(PathBuf, PathBuf)> {
+/// `opsctl` as the quickstart runs it: against the demo's ops-meta, each command printed
+/// before its output.
+struct Opsctl {
+    bin: PathBuf,
+    server: String,
+}
+
+impl Opsctl {
+    fn run(&self, args: &[&str], json: bool) -> Result<std::process::Output> {
+        let mut cmd = command(&self.bin);
+        cmd.env("OPSCTL_SERVER", &self.server).env_remove("OPSCTL_TOKEN");
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd
+            .args(args)
+            .output()
+            .with_context(|| format!("run {}", self.bin.display()))?;
+        if !out.status.success() {
+            bail!(
+                "opsctl {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(out)
+    }
+
+    /// Runs `opsctl ARGS` and prints the command and what it printed.
+    fn show(&self, args: &[&str]) -> Result<()> {
+        println!("   $ opsctl {}", args.join(" "));
+        let out = self.run(args, false)?;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            println!("     {line}");
+        }
+        Ok(())
+    }
+
+    /// Runs `opsctl --json ARGS` and parses what it printed.
+    fn json(&self, args: &[&str]) -> Result<Value> {
+        let out = self.run(args, true)?;
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("parse the output of opsctl {}", args.join(" ")))
+    }
+}
+
+/// `ops-meta`, `ops-updater` and `opsctl` sit beside this executable. Under `cargo run`,
+/// build them first so that the demo never runs stale binaries.
+fn find_binaries() -> Result<(PathBuf, PathBuf, PathBuf)> {
     let exe = std::env::current_exe().context("locate ops-quickstart")?;
     let dir = exe
         .parent()
         .ok_or_else(|| anyhow!("executable has no folder"))?;
     if let Ok(cargo) = std::env::var("CARGO") {
-        println!("== building ops-meta and ops-updater");
+        println!("== building ops-meta, ops-updater and opsctl");
         let mut cmd = command(Path::new(&cargo));
         cmd.args([
             "build",
@@ -254,18 +325,21 @@ fn find_binaries() -> Result<(PathBuf, PathBuf)> {
             "ops-meta",
             "--bin",
             "ops-updater",
+            "--bin",
+            "opsctl",
         ]);
         if dir.ends_with("release") {
             cmd.arg("--release");
         }
         let status = cmd.status().context("run cargo build")?;
         if !status.success() {
-            bail!("cargo build of ops-meta and ops-updater failed");
+            bail!("cargo build of ops-meta, ops-updater and opsctl failed");
         }
     }
     let meta = dir.join("ops-meta");
     let updater = dir.join("ops-updater");
-    for p in [&meta, &updater] {
+    let opsctl = dir.join("opsctl");
+    for p in [&meta, &updater, &opsctl] {
         if !p.exists() {
             bail!(
                 "{} not found: build the workspace first (cargo build --release)",
@@ -273,7 +347,7 @@ fn find_binaries() -> Result<(PathBuf, PathBuf)> {
             );
         }
     }
-    Ok((meta, updater))
+    Ok((meta, updater, opsctl))
 }
 
 /// The one place this program builds a child process.

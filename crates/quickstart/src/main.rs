@@ -1,7 +1,7 @@
 //! `ops-quickstart`: the README's first command. Starts one `ops-meta` and three
 //! `ops-updater`s in a temporary folder, publishes a demo agent, and walks through a canary
-//! rollout (1.0.0 everywhere, 1.1.0 on the canary host, then 1.1.0 everywhere), printing
-//! the fleet status at each step. Everything it started is stopped and removed on exit,
+//! rollout driven by `opsctl` (1.0.0 everywhere; 1.1.0 published and rolled out to the
+//! canary host; approved, then 1.1.0 everywhere), printing the fleet status at each step. Everything it started is stopped and removed on exit,
 //! including on Ctrl-C.
 
 mod demo;

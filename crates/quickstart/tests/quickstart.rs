@@ -8,6 +8,7 @@ fn quickstart_rolls_out_through_the_canary_and_cleans_up() {
     // The quickstart looks for its siblings beside itself; make sure they are built.
     test_support::cargo_bin("ops-meta");
     test_support::cargo_bin("ops-updater");
+    test_support::cargo_bin("opsctl");
     let out = test_support::command(&PathBuf::from(env!("CARGO_BIN_EXE_ops-quickstart")))
         .args(["--interval", "1", "--step-timeout-secs", "120"])
         // Under `cargo test`, CARGO is set; without this the quickstart would run a nested
@@ -36,6 +37,14 @@ fn quickstart_rolls_out_through_the_canary_and_cleans_up() {
     assert!(steps[1].contains("canary-01 1.1.0 started"), "{}", steps[1]);
     assert!(steps[1].contains("web-01 1.0.0 started"), "{}", steps[1]);
     assert!(steps[1].contains("web-02 1.0.0 started"), "{}", steps[1]);
+    // The rollout is driven by opsctl: published, planned, the canary wave first, held for
+    // approval, then approved and watched to its end.
+    for cmd in ["$ opsctl publish", "$ opsctl rollout plan", "$ opsctl rollout status"] {
+        assert!(steps[1].contains(cmd), "{cmd} missing: {}", steps[1]);
+    }
+    assert!(steps[1].contains("approv"), "{}", steps[1]);
+    assert!(steps[2].contains("$ opsctl rollout approve"), "{}", steps[2]);
+    assert!(steps[2].contains("completed"), "{}", steps[2]);
 
     let root = stdout
         .lines()
