@@ -550,9 +550,19 @@ async fn bad_specs_are_refused_with_every_problem_named() {
     assert_eq!(code, 400, "{text}");
     assert_eq!(m.act("r-nothing", "pause").await.0, 404);
     let r = m.create(two_waves(json!({"start": false}))).await;
+    // An action needs no body at all.
+    let r2 = m
+        .http
+        .post(m.url(&format!("/api/rollouts/{}/start", r.id)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r2.status(), 200, "{}", r2.text().await.unwrap());
+    let (code, text) = m.act(&r.id, "pause").await;
+    assert_eq!(code, 200, "{text}");
     let (code, text) = m.act(&r.id, "explode").await;
     assert_eq!(code, 400, "{text}");
-    assert_eq!(m.act(&r.id, "resume").await.0, 409);
+    assert_eq!(m.act(&r.id, "start").await.0, 409);
 }
 
 #[tokio::test]
@@ -644,7 +654,11 @@ async fn two_replicas_run_one_rollout() {
         round += 1;
         for (i, h) in fleet.iter().enumerate() {
             // Each host alternates between the replicas from round to round.
-            let m = if (i + round).is_multiple_of(2) { &a } else { &b };
+            let m = if (i + round).is_multiple_of(2) {
+                &a
+            } else {
+                &b
+            };
             let want = running[h].clone();
             let told = m.beat(h, &want, "started", &[]).await;
             running.insert(h.clone(), told);

@@ -122,9 +122,9 @@ impl Client {
         })
     }
 
-    /// Sleeps on the client's runtime (the watch loop between polls).
+    /// Sleeps between polls (the watch loop); nothing runs on the runtime meanwhile.
     pub fn sleep(&self, d: Duration) {
-        self.rt.block_on(tokio::time::sleep(d));
+        std::thread::sleep(d);
     }
 }
 

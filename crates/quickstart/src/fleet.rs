@@ -185,7 +185,8 @@ pub fn run(opts: &Options) -> Result<()> {
         "--approval",
     ];
     opsctl.show(&[&["rollout", "plan"][..], &spec[..]].concat())?;
-    let created = opsctl.json(&[&["rollout", "create"][..], &spec[..], &["--start"][..]].concat())?;
+    let created =
+        opsctl.json(&[&["rollout", "create"][..], &spec[..], &["--start"][..]].concat())?;
     let id = created["id"]
         .as_str()
         .ok_or_else(|| anyhow!("opsctl rollout create printed no id: {created}"))?
@@ -271,7 +272,8 @@ struct Opsctl {
 impl Opsctl {
     fn run(&self, args: &[&str], json: bool) -> Result<std::process::Output> {
         let mut cmd = command(&self.bin);
-        cmd.env("OPSCTL_SERVER", &self.server).env_remove("OPSCTL_TOKEN");
+        cmd.env("OPSCTL_SERVER", &self.server)
+            .env_remove("OPSCTL_TOKEN");
         if json {
             cmd.arg("--json");
         }

@@ -39,11 +39,19 @@ fn quickstart_rolls_out_through_the_canary_and_cleans_up() {
     assert!(steps[1].contains("web-02 1.0.0 started"), "{}", steps[1]);
     // The rollout is driven by opsctl: published, planned, the canary wave first, held for
     // approval, then approved and watched to its end.
-    for cmd in ["$ opsctl publish", "$ opsctl rollout plan", "$ opsctl rollout status"] {
+    for cmd in [
+        "$ opsctl publish",
+        "$ opsctl rollout plan",
+        "$ opsctl rollout status",
+    ] {
         assert!(steps[1].contains(cmd), "{cmd} missing: {}", steps[1]);
     }
     assert!(steps[1].contains("approv"), "{}", steps[1]);
-    assert!(steps[2].contains("$ opsctl rollout approve"), "{}", steps[2]);
+    assert!(
+        steps[2].contains("$ opsctl rollout approve"),
+        "{}",
+        steps[2]
+    );
     assert!(steps[2].contains("completed"), "{}", steps[2]);
 
     let root = stdout

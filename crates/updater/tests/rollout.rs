@@ -33,6 +33,8 @@ fn crashing_on_marked_hosts() -> Vec<u8> {
 struct Opsctl {
     bin: std::path::PathBuf,
     server: String,
+    /// An empty home: no config file of the machine's user is read.
+    home: test_support::TempDir,
 }
 
 impl Opsctl {
@@ -40,7 +42,8 @@ impl Opsctl {
         test_support::command(&self.bin)
             .env("OPSCTL_SERVER", &self.server)
             .env_remove("OPSCTL_TOKEN")
-            .env("OPSCTL_CONFIG", "/nonexistent/opsctl.json")
+            .env_remove("OPSCTL_CONFIG")
+            .env("HOME", self.home.path())
             .args(args)
             .output()
             .expect("run opsctl")
@@ -85,8 +88,13 @@ fn a_rollout_driven_by_opsctl_pauses_on_a_crash_loop_resumes_and_rolls_back() {
     let opsctl = Opsctl {
         bin: test_support::cargo_bin("opsctl"),
         server: meta.base(),
+        home: test_support::tempdir().unwrap(),
     };
-    let hosts = [("web-01", "legacy"), ("web-02", "bootagent"), ("web-03", "auto")];
+    let hosts = [
+        ("web-01", "legacy"),
+        ("web-02", "bootagent"),
+        ("web-03", "auto"),
+    ];
     let updaters: Vec<Updater> = hosts
         .iter()
         .map(|(h, mode)| {
@@ -109,7 +117,12 @@ fn a_rollout_driven_by_opsctl_pauses_on_a_crash_loop_resumes_and_rolls_back() {
     let dir = meta.tarball_dir();
     opsctl.expect(
         0,
-        &["publish", file.to_str().unwrap(), "--dir", dir.to_str().unwrap()],
+        &[
+            "publish",
+            file.to_str().unwrap(),
+            "--dir",
+            dir.to_str().unwrap(),
+        ],
     );
     assert!(dir.join("svc-2.0.tar.gz.md5").is_file());
     assert!(dir.join("svc-2.0.tar.gz.sha256").is_file());
@@ -138,13 +151,26 @@ fn a_rollout_driven_by_opsctl_pauses_on_a_crash_loop_resumes_and_rolls_back() {
     let id = created["id"].as_str().unwrap().to_string();
 
     // web-03 crash-loops to fatal: the rollout pauses itself (watch exits 10) and says why.
-    opsctl.expect(10, &["rollout", "watch", &id, "--until-paused", "--interval", "0.2"]);
+    opsctl.expect(
+        10,
+        &[
+            "rollout",
+            "watch",
+            &id,
+            "--until-paused",
+            "--interval",
+            "0.2",
+        ],
+    );
     let status = opsctl.expect(0, &["rollout", "status", &id]);
     assert!(status.contains("error threshold"), "{status}");
     assert!(status.contains("web-03"), "{status}");
     assert!(status.contains("fatal"), "{status}");
     assert_eq!(
-        opsctl.run(&["rollout", "status", &id, "--exit-status"]).status.code(),
+        opsctl
+            .run(&["rollout", "status", &id, "--exit-status"])
+            .status
+            .code(),
         Some(10)
     );
     let v = opsctl.json(&["rollout", "status", &id]);

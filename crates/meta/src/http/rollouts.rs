@@ -98,7 +98,11 @@ async fn act(
 ) -> Result<Json<RolloutView>, AppError> {
     note.target(format!("rollout {}", proto::clean_text(&id, 64)));
     let max = st.current.load().config.max_body_bytes;
-    let bytes = read_body(&headers, body, max).await?;
+    // The body is optional: `curl -X POST .../resume` sends none.
+    let bytes = match read_body(&headers, body, max).await {
+        Err(AppError::BodyBlank) => Default::default(),
+        other => other?,
+    };
     let reason = if bytes.iter().all(u8::is_ascii_whitespace) {
         String::new()
     } else {
