@@ -205,9 +205,9 @@ fn holds(r: &Rollout, desired: &Desired, waves: &[WaveView], now: i64) -> Vec<Ho
             out.push(hold(
                 "healthy_time",
                 format!(
-                    "waiting for {} host{}' healthy time ({}s without a restart)",
+                    "waiting for {} {} healthy time ({}s without a restart)",
                     timing.len(),
-                    if timing.len() == 1 { "" } else { "s" },
+                    if timing.len() == 1 { "host's" } else { "hosts'" },
                     n.min_healthy
                 ),
                 timing.len() as u64,
@@ -298,7 +298,7 @@ pub fn view(r: &Rollout, desired: &Desired, now: i64) -> RolloutView {
     let b = &r.body;
     let permanent = if b.state == STATE_COMPLETED && !b.retired && b.rollback_of.is_empty() {
         format!(
-            "completed: {} {} is held by this rollout; to make it permanent set the default \"version\" of {} in cfg.json to {:?}{} and reload; the rollout then lets go",
+            "{} {} is held by this rollout; to make it permanent set the default \"version\" of {} in cfg.json to {:?}{} and reload; the rollout then lets go",
             b.agent,
             b.version,
             b.agent,
