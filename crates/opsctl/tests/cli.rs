@@ -267,7 +267,7 @@ fn exit_codes_tell_what_went_wrong() {
         r.stderr.contains("cannot reach") && r.stderr.to_lowercase().contains("refused"),
         "{r:?}"
     );
-    // A server that is not ops-meta's API at all: a 404 on its files path.
+    // A server URL that is not http(s) is a usage error, before any request.
     let r = opsctl(h, &["--server", "ftp://127.0.0.1:1", "hosts"], &[]);
     assert_eq!(r.code, 2, "{r:?}");
 
