@@ -13,7 +13,8 @@ pub const MAX_HOSTS: u64 = 1_000_000_000;
 /// Most agents per host; a real host runs a handful.
 pub const MAX_AGENTS: usize = 64;
 /// Hosts whose convergence state one converge run may hold in memory (about 10 bytes each,
-/// plus `2 × agents` bytes).
+/// plus `2 × agents` bytes; one byte more with `--fail-share`, and a small record for each
+/// host that failed).
 pub const MAX_CONVERGE_HOSTS: u64 = 20_000_000;
 
 /// Who the simulated hosts are and what they run before anyone tells them otherwise.

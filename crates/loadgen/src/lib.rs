@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod error;
+pub mod failure;
 pub mod fleet;
 pub mod run;
 pub mod stats;

@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use loadgen::client::Target;
+use loadgen::failure::{FailMode, FailSpec};
 use loadgen::fleet::Fleet;
 use loadgen::wire::Protocol;
 use loadgen::{ConvergeSpec, Mode, RunError, Settings};
@@ -82,6 +83,24 @@ enum Cmd {
         /// Seed of the random heartbeat phases.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Share (0 to 1) of the hosts that fail --fail-version, picked by a stable hash
+        /// of the hostname (SHA-256 of "loadgen-fail:" + hostname, not ops-meta's
+        /// percentage buckets). They never converge and are counted apart.
+        #[arg(long)]
+        fail_share: Option<f64>,
+        /// The version the failing hosts fail (default: --expect-version); every other
+        /// version installs as usual.
+        #[arg(long, requires = "fail_share")]
+        fail_version: Option<String>,
+        /// How they fail: never-start (the old version keeps running, one rolled_back
+        /// event), crash-after=SECS (exited + restarted events, fatal after 3 crashes) or
+        /// oom-after=SECS (the same with killed events).
+        #[arg(long, default_value = "never-start", requires = "fail_share")]
+        fail_mode: String,
+        /// Run to --max-duration even when every host converged or failed, following
+        /// whatever version the server hands out (a rollback, say).
+        #[arg(long)]
+        keep_going: bool,
     },
 }
 
@@ -216,6 +235,10 @@ async fn real_main(cli: &Cli) -> anyhow::Result<()> {
             max_duration,
             settle,
             seed,
+            fail_share,
+            fail_version,
+            fail_mode,
+            keep_going,
         } => {
             let interval = secs("--interval", *interval).map_err(usage)?;
             let reload_after = reload_after
@@ -230,6 +253,18 @@ async fn real_main(cli: &Cli) -> anyhow::Result<()> {
                         + secs("--settle", *settle).map_err(usage)?
                 }
             };
+            let failure = match fail_share {
+                Some(share) => Some(FailSpec {
+                    share: *share,
+                    version: fail_version
+                        .clone()
+                        .unwrap_or_else(|| expect_version.clone()),
+                    mode: fail_mode
+                        .parse::<FailMode>()
+                        .map_err(|e| Usage(format!("--fail-mode: {e}")))?,
+                }),
+                None => None,
+            };
             (
                 common,
                 Mode::Converge(ConvergeSpec {
@@ -241,6 +276,8 @@ async fn real_main(cli: &Cli) -> anyhow::Result<()> {
                     max_duration,
                     settle: secs("--settle", *settle).map_err(usage)?,
                     seed: *seed,
+                    failure,
+                    keep_going: *keep_going,
                 }),
             )
         }

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::client::{Conn, Failure, Target};
 use crate::error::{ConfigError, RunError};
+use crate::failure::{FailMode, FailSpec, Held, HostFailure};
 use crate::fleet::{self, Fleet, MAX_CONVERGE_HOSTS};
 use crate::stats::{Convergence, Live, Recorder, Report};
 use crate::wire::{self, Protocol, Template};
@@ -89,6 +90,12 @@ pub struct ConvergeSpec {
     pub settle: Duration,
     /// Seed of the heartbeat phases.
     pub seed: u64,
+    /// A share of the hosts fails a version ([`crate::failure`]); such hosts never
+    /// converge, and the run counts them apart.
+    pub failure: Option<FailSpec>,
+    /// Run until `max_duration` even when every host converged or failed: the hosts keep
+    /// following what the server hands out (a rollback to the old version, say).
+    pub keep_going: bool,
 }
 
 /// What every worker can see.
@@ -128,6 +135,15 @@ struct WorkerResult {
     /// Converge only: when each of this worker's hosts converged, in nanoseconds from the
     /// start of the run.
     converged_at: Vec<u64>,
+    /// Converge only: hosts that failed the version to the end (never started, `fatal`).
+    failed: u64,
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn unix_now() -> i64 {
@@ -173,6 +189,17 @@ pub async fn run(settings: Settings, mode: Mode) -> Result<Report, RunError> {
                 return Err(
                     ConfigError::Invalid("--new-config needs --reload-after".into()).into(),
                 );
+            }
+            if let Some(f) = &c.failure {
+                if !(0.0..=1.0).contains(&f.share) {
+                    return Err(ConfigError::Invalid(format!(
+                        "--fail-share must be between 0 and 1, got {}",
+                        f.share
+                    ))
+                    .into());
+                }
+                proto::validate_version(&f.version)
+                    .map_err(|e| ConfigError::Invalid(format!("--fail-version: {e}")))?;
             }
         }
         _ => {}
@@ -286,6 +313,7 @@ pub async fn run(settings: Settings, mode: Mode) -> Result<Report, RunError> {
     let mut total = Recorder::new();
     let mut connects = 0;
     let mut converged_at = Vec::new();
+    let mut failed = 0;
     let mut reload_result = Ok(());
     if let Some(r) = reload {
         // A failed reload ends the run: without the change there is nothing to time.
@@ -299,6 +327,7 @@ pub async fn run(settings: Settings, mode: Mode) -> Result<Report, RunError> {
         total.merge(&r.rec);
         connects += r.connects;
         converged_at.extend(r.converged_at);
+        failed += r.failed;
     }
     let elapsed = start.elapsed();
     if let Some(t) = limit_timer {
@@ -318,6 +347,7 @@ pub async fn run(settings: Settings, mode: Mode) -> Result<Report, RunError> {
             ctx.settings.fleet.hosts,
             changed.load(Ordering::SeqCst),
             converged_at,
+            failed,
         )),
         _ => None,
     };
@@ -513,6 +543,7 @@ async fn closed_worker(
         rec,
         connects: conn.connects,
         converged_at: Vec::new(),
+        failed: 0,
     }
 }
 
@@ -552,6 +583,7 @@ async fn open_worker(
         rec,
         connects: conn.connects,
         converged_at: Vec::new(),
+        failed: 0,
     }
 }
 
@@ -650,13 +682,26 @@ async fn converge_worker(
     let mut credentials: HashMap<usize, String> = HashMap::new();
     let mut pending_jobs: HashMap<usize, Vec<proto::bootagent::JobResult>> = HashMap::new();
     let mut converged_at = Vec::new();
+    let mut failed = 0;
+    let fail = spec.failure.as_ref().filter(|f| f.share > 0.0);
+    // Which of this worker's hosts fail (one bool each, only with --fail-share), and the
+    // failure of each host that failed (only those).
+    let picked: Vec<bool> = match fail {
+        Some(f) => plan
+            .hosts
+            .iter()
+            .map(|&h| f.picks(&fleet.hostname(h)))
+            .collect(),
+        None => Vec::new(),
+    };
+    let mut failures: HashMap<usize, HostFailure> = HashMap::new();
     // A fleet already on the expected version (k = 0 or initial == target) converges at once.
     if k == 0 || initial == target {
         for d in done.iter_mut() {
             *d = true;
             converged_at.push(0);
         }
-        finish(&ctx, n as u64, &remaining, &stop_tx, spec.settle);
+        finish(&ctx, n as u64, &remaining, &stop_tx, &spec, true);
     }
 
     'rounds: for round in 0u32.. {
@@ -693,22 +738,53 @@ async fn converge_worker(
                 }
             }
             let serial = serials.get(&p).cloned().unwrap_or(serial);
+            let now = Instant::now();
+            let unix = unix_now();
+            if let (Some(f), Some(spec_f)) = (failures.get_mut(&p), fail) {
+                f.advance(spec_f, &fleet.agents, now, unix);
+            }
+            let held = failures.get(&p);
             let running: Vec<&str> = (0..k).map(|a| versions.name(state[p * k + a])).collect();
+            let events = held.map_or(&[][..], HostFailure::to_send);
+            let sending = events.len();
             let body = match protocol {
-                Protocol::Legacy => serde_json::to_vec(&wire::legacy_request(
-                    fleet,
-                    &hostname,
-                    &running,
-                    unix_now(),
-                )),
-                Protocol::BootAgent => serde_json::to_vec(&wire::status_request(
-                    fleet,
-                    &hostname,
-                    &serial,
-                    &running,
-                    unix_now(),
-                    pending_jobs.remove(&p).unwrap_or_default(),
-                )),
+                Protocol::Legacy => {
+                    let mut req = wire::legacy_request(fleet, &hostname, &running, unix);
+                    if let Some(f) = held {
+                        for (a, r) in req.real_agents.iter_mut().enumerate() {
+                            if f.held(a) == Some(Held::Fatal) {
+                                r.status = proto::bootagent::STATE_FATAL.to_string();
+                            }
+                        }
+                    }
+                    serde_json::to_vec(&proto::legacy::HeartbeatReport {
+                        request: &req,
+                        events,
+                    })
+                }
+                Protocol::BootAgent => {
+                    let mut req = wire::status_request(
+                        fleet,
+                        &hostname,
+                        &serial,
+                        &running,
+                        unix,
+                        pending_jobs.remove(&p).unwrap_or_default(),
+                    );
+                    if let Some(f) = held {
+                        // A host that supervises its agents says so, so that the server
+                        // does not answer `fatal` with restart jobs.
+                        req.supervised = true;
+                        for (a, r) in req.agents.iter_mut().enumerate() {
+                            if f.held(a) == Some(Held::Fatal) {
+                                r.status = proto::bootagent::STATE_FATAL.to_string();
+                                r.uptime = 0;
+                            }
+                        }
+                        req.events = events.to_vec();
+                    }
+                    serde_json::to_vec(&req)
+                }
             }
             .expect("plain struct");
             let sent = Instant::now();
@@ -727,7 +803,7 @@ async fn converge_worker(
                 }
             };
             let now = Instant::now();
-            let orders = match wire::read_answer(protocol, &answer) {
+            let mut orders = match wire::read_answer(protocol, &answer) {
                 Ok(o) => o,
                 Err(bad) => {
                     rec.bad_answer(&bad, &ctx.live);
@@ -735,7 +811,11 @@ async fn converge_worker(
                 }
             };
             rec.ok(now - due, now - sent, &ctx.live);
-            for (name, version) in &orders.installs {
+            // Answered and not refused: the server took the events, never sent again.
+            if let Some(f) = failures.get_mut(&p) {
+                f.taken(sending);
+            }
+            for (i, (name, version)) in orders.installs.iter().enumerate() {
                 if *version == spec.expect_version && spec.reload_after.is_none() {
                     // Nobody told us when the change happened: the first answer naming
                     // the new version marks it.
@@ -747,18 +827,72 @@ async fn converge_worker(
                         Ordering::SeqCst,
                     );
                 }
-                if let Some(&a) = agent_index.get(name.as_str()) {
-                    // The simulated host installs at once; it reports it next round.
-                    state[p * k + a] = versions.id(version);
+                let Some(&a) = agent_index.get(name.as_str()) else {
+                    continue;
+                };
+                let told = versions.id(version);
+                let job = orders.install_jobs.get(i).copied();
+                match fail {
+                    Some(fs) if *version == fs.version && picked.get(p) == Some(&true) => {
+                        let f = failures
+                            .entry(p)
+                            .or_insert_with(|| HostFailure::new(unix_millis()));
+                        if !f.has(a) {
+                            if state[p * k + a] == told {
+                                // Already runs it (from before the run): nothing to fail.
+                                continue;
+                            }
+                            let old = versions.name(state[p * k + a]).to_string();
+                            if f.install(fs, a, name, &old, now, unix_now()) {
+                                state[p * k + a] = told;
+                            }
+                        }
+                        if fs.mode == FailMode::NeverStart {
+                            if let Some(r) = job.and_then(|j| orders.job_results.get_mut(j)) {
+                                r.errcode = proto::bootagent::ERRCODE_ROLLED_BACK;
+                                r.message = format!(
+                                    "{version} did not start; the previous version was put back (simulated)"
+                                );
+                            }
+                        }
+                    }
+                    _ => {
+                        // Any other version, the old one included: installed at once (it
+                        // is reported next round), and a failure of that agent is over.
+                        if let Some(f) = failures.get_mut(&p) {
+                            f.forget(a);
+                        }
+                        state[p * k + a] = told;
+                    }
                 }
             }
-            if !orders.job_results.is_empty() {
-                pending_jobs.insert(p, orders.job_results);
+            if failures.get(&p).is_some_and(HostFailure::is_empty) {
+                failures.remove(&p);
             }
-            if !done[p] && state[p * k..(p + 1) * k].iter().all(|&v| v == target) {
-                done[p] = true;
-                converged_at.push((now - start).as_nanos() as u64);
-                finish(&ctx, 1, &remaining, &stop_tx, spec.settle);
+            if !orders.job_results.is_empty() {
+                pending_jobs.insert(p, std::mem::take(&mut orders.job_results));
+            }
+            if done[p] {
+                continue;
+            }
+            match failures.get(&p) {
+                // A failing host never converges; it is done once it failed to the end
+                // and the server heard all of it.
+                Some(f) => {
+                    if f.terminal() {
+                        done[p] = true;
+                        failed += 1;
+                        ctx.live.failed.fetch_add(1, Ordering::Relaxed);
+                        finish(&ctx, 1, &remaining, &stop_tx, &spec, false);
+                    }
+                }
+                None => {
+                    if state[p * k..(p + 1) * k].iter().all(|&v| v == target) {
+                        done[p] = true;
+                        converged_at.push((now - start).as_nanos() as u64);
+                        finish(&ctx, 1, &remaining, &stop_tx, &spec, true);
+                    }
+                }
             }
         }
     }
@@ -766,19 +900,25 @@ async fn converge_worker(
         rec,
         connects: conn.connects,
         converged_at,
+        failed,
     }
 }
 
-/// Counts `n` more hosts converged; the last one ends the run after the settle time.
+/// Counts `n` more hosts done (converged, or failed to the end); the last one ends the
+/// run after the settle time, unless the run keeps going to its maximum duration.
 fn finish(
     ctx: &Ctx,
     n: u64,
     remaining: &AtomicU64,
     stop_tx: &Arc<watch::Sender<bool>>,
-    settle: Duration,
+    spec: &ConvergeSpec,
+    converged: bool,
 ) {
-    ctx.live.converged.fetch_add(n, Ordering::Relaxed);
-    if remaining.fetch_sub(n, Ordering::SeqCst) == n {
+    if converged {
+        ctx.live.converged.fetch_add(n, Ordering::Relaxed);
+    }
+    let settle = spec.settle;
+    if remaining.fetch_sub(n, Ordering::SeqCst) == n && !spec.keep_going {
         let stop_tx = stop_tx.clone();
         tokio::spawn(async move {
             tokio::time::sleep(settle).await;
@@ -832,9 +972,17 @@ async fn reload_config(
     Err(RunError::Reload { url, reason })
 }
 
-/// Percentiles of the time to converge, over the whole fleet (hosts that never converged
-/// count as never, so `t100` stays `None` until the last one does).
-fn convergence(spec: &ConvergeSpec, hosts: u64, changed_ns: u64, mut at: Vec<u64>) -> Convergence {
+/// Percentiles of the time to converge, over the fleet less the hosts that failed the
+/// version (hosts that never converged count as never, so `t100` stays `None` until the
+/// last one does).
+fn convergence(
+    spec: &ConvergeSpec,
+    hosts: u64,
+    changed_ns: u64,
+    mut at: Vec<u64>,
+    failed: u64,
+) -> Convergence {
+    let counted = hosts.saturating_sub(failed);
     at.sort_unstable();
     let change = (changed_ns > 0).then_some(changed_ns);
     let before = change
@@ -842,7 +990,7 @@ fn convergence(spec: &ConvergeSpec, hosts: u64, changed_ns: u64, mut at: Vec<u64
         .unwrap_or(0);
     let t = |q: f64| -> Option<f64> {
         let c = change?;
-        let need = ((q * hosts as f64).ceil() as usize).max(1);
+        let need = ((q * counted as f64).ceil() as usize).max(1);
         at.get(need - 1)
             .map(|&ns| ns.saturating_sub(c) as f64 / 1e9)
     };
@@ -851,6 +999,9 @@ fn convergence(spec: &ConvergeSpec, hosts: u64, changed_ns: u64, mut at: Vec<u64
         expect_version: spec.expect_version.clone(),
         change_at_secs: change.map(|c| c as f64 / 1e9),
         converged: at.len() as u64,
+        failed,
+        not_converged: counted.saturating_sub(at.len() as u64),
+        fail_share: spec.failure.as_ref().map(|f| f.share),
         converged_before_change: before,
         t50_secs: t(0.50),
         t99_secs: t(0.99),
@@ -879,6 +1030,10 @@ async fn progress_line(live: Arc<Live>, start: Instant, hosts: u64, converge: bo
                 " converged {c}/{hosts} ({:.1}%)",
                 100.0 * c as f64 / hosts as f64
             ));
+            let f = live.failed.load(Ordering::Relaxed);
+            if f > 0 {
+                line.push_str(&format!(" failed {f}"));
+            }
         }
         last = n;
         if tty {
@@ -903,6 +1058,8 @@ mod tests {
             max_duration: Duration::from_secs(120),
             settle: Duration::ZERO,
             seed: 1,
+            failure: None,
+            keep_going: false,
         }
     }
 
@@ -922,15 +1079,20 @@ mod tests {
     fn convergence_percentiles_count_the_whole_fleet() {
         let s = 1_000_000_000u64;
         // 4 hosts, change at 10 s; three converged at 11, 12, 20 s; one never.
-        let c = convergence(&spec(), 4, 10 * s, vec![20 * s, 11 * s, 12 * s]);
+        let c = convergence(&spec(), 4, 10 * s, vec![20 * s, 11 * s, 12 * s], 0);
         assert_eq!(c.change_at_secs, Some(10.0));
         assert_eq!(c.t50_secs, Some(2.0));
         assert_eq!(c.t99_secs, None);
         assert_eq!(c.t100_secs, None);
-        let c = convergence(&spec(), 3, 10 * s, vec![20 * s, 11 * s, 12 * s]);
+        let c = convergence(&spec(), 3, 10 * s, vec![20 * s, 11 * s, 12 * s], 0);
         assert_eq!(c.t100_secs, Some(10.0));
         assert_eq!(c.converged_before_change, 0);
-        let c = convergence(&spec(), 3, 0, vec![1]);
+        let c = convergence(&spec(), 3, 0, vec![1], 0);
         assert_eq!(c.t50_secs, None);
+        // 5 hosts, 2 failed: the three others make 100 %.
+        let c = convergence(&spec(), 5, 10 * s, vec![20 * s, 11 * s, 12 * s], 2);
+        assert_eq!((c.t100_secs, c.failed, c.not_converged), (Some(10.0), 2, 0));
+        let c = convergence(&spec(), 5, 10 * s, vec![11 * s], 2);
+        assert_eq!((c.t100_secs, c.not_converged), (None, 2));
     }
 }

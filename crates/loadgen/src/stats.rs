@@ -190,6 +190,8 @@ pub struct Live {
     pub requests: AtomicU64,
     pub errors: AtomicU64,
     pub converged: AtomicU64,
+    /// Converge with `--fail-share`: hosts that failed the version to the end.
+    pub failed: AtomicU64,
 }
 
 /// Convergence figures of a converge run; times in seconds from the config change.
@@ -203,6 +205,15 @@ pub struct Convergence {
     pub change_at_secs: Option<f64>,
     /// Hosts running the new version on every agent at the end.
     pub converged: u64,
+    /// Hosts that failed the version to the end (`--fail-share`: never started, or
+    /// `fatal`) and the server heard it; they never converge and the percentiles leave
+    /// them out.
+    pub failed: u64,
+    /// Hosts neither converged nor failed when the run ended: the run stopped at
+    /// `--max-duration` (a paused rollout, a slow fleet). 0 after a complete run.
+    pub not_converged: u64,
+    /// `--fail-share`, when given.
+    pub fail_share: Option<f64>,
     /// Hosts already running it before the change (should be 0).
     pub converged_before_change: u64,
     pub t50_secs: Option<f64>,
@@ -300,6 +311,21 @@ impl Report {
                     .map(|s| format!(" at {s:.2}s"))
                     .unwrap_or_else(|| " (no change seen)".into())
             )?;
+            if let Some(share) = c.fail_share {
+                writeln!(
+                    w,
+                    "failing hosts (--fail-share {share}): {} failed the version and never converge; the percentiles count the {} others",
+                    c.failed,
+                    self.hosts.saturating_sub(c.failed)
+                )?;
+            }
+            if c.not_converged > 0 {
+                writeln!(
+                    w,
+                    "{} hosts had not converged when the run ended after {:.2}s (--max-duration)",
+                    c.not_converged, self.duration_secs
+                )?;
+            }
         }
         w.flush()
     }

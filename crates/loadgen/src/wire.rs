@@ -210,6 +210,9 @@ pub struct Orders {
     pub installs: Vec<(String, String)>,
     /// BootAgent job results to carry in the next report.
     pub job_results: Vec<JobResult>,
+    /// BootAgent: for each of `installs`, the index of its job's result in `job_results`
+    /// (a failing host changes that result); empty for the legacy protocol.
+    pub install_jobs: Vec<usize>,
 }
 
 /// Checks an answer and extracts what the host must do.
@@ -229,7 +232,7 @@ pub fn read_answer(protocol: Protocol, body: &[u8]) -> Result<Orders, BadAnswer>
                 .collect();
             Ok(Orders {
                 installs,
-                job_results: Vec::new(),
+                ..Orders::default()
             })
         }
         Protocol::BootAgent => {
@@ -251,10 +254,11 @@ pub fn read_answer(protocol: Protocol, body: &[u8]) -> Result<Orders, BadAnswer>
                     orders
                         .installs
                         .push((job.name.clone(), job.version.clone()));
+                    orders.install_jobs.push(orders.job_results.len());
                 }
                 orders.job_results.push(JobResult {
                     id: job.id,
-                    errcode: 0,
+                    errcode: bootagent::ERRCODE_OK,
                     message: "success".to_string(),
                 });
             }
@@ -332,6 +336,7 @@ mod tests {
         );
         let ids: Vec<_> = o.job_results.iter().map(|j| j.id.as_str()).collect();
         assert_eq!(ids, ["j1", "j2"]);
+        assert_eq!(o.install_jobs, [0]);
         assert!(matches!(
             read_answer(
                 Protocol::BootAgent,

@@ -228,3 +228,188 @@ fn a_stopped_meta_is_counted_as_connect_errors() {
     assert!(num(&r, &["errors", "connect"]) > 0, "{r:#}");
     assert_eq!(num(&r, &["ok"]), 0, "{r:#}");
 }
+
+/// Publishes a tarball of every agent at `version` in meta's `tarballDir`, so that meta
+/// knows its digests and hands BootAgent hosts install jobs (the hosts never download it).
+fn publish_tarballs(meta: &Meta, version: &str) {
+    let dir = meta.dir.path().join("tarball").join("agents");
+    for i in 0..3 {
+        let name = format!("agent-{i}");
+        let bytes = format!("{name} {version}: not a real tarball");
+        test_support::tarball::publish(&dir, &name, version, bytes.as_bytes());
+    }
+}
+
+/// The state meta shows of `agent` on `host`: the legacy status page, or the BootAgent
+/// host view.
+fn meta_state(meta: &Meta, host: &str, agent: &str) -> Option<(String, String)> {
+    let page = meta.get_json(&format!("/status/json/{agent}"));
+    if let Some(h) = page.get(host).filter(|h| !h.is_null()) {
+        return Some((
+            h["version"].as_str()?.to_string(),
+            h["status"].as_str()?.to_string(),
+        ));
+    }
+    let v = meta.get_json(&format!("/api/hosts/{host}"));
+    let a = v["agents"]
+        .as_array()?
+        .iter()
+        .find(|a| a["name"] == agent)?;
+    Some((
+        a["version"].as_str()?.to_string(),
+        a["status"].as_str()?.to_string(),
+    ))
+}
+
+/// `(agent, kind, version)` of every event meta holds for `host`.
+fn meta_events(meta: &Meta, host: &str) -> Vec<(String, String, String)> {
+    let v = meta.get_json(&format!("/api/hosts/{host}"));
+    v["events"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| {
+                    let s = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+                    (s("agent"), s("kind"), s("version"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A converge run against a meta that wants 2.0.0, with `--fail-share 0.2` and `mode`.
+/// Returns the report and which hosts the share picked.
+fn failing_run(
+    meta: &Meta,
+    protocol: &str,
+    hosts: u64,
+    mode: &str,
+) -> (serde_json::Value, Vec<bool>) {
+    let url = meta.url();
+    let n = hosts.to_string();
+    let r = loadgen_json(&[
+        "converge",
+        "--url",
+        &url,
+        "--protocol",
+        protocol,
+        "--hosts",
+        &n,
+        "--interval",
+        "0.5",
+        "--expect-version",
+        "2.0.0",
+        "--fail-share",
+        "0.2",
+        "--fail-mode",
+        mode,
+        "--settle",
+        "1",
+        "--max-duration",
+        "60",
+        "-c",
+        "4",
+    ]);
+    let spec = loadgen::failure::FailSpec {
+        share: 0.2,
+        version: "2.0.0".into(),
+        mode: mode.parse().unwrap(),
+    };
+    let picked = (0..hosts)
+        .map(|i| spec.picks(&format!("sim-{i:09}")))
+        .collect();
+    (r, picked)
+}
+
+#[test]
+fn never_start_hosts_report_rolled_back_and_the_others_converge() {
+    for protocol in ["legacy", "bootagent"] {
+        let meta = start_meta("2.0.0");
+        publish_tarballs(&meta, "2.0.0");
+        let (r, picked) = failing_run(&meta, protocol, 200, "never-start");
+        let failing = picked.iter().filter(|&&p| p).count() as u64;
+        assert!(
+            (25..=55).contains(&failing),
+            "{protocol}: about 20 %: {failing}"
+        );
+        let c = &r["convergence"];
+        assert_eq!(num(&r, &["convergence", "failed"]), failing, "{r:#}");
+        assert_eq!(
+            num(&r, &["convergence", "converged"]),
+            200 - failing,
+            "{r:#}"
+        );
+        assert_eq!(num(&r, &["convergence", "not_converged"]), 0, "{r:#}");
+        assert!(c["t100_secs"].is_number(), "{protocol}: {r:#}");
+        assert_eq!(num(&r, &["error_total"]), 0, "{r:#}");
+        for (i, &fails) in picked.iter().enumerate() {
+            let host = format!("sim-{i:09}");
+            let events = meta_events(&meta, &host);
+            let rolled: Vec<_> = events
+                .iter()
+                .filter(|(_, k, v)| k == "rolled_back" && v == "2.0.0")
+                .collect();
+            let (version, status) = meta_state(&meta, &host, "agent-1").expect("reported");
+            if fails {
+                assert_eq!(
+                    rolled.len(),
+                    3,
+                    "{protocol} {host}: one per agent: {events:?}"
+                );
+                assert_eq!(version, "1.0.0", "{protocol} {host}: the old version runs");
+            } else {
+                assert!(events.is_empty(), "{protocol} {host}: {events:?}");
+                assert_eq!(version, "2.0.0", "{protocol} {host}");
+            }
+            assert!(
+                status == "started" || status == "running",
+                "{protocol} {host}: {status}"
+            );
+        }
+    }
+}
+
+#[test]
+fn crashing_hosts_end_fatal_at_meta_with_the_supervisors_events() {
+    for protocol in ["legacy", "bootagent"] {
+        let meta = start_meta("2.0.0");
+        publish_tarballs(&meta, "2.0.0");
+        let (r, picked) = failing_run(&meta, protocol, 40, "crash-after=1");
+        let failing = picked.iter().filter(|&&p| p).count() as u64;
+        assert!(failing > 0, "40 hosts at 20 % pick some");
+        assert_eq!(num(&r, &["convergence", "failed"]), failing, "{r:#}");
+        assert_eq!(
+            num(&r, &["convergence", "converged"]),
+            40 - failing,
+            "{r:#}"
+        );
+        for (i, &fails) in picked.iter().enumerate() {
+            let host = format!("sim-{i:09}");
+            let (version, status) = meta_state(&meta, &host, "agent-0").expect("reported");
+            assert_eq!(version, "2.0.0", "{protocol} {host}");
+            let events = meta_events(&meta, &host);
+            if !fails {
+                assert!(events.is_empty(), "{protocol} {host}: {events:?}");
+                continue;
+            }
+            assert_eq!(status, "fatal", "{protocol} {host}");
+            let kinds: Vec<&str> = events
+                .iter()
+                .filter(|(a, _, _)| a == "agent-0")
+                .map(|(_, k, _)| k.as_str())
+                .collect();
+            assert_eq!(
+                kinds,
+                [
+                    "exited",
+                    "restarted",
+                    "exited",
+                    "restarted",
+                    "exited",
+                    "fatal"
+                ],
+                "{protocol} {host}: each event once, in order"
+            );
+        }
+    }
+}

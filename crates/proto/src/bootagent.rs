@@ -195,12 +195,22 @@ pub struct AgentStatus {
 pub struct JobResult {
     #[serde(default, deserialize_with = "null_default")]
     pub id: String,
-    /// 0 for success.
+    /// 0 for success; one of the `ERRCODE_*` values.
     #[serde(default, deserialize_with = "null_default")]
     pub errcode: i32,
     #[serde(default, deserialize_with = "null_default")]
     pub message: String,
 }
+
+/// `errcode` of a job that succeeded.
+pub const ERRCODE_OK: i32 = 0;
+/// The job was refused as malformed (bad name, version, checksum, URL, action).
+pub const ERRCODE_INVALID: i32 = 1;
+/// The action failed; nothing changed on the running side (download, checksum, unpack,
+/// a control script failed).
+pub const ERRCODE_FAILED: i32 = 2;
+/// The new version did not start and the previous one was put back.
+pub const ERRCODE_ROLLED_BACK: i32 = 3;
 
 /// `POST /agent/status` body.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

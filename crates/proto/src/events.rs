@@ -33,10 +33,14 @@ pub const KIND_SELF_UPGRADED: &str = "self_upgraded";
 /// version; the cause says why), or refused one before trying it.
 pub const KIND_SELF_UPGRADE_FAILED: &str = "self_upgrade_failed";
 /// An install of a new version failed before it ran: `state` says what failed, one of
-/// the `INSTALL_FAILED_*` below; `version` is the version that was tried.
+/// the `INSTALL_FAILED_*` below; `version` is the version that was tried. Written once per
+/// (version, state): the retries with back-off that fail alike write nothing more.
 pub const KIND_INSTALL_FAILED: &str = "install_failed";
 /// A switch to a new version failed (it did not start, or did not reach `started`) and
-/// the previous version was put back; `version` is the new version that failed.
+/// the previous version was put back; `version` is the new version that failed. A first
+/// install (no previous version) that does not start is a release failure too, and is
+/// written with this kind: its `cause` says that nothing was put back. Written once per
+/// failing version, not once per retry.
 pub const KIND_ROLLED_BACK: &str = "rolled_back";
 
 /// `state` of an `install_failed` event: the download failed (network, server, timeout).

@@ -250,7 +250,9 @@ impl crate::artifact::ArtifactError {
             | E::BadMd5File { .. } => Failure::Download,
             E::Checksum { .. } | E::NoChecksum { .. } => Failure::Checksum,
             E::Signature { .. } => Failure::Signature,
-            E::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+            E::Io { source, .. }
+                if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) =>
+            {
                 Failure::DiskFull
             }
             E::Io { .. }

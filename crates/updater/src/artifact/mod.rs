@@ -157,6 +157,36 @@ impl ArtifactError {
         let path = path.to_path_buf();
         move |source| ArtifactError::Io { path, source }
     }
+
+    /// The `state` of the `install_failed` event this error makes
+    /// (`proto::events::INSTALL_FAILED_*`): what a rollout needs to tell a release's fault
+    /// (a refused archive) from the infrastructure's (network, disk) and from the trust
+    /// chain's (checksum, signature).
+    ///
+    /// Every local I/O error is `disk`: the download, the unpacked files and the marker
+    /// are all writes to the workdir, and a read of the finished download failing is the
+    /// disk's fault too. A name the server sent that cannot become a file name, and a
+    /// tarball without a checksum to check, are the server's doing: `download` and
+    /// `checksum`.
+    pub fn install_failed_state(&self) -> &'static str {
+        use proto::events as ev;
+        use ArtifactError as E;
+        match self {
+            E::Client(_)
+            | E::Http { .. }
+            | E::Status { .. }
+            | E::Timeout { .. }
+            | E::TooLarge { .. }
+            | E::BadMd5File { .. }
+            | E::Name(_) => ev::INSTALL_FAILED_DOWNLOAD,
+            E::Checksum { .. } | E::NoChecksum { .. } => ev::INSTALL_FAILED_CHECKSUM,
+            E::Signature { .. } => ev::INSTALL_FAILED_SIGNATURE,
+            E::Io { .. } | E::AlreadyExists { .. } | E::Task(_) => ev::INSTALL_FAILED_DISK,
+            E::Unsafe { .. } | E::Archive { .. } | E::Limit { .. } | E::NoControl { .. } => {
+                ev::INSTALL_FAILED_ARCHIVE
+            }
+        }
+    }
 }
 
 /// Entry points for the fuzz targets in `fuzz/` (not an API: it may change at any time).

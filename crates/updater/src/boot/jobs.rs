@@ -32,15 +32,11 @@ pub const MAX_RECORD_BYTES: u64 = 4 << 20;
 /// Longest job id accepted.
 pub const MAX_ID_LEN: usize = 128;
 
-/// `errcode` of a job that succeeded.
-pub const ERR_OK: i32 = 0;
-/// The job was refused as malformed (bad name, version, checksum, URL, action).
-pub const ERR_INVALID: i32 = 1;
-/// The action failed; nothing changed on the running side (download, checksum, unpack,
-/// a control script failed).
-pub const ERR_FAILED: i32 = 2;
-/// The new version did not start and the previous one was put back.
-pub const ERR_ROLLED_BACK: i32 = 3;
+/// `errcode` values (defined in `proto`, where the wire is).
+pub use proto::bootagent::{
+    ERRCODE_FAILED as ERR_FAILED, ERRCODE_INVALID as ERR_INVALID, ERRCODE_OK as ERR_OK,
+    ERRCODE_ROLLED_BACK as ERR_ROLLED_BACK,
+};
 
 /// A job that was started, for the record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

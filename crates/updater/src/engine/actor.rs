@@ -58,12 +58,26 @@ pub(super) struct Actor {
     oom_base: u64,
     /// `limits not enforced: ...` was already written as an event for these limits.
     noted_unenforced: Option<BTreeMap<String, String>>,
+    /// The last failure of a new version written as an event (`install_failed` or
+    /// `rolled_back`): while the updater retries that version with back-off, or the server
+    /// sends the same job again, the same failure is not written again. Forgotten when an
+    /// install succeeds; another version or another kind of failure is written.
+    noted_failure: Option<NotedFailure>,
+}
+
+/// What [`Actor::noted_failure`] remembers: the version, the event kind and its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NotedFailure {
+    version: Version,
+    kind: &'static str,
+    state: &'static str,
 }
 
 /// Why a switch failed, for the record.
 enum SwitchFailure {
-    /// Nothing changed on the running side (download, checksum, unpack).
-    Install(String),
+    /// Nothing changed on the running side (download, checksum, unpack); `state` is the
+    /// `install_failed` event's (`proto::events::INSTALL_FAILED_*`).
+    Install { state: &'static str, msg: String },
     /// The new version did not start; the previous one was put back.
     Start(String),
     /// The previous version could not be stopped (its `control stop` failed and something
@@ -112,6 +126,7 @@ impl Actor {
             pids: Vec::new(),
             oom_base: 0,
             noted_unenforced: None,
+            noted_failure: None,
         }
     }
 
@@ -380,7 +395,20 @@ impl Actor {
     /// from which the next report (BootAgent or legacy) carries it to the server and the
     /// local `GET /events` shows it. No `version` means the current one.
     fn event(&self, kind: &str, version: Option<&Version>, cause: &str) {
-        let (restarts, state) = {
+        self.event_as(kind, version, cause, None, &self.last_output);
+    }
+
+    /// [`Self::event`] with the event's `state` given (`None`: the agent's state) and the
+    /// output lines it carries.
+    fn event_as(
+        &self,
+        kind: &str,
+        version: Option<&Version>,
+        cause: &str,
+        state: Option<&str>,
+        output: &[String],
+    ) {
+        let (restarts, held) = {
             let c = self.cell();
             let state = match supervise::held_state(&c.sup) {
                 Some(w) => w.to_string(),
@@ -391,6 +419,7 @@ impl Actor {
             };
             (c.sup.restarts, state)
         };
+        let state = state.map_or(held, str::to_string);
         let version = match version {
             Some(v) => v.to_string(),
             None => self
@@ -400,13 +429,13 @@ impl Actor {
                 .and_then(|v| v.current_version)
                 .unwrap_or_default(),
         };
-        tracing::info!(agent = %self.name, version = %version, kind, restarts, output = ?self.last_output, "event: {cause}");
+        tracing::info!(agent = %self.name, version = %version, kind, restarts, output = ?output, "event: {cause}");
         let input = crate::events::EventInput {
             agent: self.name.to_string(),
             version,
             kind: kind.to_string(),
             cause: cause.to_string(),
-            output: self.last_output.clone(),
+            output: output.to_vec(),
             state,
             restarts,
         };
@@ -414,6 +443,33 @@ impl Actor {
         tokio::spawn(async move {
             journal.push(input).await;
         });
+    }
+
+    /// Writes the event of a failed new version, unless it is the one written last
+    /// ([`Self::noted_failure`]): one event per failure, not one per retry.
+    fn failure_event(
+        &mut self,
+        version: &Version,
+        kind: &'static str,
+        state: &'static str,
+        cause: &str,
+    ) {
+        let noted = NotedFailure {
+            version: version.clone(),
+            kind,
+            state,
+        };
+        if self.noted_failure.as_ref() == Some(&noted) {
+            tracing::debug!(agent = %self.name, version = %version, kind, state, "the same failure again; its event was written already");
+            return;
+        }
+        self.noted_failure = Some(noted);
+        if kind == proto::events::KIND_INSTALL_FAILED {
+            // Nothing of the new version ran: the lines of an earlier start say nothing.
+            self.event_as(kind, Some(version), cause, Some(state), &[]);
+        } else {
+            self.event(kind, Some(version), cause);
+        }
     }
 
     // ---- legacy desired state ----
@@ -491,7 +547,7 @@ impl Actor {
                 let res = self.switch_recorded(d, from.as_ref()).await;
                 match res {
                     Ok(()) => {}
-                    Err(SwitchFailure::Install(e)) => {
+                    Err(SwitchFailure::Install { msg: e, .. }) => {
                         let failures = self.backoff.as_ref().map_or(0, |b| b.failures) + 1;
                         let r = self.ctx.retry;
                         let delay = backoff_delay(failures, r.base, r.max, rand::random());
@@ -548,7 +604,9 @@ impl Actor {
                 let from = current.map_or(String::new(), |c| format!(" (from {c})"));
                 Done::Ok(format!("{name} {version} installed and running{from}"))
             }
-            Err(SwitchFailure::Install(e)) | Err(SwitchFailure::Stop(e)) => Done::Failed(e),
+            Err(SwitchFailure::Install { msg: e, .. }) | Err(SwitchFailure::Stop(e)) => {
+                Done::Failed(e)
+            }
             Err(SwitchFailure::Start(e)) => Done::RolledBack(e),
         }
     }
@@ -1055,7 +1113,7 @@ impl Actor {
         let metrics = self.ctx.shared.metrics();
         match &res {
             Ok(()) => metrics.install(Install::Ok),
-            Err(SwitchFailure::Install(_)) => metrics.install(Install::Failed),
+            Err(SwitchFailure::Install { .. }) => metrics.install(Install::Failed),
             Err(SwitchFailure::Start(_)) => {
                 metrics.failure(Failure::ControlStart);
                 metrics.install(Install::RolledBack);
@@ -1068,6 +1126,7 @@ impl Actor {
         match &res {
             Ok(()) => {
                 self.backoff = None;
+                self.noted_failure = None;
                 self.record(action, Outcome::Ok, None);
                 self.ctx.shared.agent(&self.name, |v| {
                     v.backoff = None;
@@ -1078,19 +1137,23 @@ impl Actor {
                 self.mark_running();
                 self.prune(&to, d).await;
             }
-            Err(SwitchFailure::Install(e)) => {
-                self.record(format!("install {to}"), Outcome::Failed, Some(e.clone()))
+            Err(SwitchFailure::Install { state, msg }) => {
+                self.record(format!("install {to}"), Outcome::Failed, Some(msg.clone()));
+                self.failure_event(&to, proto::events::KIND_INSTALL_FAILED, state, msg);
             }
             Err(SwitchFailure::Start(e)) => {
                 self.record(action, Outcome::RolledBack, Some(e.clone()));
-                self.event(
-                    "restart_failed",
-                    Some(&to),
-                    &format!("new version did not start; rolled back: {e}"),
-                );
                 if from.is_some() {
                     self.mark_running();
                 }
+                // A release failure either way; the cause says what runs now.
+                let cause = match from {
+                    Some(old) => format!("{to} did not start; rolled back to {old}: {e}"),
+                    None => format!(
+                        "{to} did not start; nothing was put back (no previous version): {e}"
+                    ),
+                };
+                self.failure_event(&to, proto::events::KIND_ROLLED_BACK, "", &cause);
             }
             Err(SwitchFailure::Stop(e)) => self.record(action, Outcome::Failed, Some(e.clone())),
         }
@@ -1106,8 +1169,10 @@ impl Actor {
         to: &Version,
     ) -> Result<(), SwitchFailure> {
         let dir = self.dir();
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| SwitchFailure::Install(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(|e| SwitchFailure::Install {
+            state: proto::events::INSTALL_FAILED_DISK,
+            msg: format!("{}: {e}", dir.display()),
+        })?;
         tracing::info!(agent = %self.name, version = %to, url = %crate::redact(&d.tarball_url), "installing");
         self.ctx.shared.agent(&self.name, |v| {
             v.last_action = Some(format!("install {to}"));
@@ -1130,7 +1195,10 @@ impl Actor {
         .await
         .map_err(|e| {
             self.ctx.shared.metrics().failure(e.failure());
-            SwitchFailure::Install(e.to_string())
+            SwitchFailure::Install {
+                state: e.install_failed_state(),
+                msg: e.to_string(),
+            }
         })?;
 
         let lock = self.lock.clone();
