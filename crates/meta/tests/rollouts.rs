@@ -594,7 +594,7 @@ async fn bootagent_hosts_get_install_jobs_from_the_rollout() {
     };
     report("canary-00", &sn_a, &cred_a, "1.0", 100).await;
     report("web-00", &sn_b, &cred_b, "1.0", 100).await;
-    let r = m.create(two_waves(json!({"minHealthySecs": 5}))).await;
+    let r = m.create(two_waves(json!({"minHealthySecs": 2}))).await;
     let jobs_for = |v: &Value| -> Vec<String> {
         v["jobs"]
             .as_array()
@@ -615,9 +615,22 @@ async fn bootagent_hosts_get_install_jobs_from_the_rollout() {
     }
     assert!(got.iter().any(|v| v == "2.0"), "no install of 2.0: {got:?}");
     assert!(jobs_for(&report("web-00", &sn_b, &cred_b, "1.0", 100).await).is_empty());
-    // The agent's uptime counts: 2.0 up for 10 s is healthy at once (minHealthySecs 5).
-    report("canary-00", &sn_a, &cred_a, "2.0", 10).await;
-    m.wait_view(&r.id, |v| v.waves[0].counts.healthy == 1).await;
+    // The agent's uptime counts, from the admission on: 2.0 reported up for an hour is not
+    // healthy at once; it is after minHealthySecs (2) more of reports without a restart.
+    report("canary-00", &sn_a, &cred_a, "2.0", 3600).await;
+    let v = m.view(&r.id).await;
+    assert_eq!(v.waves[0].counts.healthy, 0, "{v:#?}");
+    let started = std::time::Instant::now();
+    let mut uptime = 3600;
+    loop {
+        uptime += 1;
+        report("canary-00", &sn_a, &cred_a, "2.0", uptime).await;
+        if m.view(&r.id).await.waves[0].counts.healthy == 1 {
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "canary-00 never healthy");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Two replicas on one PostgreSQL: a rollout created on one is run by both controllers

@@ -398,10 +398,14 @@ fn evaluate(
         Some((_, status, uptime)) if running(status) && !restarted => {
             // A BootAgent host says how long the agent has run; a legacy host's run is
             // timed from the first report that showed it running.
+            // Never from before the admission: a host that ran the version already waits
+            // its healthy time like any other, and a simulated uptime cannot skip it.
             let since = match uptime {
                 Some(u) if *u > 0 => now - *u as i64,
                 _ => next.healthy_since.unwrap_or(now),
-            };
+            }
+            .max(rec.admitted)
+            .max(rec.restarted_at);
             next.healthy_since = Some(since);
             next.phase = Phase::InFlight;
             next.reason.clear();
@@ -411,6 +415,9 @@ fn evaluate(
         }
         _ => {
             next.healthy_since = None;
+            if restarted {
+                next.restarted_at = now;
+            }
             if let Some(why) = infra {
                 next.phase = Phase::InfraFailed;
                 next.reason = why;
@@ -477,6 +484,7 @@ fn step(r: &Rollout, desired: &Desired, fleet: &dyn Fleet, now: i64) -> Step {
             admitted: 0,
             healthy_since: None,
             seq: 0,
+            restarted_at: 0,
             reason: String::new(),
         });
         if let Some(next) = evaluate(r, h, &rec, fleet, n, now) {
@@ -572,6 +580,7 @@ fn step(r: &Rollout, desired: &Desired, fleet: &dyn Fleet, now: i64) -> Step {
                     admitted: now,
                     healthy_since: None,
                     seq,
+                    restarted_at: 0,
                     reason: String::new(),
                 },
             );

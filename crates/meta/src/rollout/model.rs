@@ -52,8 +52,16 @@ pub struct HostRec {
     /// The host's events up to this seq were looked at.
     #[serde(default)]
     pub seq: u64,
+    /// When ops-meta last saw the agent restart (an `exited`/`restarted` event): healthy
+    /// time never counts from before it, whatever uptime the host reports.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub restarted_at: i64,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 /// The head: everything but the hosts.

@@ -207,7 +207,11 @@ fn holds(r: &Rollout, desired: &Desired, waves: &[WaveView], now: i64) -> Vec<Ho
                 format!(
                     "waiting for {} {} healthy time ({}s without a restart)",
                     timing.len(),
-                    if timing.len() == 1 { "host's" } else { "hosts'" },
+                    if timing.len() == 1 {
+                        "host's"
+                    } else {
+                        "hosts'"
+                    },
                     n.min_healthy
                 ),
                 timing.len() as u64,
