@@ -28,14 +28,23 @@ fn hostile_archives_leave_the_workdir_as_it_was() {
         let version = format!("6.6.{i}");
         // Published with a correct .md5: the checksum passes, the unpacker must refuse.
         test_support::tarball::publish(&meta.tarball_dir(), "falcon", &version, &archive);
-        let before = tree_without_scratch(&u.work());
+        // The event journal takes the refusal (`install_failed`, checked below); nothing
+        // else may change.
+        let journal = ".ops-updater.events.json".to_string();
+        let before: Vec<String> = tree_without_scratch(&u.work())
+            .into_iter()
+            .filter(|p| *p != journal)
+            .collect();
         meta.desire(&[("falcon", &version, "start")]);
         let s = wait_for_some(&format!("{what}: refused"), CONVERGE, || {
             let s = u.agent_status("falcon")?;
             (s["backoff"]["version"] == version.as_str()).then_some(s)
         });
         assert_eq!(s["lastResult"], "failed", "{what}: {s}");
-        let after = tree_without_scratch(&u.work());
+        let after: Vec<String> = tree_without_scratch(&u.work())
+            .into_iter()
+            .filter(|p| *p != journal)
+            .collect();
         assert_eq!(before, after, "{what}: workdir changed");
         assert_eq!(u.version_of("falcon").as_deref(), Some("1.0.0"), "{what}");
         assert_eq!(
@@ -44,6 +53,12 @@ fn hostile_archives_leave_the_workdir_as_it_was() {
             "{what}"
         );
     }
+    // Every refusal was reported as the release's fault: an archive refused.
+    let journal = std::fs::read_to_string(u.work().join(".ops-updater.events.json")).unwrap();
+    assert!(
+        journal.contains("install_failed") && journal.contains("\"archive\""),
+        "{journal}"
+    );
     if !pwned_before {
         assert!(!std::path::Path::new("/tmp/agent-updater-pwned").exists());
     }
