@@ -190,6 +190,22 @@ fn an_upgrade_that_does_not_fit_installs_nothing_and_keeps_the_old_version() {
             (r["version"].as_str(), r["status"].as_str()),
             (Some("1.0.0"), Some("started"))
         );
+        // ops-meta hears why: the host's disk, not the release.
+        wait_for(
+            &format!("{version}: install_failed/disk at meta"),
+            CONVERGE,
+            || {
+                get_json(meta.addr, "/api/hosts/host-full")
+                    .and_then(|v| v["events"].as_array().cloned())
+                    .is_some_and(|ev| {
+                        ev.iter().any(|e| {
+                            e["kind"] == "install_failed"
+                                && e["version"] == version
+                                && e["state"] == "disk"
+                        })
+                    })
+            },
+        );
     }
     drop(boxed);
 }
