@@ -707,3 +707,55 @@ async fn two_replicas_run_one_rollout() {
     assert!(codes.contains(&200), "{x:?} {y:?}");
     assert!(codes.iter().all(|c| *c == 200 || *c == 409), "{x:?} {y:?}");
 }
+
+/// Outside its maintenance window a running rollout admits nobody and says why; a tag
+/// wave takes the hosts `tagRules` give the tag.
+#[tokio::test]
+async fn outside_the_window_nothing_is_admitted_and_tag_waves_follow_tag_rules() {
+    let m = Meta::start("1.0");
+    for h in ["db-01", "db-02", "web-01"] {
+        m.beat(h, "1.0", "started", &[]).await;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let minute = (now / 60) % 1440;
+    let hm = |m: u64| format!("{:02}:{:02}", (m % 1440) / 60, m % 60);
+    let (code, text) = m
+        .post(
+            "/api/rollouts/plan",
+            json!({"agent": "demo", "version": "2.0", "waves": [{"name": "dbs", "tags": ["role=db"]}]}),
+        )
+        .await;
+    assert_eq!(code, 200, "{text}");
+    let plan: RolloutPlan = serde_json::from_str(&text).unwrap();
+    assert_eq!(plan.waves[0].sample, vec!["db-01", "db-02"]);
+    assert_eq!(plan.outside, 1);
+    let r = m
+        .create(json!({
+            "agent": "demo", "version": "2.0", "start": true, "minHealthySecs": 1,
+            "waves": [{"name": "dbs", "tags": ["role=db"]}],
+            "window": {"start": hm(minute + 120), "end": hm(minute + 180)}
+        }))
+        .await;
+    let v = m
+        // Once the digest is known, the window alone holds it.
+        .wait_view(&r.id, |v| {
+            v.holds.iter().any(|h| h.kind == "window")
+                && !v.holds.iter().any(|h| h.kind == "digest")
+        })
+        .await;
+    assert!(
+        v.holds
+            .iter()
+            .any(|h| h.text.contains("maintenance window")),
+        "{v:#?}"
+    );
+    // Several passes later still nobody is admitted.
+    for _ in 0..5 {
+        assert_eq!(m.beat("db-01", "1.0", "started", &[]).await, "1.0");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(m.view(&r.id).await.counts.in_flight, 0);
+}
