@@ -238,12 +238,17 @@ fn discovery_due(r: &Rollout, fleet: &dyn Fleet, now: i64) -> bool {
 
 /// Per wave: hosts in each phase.
 pub fn wave_counts(r: &Rollout) -> Vec<PhaseCounts> {
+    counts_by(r, |h| r.phase(h))
+}
+
+/// Per wave: hosts in each phase, as `phase_of` says.
+fn counts_by(r: &Rollout, phase_of: impl Fn(&str) -> Phase) -> Vec<PhaseCounts> {
     let mut out = vec![PhaseCounts::default(); r.waves()];
     for (h, &w) in &r.assign {
         let Some(c) = out.get_mut(w as usize) else {
             continue;
         };
-        match r.phase(h) {
+        match phase_of(h) {
             Phase::Pending => c.pending += 1,
             Phase::InFlight => c.in_flight += 1,
             Phase::Healthy => c.healthy += 1,
@@ -498,20 +503,7 @@ fn step(r: &Rollout, desired: &Desired, fleet: &dyn Fleet, now: i64) -> Step {
             .unwrap_or_else(|| r.phase(h))
     };
     // Counts after this pass.
-    let mut counts = vec![PhaseCounts::default(); r.waves()];
-    for (h, &w) in &r.assign {
-        let Some(c) = counts.get_mut(w as usize) else {
-            continue;
-        };
-        match phase_of(h) {
-            Phase::Pending => c.pending += 1,
-            Phase::InFlight => c.in_flight += 1,
-            Phase::Healthy => c.healthy += 1,
-            Phase::Failed => c.failed += 1,
-            Phase::InfraFailed => c.infra_failed += 1,
-            Phase::Missing => c.missing += 1,
-        }
-    }
+    let counts = counts_by(r, phase_of);
     let cur = counts
         .iter()
         .position(|c| !wave_done(c))

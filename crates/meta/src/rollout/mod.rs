@@ -75,18 +75,8 @@ impl Rollouts {
     /// Reads every rollout from the durable store (at start).
     pub async fn load(&self) -> Result<usize, StoreError> {
         let records = self.durable.rollouts(None).await?;
-        let mut g = self.inner.lock();
-        for rec in records {
-            match Rollout::decode(&rec) {
-                Ok(r) => upsert(&mut g.list, r),
-                Err(e) => {
-                    tracing::error!(rollout = %rec.row.id, error = %e, "rollout row unreadable; skipped")
-                }
-            }
-        }
-        g.list.sort_by_key(|r| (r.body.created, r.body.id.clone()));
-        g.pins_gen += 1;
-        Ok(g.list.len())
+        self.take(records);
+        Ok(self.inner.lock().list.len())
     }
 
     /// Takes what other replicas wrote since this one last looked: every rollout whose
@@ -109,6 +99,12 @@ impl Rollouts {
             return Ok(false);
         }
         let records = self.durable.rollouts(Some(stale)).await?;
+        self.take(records);
+        Ok(true)
+    }
+
+    /// Puts rollouts read from the store in memory, in place of this replica's copies.
+    fn take(&self, records: Vec<crate::persist::RolloutRecord>) {
         let mut g = self.inner.lock();
         for rec in records {
             match Rollout::decode(&rec) {
@@ -120,7 +116,6 @@ impl Rollouts {
         }
         g.list.sort_by_key(|r| (r.body.created, r.body.id.clone()));
         g.pins_gen += 1;
-        Ok(true)
     }
 
     /// A number that changes whenever the pins may have.
