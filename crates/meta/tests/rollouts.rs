@@ -594,7 +594,7 @@ async fn bootagent_hosts_get_install_jobs_from_the_rollout() {
     };
     report("canary-00", &sn_a, &cred_a, "1.0", 100).await;
     report("web-00", &sn_b, &cred_b, "1.0", 100).await;
-    let r = m.create(two_waves(json!({"minHealthySecs": 2}))).await;
+    let r = m.create(two_waves(json!({"minHealthySecs": 4}))).await;
     let jobs_for = |v: &Value| -> Vec<String> {
         v["jobs"]
             .as_array()
@@ -616,7 +616,7 @@ async fn bootagent_hosts_get_install_jobs_from_the_rollout() {
     assert!(got.iter().any(|v| v == "2.0"), "no install of 2.0: {got:?}");
     assert!(jobs_for(&report("web-00", &sn_b, &cred_b, "1.0", 100).await).is_empty());
     // The agent's uptime counts, from the admission on: 2.0 reported up for an hour is not
-    // healthy at once; it is after minHealthySecs (2) more of reports without a restart.
+    // healthy at once; it is after minHealthySecs (4) more of reports without a restart.
     report("canary-00", &sn_a, &cred_a, "2.0", 3600).await;
     let v = m.view(&r.id).await;
     assert_eq!(v.waves[0].counts.healthy, 0, "{v:#?}");
