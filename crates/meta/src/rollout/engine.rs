@@ -275,10 +275,15 @@ pub fn wave_done(c: &PhaseCounts) -> bool {
 
 /// The first wave not done; the number of waves when all are.
 pub fn current_wave(r: &Rollout) -> usize {
-    wave_counts(r)
+    first_not_done(&wave_counts(r))
+}
+
+/// The first of these waves' counts not done; their number when all are.
+pub fn first_not_done(counts: &[PhaseCounts]) -> usize {
+    counts
         .iter()
         .position(|c| !wave_done(c))
-        .unwrap_or(r.waves())
+        .unwrap_or(counts.len())
 }
 
 /// Whether the rollout's tarball has a digest a host can be given.
@@ -504,10 +509,7 @@ fn step(r: &Rollout, desired: &Desired, fleet: &dyn Fleet, now: i64) -> Step {
     };
     // Counts after this pass.
     let counts = counts_by(r, phase_of);
-    let cur = counts
-        .iter()
-        .position(|c| !wave_done(c))
-        .unwrap_or(r.waves());
+    let cur = first_not_done(&counts);
     // The threshold, over every wave started.
     if body.state == STATE_RUNNING {
         for (i, c) in counts.iter().enumerate().take(cur + 1) {

@@ -118,6 +118,16 @@ impl Rollouts {
         g.pins_gen += 1;
     }
 
+    /// `f` of rollout `id` as memory holds it (whole: hosts and waves too).
+    fn read<R>(&self, id: &str, f: impl FnOnce(&Rollout) -> R) -> Result<R, RolloutError> {
+        let g = self.inner.lock();
+        g.list
+            .iter()
+            .find(|r| r.body.id == id)
+            .map(f)
+            .ok_or_else(|| RolloutError::NotFound(id.to_string()))
+    }
+
     /// A number that changes whenever the pins may have.
     pub fn pins_generation(&self) -> u64 {
         self.inner.lock().pins_gen
@@ -170,16 +180,10 @@ impl Rollouts {
         desired: &Desired,
         now: i64,
     ) -> Result<RolloutView, RolloutError> {
-        let known = self.inner.lock().list.iter().any(|r| r.body.id == id);
-        if !known && self.durable.shared() {
+        if self.read(id, |_| ()).is_err() && self.durable.shared() {
             self.follow().await?;
         }
-        let g = self.inner.lock();
-        g.list
-            .iter()
-            .find(|r| r.body.id == id)
-            .map(|r| view::view(r, desired, now))
-            .ok_or_else(|| RolloutError::NotFound(id.to_string()))
+        self.read(id, |r| view::view(r, desired, now))
     }
 
     /// What `spec` would do, stored nowhere.
@@ -259,14 +263,7 @@ impl Rollouts {
         if self.durable.shared() {
             self.follow().await?;
         }
-        let mut r = {
-            let g = self.inner.lock();
-            g.list
-                .iter()
-                .find(|r| r.body.id == id)
-                .map(Rollout::clone_head)
-                .ok_or_else(|| RolloutError::NotFound(id.to_string()))?
-        };
+        let mut r = self.read(id, Rollout::clone_head)?;
         let state = r.body.state.clone();
         let wrong = |what: &str| {
             RolloutError::Conflict(format!("rollout {id} is {state}: it cannot be {what}"))
@@ -296,30 +293,13 @@ impl Rollouts {
                 r.body.state = STATE_RUNNING.into();
                 r.body.paused_reason.clear();
                 // The failures seen so far are accepted: only new ones pause it again.
-                let counts = {
-                    let g = self.inner.lock();
-                    let full = g
-                        .list
-                        .iter()
-                        .find(|x| x.body.id == id)
-                        .expect("found above");
-                    engine::wave_failures(full)
-                };
-                r.body.accepted = counts;
+                r.body.accepted = self.read(id, engine::wave_failures)?;
             }
             "approve" => {
                 if state != STATE_RUNNING && state != STATE_PAUSED {
                     return Err(wrong("approved"));
                 }
-                let waiting = {
-                    let g = self.inner.lock();
-                    let full = g
-                        .list
-                        .iter()
-                        .find(|x| x.body.id == id)
-                        .expect("found above");
-                    engine::current_wave(full)
-                };
+                let waiting = self.read(id, engine::current_wave)?;
                 if !r.body.spec.approval || waiting <= r.body.approved {
                     return Err(RolloutError::Conflict(format!(
                         "rollout {id} waits for no approval"

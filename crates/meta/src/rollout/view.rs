@@ -37,11 +37,13 @@ fn sample(r: &Rollout, wave: usize) -> Vec<String> {
         .collect()
 }
 
-fn waves(r: &Rollout) -> Vec<WaveView> {
+/// Each wave with its counts, and the first wave not done (the number of waves when all
+/// are), from one walk over the hosts.
+fn waves(r: &Rollout) -> (Vec<WaveView>, usize) {
     let counts = engine::wave_counts(r);
-    let cur = engine::current_wave(r);
+    let cur = engine::first_not_done(&counts);
     let started = r.body.state != STATE_PLANNED;
-    counts
+    let waves = counts
         .into_iter()
         .enumerate()
         .map(|(i, c)| WaveView {
@@ -60,12 +62,13 @@ fn waves(r: &Rollout) -> Vec<WaveView> {
             counts: c,
             sample: sample(r, i),
         })
-        .collect()
+        .collect();
+    (waves, cur)
 }
 
 /// The dry run of a rollout that was never stored.
 pub fn plan(r: &Rollout, desired: &Desired) -> RolloutPlan {
-    let waves = waves(r);
+    let (waves, _) = waves(r);
     let outside = r.assign.values().filter(|&&w| w == OUTSIDE).count() as u64;
     let mut warnings = Vec::new();
     for w in &waves {
@@ -114,7 +117,7 @@ fn hosts_in(r: &Rollout, phase: Phase, wave: Option<usize>) -> (u64, Vec<String>
     )
 }
 
-fn holds(r: &Rollout, desired: &Desired, waves: &[WaveView], now: i64) -> Vec<Hold> {
+fn holds(r: &Rollout, desired: &Desired, waves: &[WaveView], cur: usize, now: i64) -> Vec<Hold> {
     let mut out = Vec::new();
     let hold = |kind: &str, text: String, count: u64, hosts: Vec<String>| Hold {
         kind: kind.to_string(),
@@ -146,7 +149,6 @@ fn holds(r: &Rollout, desired: &Desired, waves: &[WaveView], now: i64) -> Vec<Ho
         STATE_RUNNING => {}
         _ => return out,
     }
-    let cur = engine::current_wave(r);
     if cur < waves.len() && b.state != STATE_PLANNED {
         if b.spec.approval && cur > 0 && b.approved < cur {
             out.push(hold(
@@ -270,7 +272,7 @@ fn holds(r: &Rollout, desired: &Desired, waves: &[WaveView], now: i64) -> Vec<Ho
 
 /// A rollout as the API shows it.
 pub fn view(r: &Rollout, desired: &Desired, now: i64) -> RolloutView {
-    let waves = waves(r);
+    let (waves, cur) = waves(r);
     let mut counts = PhaseCounts::default();
     for w in &waves {
         let c = &w.counts;
@@ -339,8 +341,8 @@ pub fn view(r: &Rollout, desired: &Desired, now: i64) -> RolloutView {
         signature_url,
         state: b.state.clone(),
         paused_reason: b.paused_reason.clone(),
-        current_wave: engine::current_wave(r).min(waves.len().saturating_sub(1)),
-        holds: holds(r, desired, &waves, now),
+        current_wave: cur.min(waves.len().saturating_sub(1)),
+        holds: holds(r, desired, &waves, cur, now),
         waves,
         counts,
         failures,
