@@ -647,6 +647,18 @@ impl Rollouts {
                     discover(r, desired, fleet, scope.as_ref());
                     r.discovered = Some((fleet.host_count(), now));
                 }
+                // A completed rollout only waits for cfg.json to catch up: look again
+                // only when the config changed, not every pass over every host.
+                if g.list[i].body.state == STATE_COMPLETED {
+                    let checked = &mut g.list[i].baseline_checked;
+                    if checked
+                        .as_ref()
+                        .is_some_and(|c| Arc::ptr_eq(c, &desired.config))
+                    {
+                        continue;
+                    }
+                    *checked = Some(desired.config.clone());
+                }
                 let r = &g.list[i];
                 let mut s = step(r, desired, fleet, now);
                 if s.body.as_ref().is_some_and(|b| {
@@ -693,6 +705,7 @@ impl Rollouts {
                 hosts: hosts.iter().cloned().collect(),
                 assign: HashMap::new(),
                 discovered: None,
+                baseline_checked: None,
             };
             head.body.accepted.resize(head.body.spec.waves.len(), 0);
             let (row, rows) = head.encode(&names);

@@ -109,6 +109,9 @@ pub struct Rollout {
     pub assign: HashMap<Box<str>, u16>,
     /// The fleet's host count and the time at the last look for new hosts.
     pub discovered: Option<(usize, i64)>,
+    /// The config a completed rollout last compared its hosts with (kept, so that a
+    /// new config can never be taken for it).
+    pub baseline_checked: Option<std::sync::Arc<crate::config::Config>>,
 }
 
 impl Rollout {
@@ -274,6 +277,7 @@ impl Rollout {
             hosts: HashMap::new(),
             assign: HashMap::new(),
             discovered: None,
+            baseline_checked: None,
         })
     }
 
@@ -285,6 +289,7 @@ impl Rollout {
             hosts: HashMap::new(),
             assign: HashMap::new(),
             discovered: None,
+            baseline_checked: None,
         }
     }
 
@@ -347,6 +352,7 @@ impl Rollout {
             hosts,
             assign: HashMap::new(),
             discovered: None,
+            baseline_checked: None,
         };
         r.refresh_assign();
         Ok(r)
