@@ -759,3 +759,131 @@ async fn outside_the_window_nothing_is_admitted_and_tag_waves_follow_tag_rules()
     }
     assert_eq!(m.view(&r.id).await.counts.in_flight, 0);
 }
+
+/// A rollout's `tarball` may name a subfolder of `tarballDir` (seed 001's layout) or
+/// another file server: ops-meta learns the digest there, legacy hosts get that base in
+/// their answer and BootAgent hosts an install job from it, with its checksum.
+#[tokio::test]
+async fn rollout_tarballs_in_a_subfolder_or_on_another_server_reach_both_protocols() {
+    let m = Meta::start("1.0");
+    let sub = m.dir.path().join("files/demo/2.0");
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::write(sub.join("demo-2.0.tar.gz"), "release 2.0 in a subfolder").unwrap();
+    let other = test_support::fileserver::FileServer::start();
+    test_support::tarball::publish(
+        &other.dir.path().join("pkgs"),
+        "demo",
+        "3.0",
+        b"release 3.0 elsewhere",
+    );
+    let (sn, cred) = {
+        let body = json!({"hostname": "boot-01", "agentsn": ""});
+        let v: Value = m
+            .http
+            .post(m.url("/agent/register"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (
+            v["agentsn"].as_str().unwrap().to_string(),
+            v["credential"].as_str().unwrap().to_string(),
+        )
+    };
+    let report = |version: &str| {
+        let body = json!({"hostname": "boot-01", "agentsn": sn, "version": "t", "step": 60,
+            "agents": [{"name": "demo", "version": version, "status": "running", "uptime": 100}]});
+        let r = m
+            .http
+            .post(m.url("/agent/status"))
+            .bearer_auth(&cred)
+            .json(&body)
+            .send();
+        async move { r.await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let legacy_tarball = |version: &'static str| {
+        let body = json!({"hostname": "web-01", "realAgents": [
+            {"name": "demo", "version": version, "status": "started", "timestamp": 1}]});
+        let r = m.http.post(m.url("/heartbeat")).json(&body).send();
+        async move {
+            let v: Value = r.await.unwrap().json().await.unwrap();
+            let a = &v["desiredAgents"][0];
+            (
+                a["version"].as_str().unwrap().to_string(),
+                a["tarball"].as_str().unwrap().to_string(),
+            )
+        }
+    };
+    legacy_tarball("1.0").await;
+    report("1.0").await;
+    for (version, base, from) in [
+        ("2.0", m.url("/demo/2.0/"), "1.0"),
+        ("3.0", other.url("pkgs"), "2.0"),
+    ] {
+        let r = m
+            .create(json!({
+                "agent": "demo", "version": version, "tarball": base, "start": true,
+                "waves": [{"percent": 100}], "minHealthySecs": 1
+            }))
+            .await;
+        assert_eq!(r.from_version, from);
+        // Admitted once the digest is learned: the legacy host is told the base, the
+        // BootAgent host gets the job with the file's SHA-256.
+        let deadline = std::time::Instant::now() + WAIT;
+        let job = loop {
+            let answer = report(from).await;
+            let job = answer["jobs"]
+                .as_array()
+                .and_then(|a| a.iter().find(|j| j["version"] == version).cloned());
+            if let Some(j) = job {
+                break j;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{version}: no job: {answer}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(
+            job["url"].as_str().unwrap(),
+            format!("{}/demo-{version}.tar.gz", base.trim_end_matches('/')),
+            "{job}"
+        );
+        let v = m.view(&r.id).await;
+        assert_eq!(v.sha256.len(), 64, "{v:#?}");
+        assert!(
+            job["checksum"]
+                .as_str()
+                .unwrap()
+                .to_lowercase()
+                .contains(&v.sha256),
+            "{job}"
+        );
+        let (told, tarball) = legacy_tarball(from).await;
+        assert_eq!((told.as_str(), tarball.as_str()), (version, base.as_str()));
+        // Both run it, healthy: the rollout completes.
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            report(version).await;
+            let body = json!({"hostname": "web-01", "realAgents": [
+                {"name": "demo", "version": version, "status": "started", "timestamp": 1}]});
+            m.http
+                .post(m.url("/heartbeat"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            if m.view(&r.id).await.state == STATE_COMPLETED {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{version} never completed"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
