@@ -47,10 +47,52 @@ pub fn wait_for_some<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Op
 /// A port on 127.0.0.1 that was free a moment ago. Prefer binding `127.0.0.1:0` in-process;
 /// this is for handing an address to a child binary's config file.
 ///
-/// A port is never handed out twice in one test process. Two tests running side by side
-/// could otherwise both be given the port the kernel just freed: the second child fails to
-/// bind, and its test talks to the first test's server until that one stops.
+/// Ports come from outside the kernel's ephemeral range (`ip_local_port_range`), walked in
+/// order from a start that depends on the process id, and one is never handed out twice in
+/// a process. Taken from the ephemeral range, a port handed to a child that has not bound
+/// it yet could meanwhile be picked by any `bind(127.0.0.1:0)` or outgoing connection of a
+/// test running beside it: the child then fails to bind, or the test's wait for the
+/// child's listener connects to that other socket and its first request is refused (CI saw
+/// both).
 pub fn free_port() -> u16 {
+    static NEXT: std::sync::Mutex<Option<u32>> = std::sync::Mutex::new(None);
+    let Some((low, high)) = outside_ephemeral() else {
+        return ephemeral_port();
+    };
+    let span = u32::from(high - low) + 1;
+    let mut next = NEXT.lock().unwrap_or_else(|e| e.into_inner());
+    let start = *next.get_or_insert_with(|| std::process::id().wrapping_mul(7919) % span);
+    for step in 0..span {
+        let i = (start + step) % span;
+        let port = low + i as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            *next = Some((i + 1) % span);
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 in {low}-{high}");
+}
+
+/// The ports tests hand out: below the ephemeral range when it leaves room (Linux's
+/// default starts at 32768), else above it; `None` when it covers nearly everything.
+fn outside_ephemeral() -> Option<(u16, u16)> {
+    const LOWEST: u16 = 20_000;
+    const ROOM: u16 = 2_000;
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = text.split_whitespace().map(|w| w.parse::<u16>().ok());
+    let (low, high) = (it.next()??, it.next()??);
+    if low >= LOWEST + ROOM {
+        Some((LOWEST, low - 1))
+    } else if high <= u16::MAX - ROOM {
+        Some((high + 1, u16::MAX))
+    } else {
+        None
+    }
+}
+
+/// A port the kernel picks, never the same twice in one process: the fallback when the
+/// ephemeral range leaves no room outside it.
+fn ephemeral_port() -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
     loop {
